@@ -1,0 +1,238 @@
+"""The node's configuration: one YAML file, one frozen pydantic model, loaded once, passed explicitly.
+
+Secrets never live in the YAML: the broker password is read from the environment variable the
+config names (`broker.password_env`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from node.errors import ConfigError
+from node.uids import is_valid_uid
+
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE_RE.match(value) or not value.strip():
+        raise ValueError("must be 1-16 printable characters, not all spaces, without backslash")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeSection(_Frozen):
+    """Our own DICOM identity and listener."""
+
+    ae_title: AETitle = "MAMMO_NODE"
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=1, le=65535)
+    max_pdu_bytes: int = Field(default=131072, ge=4096, le=4 * 1024 * 1024)
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class AllowedCaller(_Frozen):
+    """A peer allowed to open associations to us: its calling AE title, optionally pinned to a host."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str | None) -> str | None:
+        if value is not None:
+            ipaddress.ip_address(value)
+        return value
+
+
+class Destination(_Frozen):
+    """A peer that receives our results by C-STORE."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class SpoolSection(_Frozen):
+    dir: Path
+    min_free_bytes: int = Field(default=1_000_000_000, ge=0)
+    retention_days: float = Field(default=30.0, gt=0)
+
+
+class CompletionSection(_Frozen):
+    """When a study counts as complete (see node/completion.py)."""
+
+    quiet_period_s: float = Field(default=30.0, gt=0)
+    deadline_s: float = Field(default=300.0, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _deadline_after_quiet(self) -> CompletionSection:
+        if self.deadline_s < self.quiet_period_s:
+            raise ValueError(
+                f"deadline_s ({self.deadline_s}) must not be shorter than quiet_period_s "
+                f"({self.quiet_period_s})"
+            )
+        return self
+
+
+class BrokerSection(_Frozen):
+    """Celery transport. The password comes from the environment variable `password_env`."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    password_env: str = Field(default="MAMMO_BROKER_PASSWORD", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    queue: str = Field(default="mammo", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    task_time_limit_s: float = Field(default=900.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        if parts.password:
+            raise ValueError("must not contain a password: set it in the environment (password_env)")
+        return value
+
+    def url_with_password(self) -> str:
+        """The URL with the password from the environment inserted (never logged)."""
+        password = os.environ.get(self.password_env)
+        if not password:
+            return self.url
+        parts = urlsplit(self.url)
+        netloc = f":{quote(password, safe='')}@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class ModelSection(_Frozen):
+    bundle_dir: Path = Path("models/mias-baseline")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class SeriesOutput(_Frozen):
+    enabled: bool = True
+    series_number: int = Field(ge=1, le=2**31 - 1)
+    series_description: str = Field(min_length=1, max_length=64)
+
+
+class OutputsSection(_Frozen):
+    """Which result objects are written, in which series, and the UID root for their UIDs."""
+
+    sr: SeriesOutput = SeriesOutput(series_number=9901, series_description="AI mammography report")
+    seg: SeriesOutput = SeriesOutput(series_number=9902, series_description="AI suspicion heatmap")
+    uid_root: str | None = None
+
+    @field_validator("uid_root")
+    @classmethod
+    def _check_root(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.endswith(".") or not is_valid_uid(value[:-1]) or len(value) > 40:
+            raise ValueError("must be a valid UID root ending with '.', at most 40 characters")
+        return value
+
+
+class SendSection(_Frozen):
+    attempts: int = Field(default=5, ge=1, le=100)
+    backoff_s: float = Field(default=2.0, ge=0)
+    backoff_max_s: float = Field(default=60.0, ge=0)
+
+
+class ScoringSection(_Frozen):
+    """Which objects are scored; tomosynthesis is accepted and recorded as not scored."""
+
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+
+class Settings(_Frozen):
+    node: NodeSection = NodeSection()
+    allowed_callers: list[AllowedCaller] = Field(min_length=1)
+    destinations: list[Destination] = Field(default_factory=list)
+    spool: SpoolSection
+    completion: CompletionSection = CompletionSection()
+    broker: BrokerSection = BrokerSection()
+    model: ModelSection = ModelSection()
+    outputs: OutputsSection = OutputsSection()
+    send: SendSection = SendSection()
+    scoring: ScoringSection = ScoringSection()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique, repeated: {duplicates}")
+        return self
+
+
+def _format_errors(source: str, error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {key}: {message}{shown}")
+    return lines
+
+
+def parse_settings(data: object, source: str = "config") -> Settings:
+    """Validate a parsed YAML document; ConfigError carries one line per problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: (top level): must be a mapping")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError("\n".join(_format_errors(source, error))) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Load and validate the YAML file; relative paths in it are taken relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    settings = parse_settings(data, str(path))
+    return _resolve_paths(settings, path.resolve().parent)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    spool_dir = (base / settings.spool.dir).resolve()
+    bundle = (base / settings.model.bundle_dir).resolve()
+    return settings.model_copy(
+        update={
+            "spool": settings.spool.model_copy(update={"dir": spool_dir}),
+            "model": settings.model.model_copy(update={"bundle_dir": bundle}),
+        }
+    )

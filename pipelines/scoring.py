@@ -1,0 +1,261 @@
+"""One run, end to end inside a worker: load, score, write, send, record.
+
+`process_run` is plain Python (the Celery task is a thin wrapper around it), so tests can drive it
+directly. Errors follow DESIGN.md: InputError fails the run without retry; a destination that
+stays unreachable after the configured attempts parks the run in failed/ with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from pydicom import Dataset
+
+from node.errors import InputError
+from node.logs import get_logger
+from node.scu import SendOutcome, send_files
+from node.settings import Settings
+from node.spool import RECORD_NAME, RUN_NAME, Spool, read_manifest, write_json_atomic
+from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult, ViewScore
+from pipelines.study import LoadedView, Skipped, decode_view, select_views
+
+log = get_logger("pipelines.scoring")
+
+OUTPUTS_DIR = "outputs"
+
+
+class Predictor(Protocol):
+    """What the scoring needs of a model runner (pipelines.model.ModelRunner provides it)."""
+
+    identity: ModelIdentity
+    last_timings_s: dict[str, float]
+
+    def predict(self, images: list[np.ndarray]) -> list[Any]: ...
+
+
+def _load_views(run_dir: Path) -> tuple[list[LoadedView], list[Skipped]]:
+    selected, skipped = select_views(run_dir)
+    loaded = []
+    for view in selected:
+        try:
+            loaded.append(decode_view(view))
+        except InputError as error:
+            skipped.append(Skipped(view.entry.sop_uid, f"not_decoded:{error}"))
+            log.warning("view_not_decoded", sop_uid=view.entry.sop_uid, view=view.entry.view_key,
+                        reason=str(error)[:200])
+    return loaded, skipped
+
+
+def score_views(
+    views: list[LoadedView], predictor: Predictor, study_uid: str
+) -> tuple[StudyResult, list[np.ndarray]]:
+    """Per-view probability and heatmap on the source grid; breast = max of views, exam = max."""
+    predictions = predictor.predict([v.pixels for v in views])
+    scores, heatmaps = [], []
+    for view, prediction in zip(views, predictions, strict=True):
+        scores.append(
+            ViewScore(
+                sop_uid=view.entry.sop_uid,
+                sop_class_uid=view.entry.sop_class_uid,
+                series_uid=view.entry.series_uid,
+                laterality=view.entry.laterality,
+                view=view.entry.view,
+                probability=float(prediction.probability),
+            )
+        )
+        # The same flips take the heatmap from the model's orientation back to the source's.
+        heatmaps.append(view.orientation.apply(np.asarray(prediction.heatmap, dtype=np.float32)))
+    breast_scores: dict[str, float] = {}
+    for score in scores:
+        breast_scores[score.laterality] = max(breast_scores.get(score.laterality, 0.0),
+                                              score.probability)
+    present = {s.view_key for s in scores}
+    result = StudyResult(
+        study_uid=study_uid,
+        views=tuple(scores),
+        breast_scores=breast_scores,
+        exam_score=max(breast_scores.values()),
+        missing_views=tuple(k for k in SCREENING_VIEWS if k not in present),
+    )
+    return result, heatmaps
+
+
+def write_outputs(
+    settings: Settings,
+    views: list[LoadedView],
+    result: StudyResult,
+    heatmaps: list[np.ndarray],
+    identity: ModelIdentity,
+    out_dir: Path,
+) -> list[dict[str, str]]:
+    """Build the SR and one SEG per scored image; files under out_dir, described for the record."""
+    from pipelines.seg import build_seg
+    from pipelines.sr import build_sr
+
+    out_dir.mkdir(exist_ok=True)
+    outputs: list[dict[str, str]] = []
+    cfg = settings.outputs
+
+    def _save(kind: str, name: str, dataset: Dataset) -> None:
+        path = out_dir / name
+        dataset.save_as(path, enforce_file_format=True)
+        outputs.append({"kind": kind, "file": f"{OUTPUTS_DIR}/{name}",
+                        "sop_uid": str(dataset.SOPInstanceUID),
+                        "series_uid": str(dataset.SeriesInstanceUID)})
+
+    headers = [v.header for v in views]
+    if cfg.seg.enabled:
+        spec = OutputSpec(cfg.seg.series_number, cfg.seg.series_description, cfg.uid_root)
+        for index, (view, heatmap) in enumerate(zip(views, heatmaps, strict=True)):
+            seg = build_seg(view.header, heatmap, identity, spec)
+            _save("seg", f"seg-{index + 1}-{view.entry.view_key}.dcm", seg)
+    if cfg.sr.enabled:
+        spec = OutputSpec(cfg.sr.series_number, cfg.sr.series_description, cfg.uid_root)
+        _save("sr", "sr.dcm", build_sr(headers, result, identity, spec))
+    return outputs
+
+
+def send_outputs(settings: Settings, files: list[Path]) -> tuple[list[dict[str, Any]], str | None]:
+    """Send to every destination with retries and backoff; (per-object log, failure reason)."""
+    sends: list[dict[str, Any]] = []
+    failures = []
+    for destination in settings.destinations:
+        pending = list(files)
+        outcomes: dict[Path, SendOutcome] = {}
+        for attempt in range(1, settings.send.attempts + 1):
+            try:
+                results = send_files(settings, destination, pending)
+            except Exception as error:  # an unexpected SCU failure is one failed attempt
+                log.warning("send_attempt_failed", destination=destination.name,
+                            reason=type(error).__name__, attempt=attempt)
+                results = [SendOutcome("", None) for _ in pending]
+            for path, outcome in zip(pending, results, strict=True):
+                outcomes[path] = outcome
+            pending = [p for p in pending if not outcomes[p].ok]
+            if not pending:
+                break
+            if attempt < settings.send.attempts:
+                delay_s = min(settings.send.backoff_max_s, settings.send.backoff_s * 2 ** (attempt - 1))
+                log.warning("send_retry_scheduled", destination=destination.name,
+                            pending=len(pending), attempt=attempt, retry_in_s=delay_s)
+                time.sleep(delay_s)
+        for path in files:
+            outcome = outcomes[path]
+            status = None if outcome.status is None else f"0x{outcome.status:04X}"
+            sends.append({"destination": destination.name, "file": path.name,
+                          "sop_uid": outcome.sop_uid, "status": status, "ok": outcome.ok})
+        if pending:
+            statuses = sorted({str(s["status"]) for s in sends
+                               if s["destination"] == destination.name and not s["ok"]})
+            failures.append(f"{destination.name}: {len(pending)} object(s) not stored after "
+                            f"{settings.send.attempts} attempts (status {', '.join(statuses)})")
+    return sends, ("; ".join(failures) or None)
+
+
+def process_run(settings: Settings, spool: Spool, run_id: str, predictor: Predictor) -> str | None:
+    """Score and deliver one run; returns the final state, or None if it was not ours to do."""
+    with spool.hold_run(run_id) as run_dir:
+        if run_dir is None:
+            log.info("run_skipped_duplicate_delivery", run_id=run_id)
+            return None
+        return _process_held_run(settings, spool, run_id, run_dir, predictor)
+
+
+def _process_held_run(
+    settings: Settings, spool: Spool, run_id: str, run_dir: Path, predictor: Predictor
+) -> str:
+    started = time.time()
+    run_info = json.loads((run_dir / RUN_NAME).read_text())
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "study_uid": run_info.get("study_uid", ""),
+        "completion_reason": run_info.get("completion_reason"),
+        "model": {"name": predictor.identity.name, "version": predictor.identity.version},
+        "attempts": int(run_info.get("attempts", 0)) + 1,
+        "timings_s": {"queue": round(started - float(run_info.get("claimed_at", started)), 3)},
+    }
+    run_info["attempts"] = record["attempts"]
+    write_json_atomic(run_dir / RUN_NAME, run_info)
+    state, error = "done", None
+    try:
+        error = _score_write_send(settings, run_dir, predictor, record)
+    except InputError as failure:
+        error = f"input: {failure}"
+    except Exception as failure:  # a bug must park the run, not lose it
+        log.exception("run_crashed", run_id=run_id)
+        error = f"internal: {type(failure).__name__}: {failure}"[:500]
+    if error:
+        state = "failed"
+        record["error"] = error
+    record["state"] = state
+    record["timings_s"]["total"] = round(time.time() - started, 3)
+    write_json_atomic(run_dir / RECORD_NAME, record)
+    spool.finish_run(run_id, state)  # type: ignore[arg-type]
+    scores = record.get("scores", {})
+    log.info(
+        "study_processed",
+        run_id=run_id,
+        study_uid=record["study_uid"],
+        state=state,
+        reason=error,
+        views_scored=len(scores.get("views", {})),
+        missing_views=record.get("missing_views", []),
+        exam_score=scores.get("exam"),
+        outputs=len(record.get("outputs", [])),
+        model_version=predictor.identity.version,
+        timings_s=record["timings_s"],
+    )
+    return state
+
+
+def _score_write_send(
+    settings: Settings, run_dir: Path, predictor: Predictor, record: dict[str, Any]
+) -> str | None:
+    timings = record["timings_s"]
+    t0 = time.perf_counter()
+    views, skipped = _load_views(run_dir)
+    timings["decode"] = round(time.perf_counter() - t0, 3)
+    record["inputs"] = _describe_inputs(run_dir, views, skipped)
+    if not views:
+        reasons = sorted({s.reason for s in skipped}) or ["no instances"]
+        raise InputError("no scorable view: " + "; ".join(reasons)[:400])
+    result, heatmaps = score_views(views, predictor, record["study_uid"])
+    for key, value in predictor.last_timings_s.items():
+        timings[key] = round(value, 3)
+    record["scores"] = {
+        "views": {s.view_key: round(s.probability, 6) for s in result.views},
+        "breasts": {k: round(v, 6) for k, v in result.breast_scores.items()},
+        "exam": round(result.exam_score, 6),
+        "operating_point": predictor.identity.operating_point,
+        "suspicious": result.exam_score >= predictor.identity.operating_point,
+    }
+    record["missing_views"] = list(result.missing_views)
+    t0 = time.perf_counter()
+    outputs = write_outputs(settings, views, result, heatmaps, predictor.identity,
+                            run_dir / OUTPUTS_DIR)
+    timings["write"] = round(time.perf_counter() - t0, 3)
+    record["outputs"] = outputs
+    t0 = time.perf_counter()
+    sends, failure = send_outputs(settings, [run_dir / o["file"] for o in outputs])
+    timings["send"] = round(time.perf_counter() - t0, 3)
+    record["sends"] = sends
+    return f"send: {failure}" if failure else None
+
+
+def _describe_inputs(run_dir: Path, views: list[LoadedView], skipped: list[Skipped]) -> list[dict]:
+    reasons = {s.sop_uid: s.reason for s in skipped}
+    scored = {v.entry.sop_uid for v in views}
+    described = []
+    for entry in read_manifest(run_dir):
+        item = asdict(entry)
+        item.pop("association_id", None)
+        item["scored"] = entry.sop_uid in scored
+        if entry.sop_uid in reasons:
+            item["reason"] = reasons[entry.sop_uid]
+        described.append(item)
+    return described

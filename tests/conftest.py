@@ -1,0 +1,146 @@
+"""Shared fixtures: real Redis and Orthanc on free loopback ports (see tools/stack.py).
+
+Binaries (redis-server, Orthanc, dcmtk, dciodvfy) are installed by `make test`
+(tools/install.sh), so a missing one fails the test with a clear message instead of skipping.
+Mark a test that calls them directly with ``@pytest.mark.requires_bin("storescu", ...)``, or
+ask for the ``echoscu``/``storescu``/``storescp``/``dciodvfy`` fixtures, which return the path.
+
+Every service a test starts through tools/stack.py is stopped when the test ends, pass or
+fail. A module- or session-scoped fixture that owns a service sets ``service.persist = True``
+so the per-test safety net leaves it running; all services stop at session end regardless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools import stack
+
+INSTALL_HINT = "install the Debian packages with `make install` (tools/install.sh)"
+
+# binary -> Debian package that ships it
+BINARY_PACKAGES = {
+    "redis-server": "redis-server",
+    "Orthanc": "orthanc",
+    "echoscu": "dcmtk",
+    "storescu": "dcmtk",
+    "storescp": "dcmtk",
+    "dcmdump": "dcmtk",
+    "dciodvfy": "dicom3tools",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "requires_bin(*names): the test runs these binaries; missing ones fail the test",
+    )
+
+
+def require_binary(name: str) -> str:
+    """Path of ``name`` (PATH or /usr/sbin); fails the test when it is not installed."""
+    try:
+        return stack.find_binary(name)
+    except stack.ServiceError:
+        package = BINARY_PACKAGES.get(name, "?")
+        pytest.fail(
+            f"required binary {name!r} (Debian package {package!r}) is not installed: "
+            f"{INSTALL_HINT}",
+            pytrace=False,
+        )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers("requires_bin"):
+        for name in marker.args:
+            require_binary(name)
+
+
+@pytest.fixture(autouse=True)
+def _stop_leaked_services() -> Iterator[None]:
+    """Safety net: stop services this test started and left running, even on failure."""
+    before = {id(svc) for svc in stack.running_services()}
+    yield
+    for svc in reversed(stack.running_services()):
+        if id(svc) not in before and not svc.persist:
+            svc.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_all_services_at_exit() -> Iterator[None]:
+    yield
+    stack.stop_all()
+
+
+@pytest.fixture
+def echoscu() -> str:
+    return require_binary("echoscu")
+
+
+@pytest.fixture
+def storescu() -> str:
+    return require_binary("storescu")
+
+
+@pytest.fixture
+def storescp() -> str:
+    return require_binary("storescp")
+
+
+@pytest.fixture
+def dciodvfy() -> str:
+    return require_binary("dciodvfy")
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., stack.RedisService]]:
+    """``make(**kwargs)`` -> a started RedisService (own dir, password); all stopped after."""
+    require_binary("redis-server")
+    started: list[stack.RedisService] = []
+
+    def make(**kwargs: Any) -> stack.RedisService:
+        service = stack.RedisService(tmp_path / f"redis{len(started)}", **kwargs)
+        started.append(service)
+        return service.start()
+
+    yield make
+    for service in reversed(started):
+        service.stop()
+
+
+@pytest.fixture
+def redis_service(redis_factory: Callable[..., stack.RedisService]) -> stack.RedisService:
+    """A private redis-server on 127.0.0.1 with a password (``.url`` is the broker URL)."""
+    return redis_factory()
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., stack.OrthancService]]:
+    """``make(ae_title="ORTHANC", modalities={name: [AET, host, port]}, **kwargs)``.
+
+    Returns a started OrthancService in its own folder under tmp_path; all are stopped after.
+    """
+    require_binary("Orthanc")
+    started: list[stack.OrthancService] = []
+
+    def make(
+        ae_title: str = "ORTHANC",
+        modalities: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> stack.OrthancService:
+        service = stack.OrthancService(
+            tmp_path / f"orthanc{len(started)}",
+            ae_title=ae_title,
+            modalities=modalities,
+            **kwargs,
+        )
+        started.append(service)
+        return service.start()
+
+    yield make
+    for service in reversed(started):
+        service.stop()

@@ -1,0 +1,131 @@
+"""Spool transitions: atomic moves, hashed names, duplicate deliveries, abandoned runs."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from node.spool import InstanceEntry, Spool, hash_key, read_manifest
+
+
+def _entry(sop_uid: str, study_uid: str = "1.2.3", view: str = "CC", lat: str = "R") -> InstanceEntry:
+    return InstanceEntry(
+        sop_uid=sop_uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2", series_uid="1.2.3.4",
+        study_uid=study_uid, transfer_syntax_uid="1.2.840.10008.1.2.1", laterality=lat, view=view,
+        file=hash_key(sop_uid) + ".dcm", size_bytes=4, received_at=time.time(),
+        association_id="assoc")
+
+
+def _receive(spool: Spool, entry: InstanceEntry) -> Path:
+    tmp = spool.tmp_dir / f"recv-{entry.sop_uid}"
+    tmp.write_bytes(b"DICM")
+    return spool.add_instance(tmp, entry)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool").ensure()
+
+
+def test_instance_lands_under_hashed_names(spool: Spool) -> None:
+    path = _receive(spool, _entry("1.2.3.4.5"))
+    assert path.parent == spool.incoming_dir / hash_key("1.2.3")
+    assert path.name == hash_key("1.2.3.4.5") + ".dcm"
+    assert "1.2.3" not in str(path.relative_to(spool.root))
+    assert not list(spool.tmp_dir.iterdir())
+
+
+def test_repeated_instance_keeps_one_manifest_entry(spool: Spool) -> None:
+    _receive(spool, _entry("1.2.3.4.5"))
+    _receive(spool, _entry("1.2.3.4.5"))
+    [study] = spool.incoming_studies()
+    assert len(study.instances) == 1
+
+
+def test_torn_manifest_line_is_ignored(spool: Spool) -> None:
+    _receive(spool, _entry("1.2.3.4.5"))
+    folder = spool.incoming_dir / hash_key("1.2.3")
+    with open(folder / "manifest.jsonl", "a") as manifest:
+        manifest.write('{"sop_uid": "1.2.3.4.6", "sop_cl')
+    assert [e.sop_uid for e in read_manifest(folder)] == ["1.2.3.4.5"]
+
+
+def test_claim_moves_the_study_to_queued_and_records_why(spool: Spool) -> None:
+    _receive(spool, _entry("1.2.3.4.5"))
+    run_id = spool.claim_study(hash_key("1.2.3"), "quiet_period")
+    assert spool.incoming_studies() == []
+    state, path = spool.locate(run_id)  # type: ignore[misc]
+    assert state == "queued"
+    info = json.loads((path / "run.json").read_text())
+    assert info["study_uid"] == "1.2.3" and info["completion_reason"] == "quiet_period"
+    assert spool.unpublished_runs() == [run_id]
+    spool.mark_published(run_id)
+    assert spool.unpublished_runs() == []
+
+
+def test_late_instance_after_claim_starts_a_new_study(spool: Spool) -> None:
+    _receive(spool, _entry("1.2.3.4.5"))
+    spool.claim_study(hash_key("1.2.3"), "quiet_period")
+    _receive(spool, _entry("1.2.3.4.6"))
+    [study] = spool.incoming_studies()
+    assert [i.sop_uid for i in study.instances] == ["1.2.3.4.6"]
+
+
+def test_second_delivery_of_a_run_is_a_no_op(spool: Spool) -> None:
+    _receive(spool, _entry("1.2.3.4.5"))
+    run_id = spool.claim_study(hash_key("1.2.3"), "deadline")
+    with spool.hold_run(run_id) as held:
+        assert held == spool.state_dir("work") / run_id
+        with spool.hold_run(run_id) as again:
+            assert again is None  # same process, another handle: the flock is taken
+        spool.finish_run(run_id, "done")
+    with spool.hold_run(run_id) as after_done:
+        assert after_done is None
+    assert spool.locate(run_id)[0] == "done"  # type: ignore[index]
+
+
+def _hold_and_die(root: str, run_id: str) -> None:
+    spool = Spool(Path(root))
+    with spool.hold_run(run_id):
+        import os
+
+        os._exit(9)  # a worker killed mid-run: its flock goes with it
+
+
+def test_run_abandoned_by_a_dead_worker_is_taken_over(spool: Spool) -> None:
+    _receive(spool, _entry("1.2.3.4.5"))
+    run_id = spool.claim_study(hash_key("1.2.3"), "deadline")
+    child = multiprocessing.get_context("fork").Process(target=_hold_and_die,
+                                                       args=(str(spool.root), run_id))
+    child.start()
+    child.join(10)
+    assert spool.locate(run_id)[0] == "work"  # type: ignore[index]
+    with spool.hold_run(run_id) as held:
+        assert held is not None
+
+
+def test_run_ids_from_outside_never_escape_the_spool(spool: Spool) -> None:
+    for bad in ("../x", "/tmp/x", "..", "a/b", "x" * 200, ""):
+        assert spool.locate(bad) is None
+        with spool.hold_run(bad) as held:
+            assert held is None
+
+
+def test_failed_run_can_be_requeued(spool: Spool) -> None:
+    _receive(spool, _entry("1.2.3.4.5"))
+    run_id = spool.claim_study(hash_key("1.2.3"), "deadline")
+    spool.mark_published(run_id)
+    with spool.hold_run(run_id):
+        spool.finish_run(run_id, "failed")
+    spool.requeue_run(run_id)
+    assert spool.locate(run_id)[0] == "queued"  # type: ignore[index]
+    assert spool.unpublished_runs() == [run_id]
+
+
+def test_purge_tmp_removes_abandoned_receives(spool: Spool) -> None:
+    (spool.tmp_dir / "tmpabc.dcm").write_bytes(b"partial")
+    assert spool.purge_tmp() == 1
