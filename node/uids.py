@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from pydicom.uid import generate_uid
@@ -19,4 +20,7 @@ def derive_uid(uid_root: str | None, *parts: str) -> str:
 
     With no root, a 2.25 UUID-derived UID (PS3.5 B.2) is made from a hash of the parts.
     """
+    if uid_root is None:
+        digest = hashlib.sha256("\x1f".join(["mammo-node", *parts]).encode("utf-8")).digest()
+        return f"2.25.{int.from_bytes(digest[:16], 'big')}"
     return str(generate_uid(prefix=uid_root, entropy_srcs=["mammo-node", *parts]))

@@ -96,3 +96,13 @@ def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
     assert any("destinations.0.port" in line and "0" in line for line in lines)
     missing = _config_check(tmp_path / "absent.yaml")
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_derived_uids_are_deterministic_and_valid() -> None:
+    from node.uids import derive_uid, is_valid_uid
+
+    for root in (None, "1.2.826.0.1.3680043.10.999."):
+        first = derive_uid(root, "sr", "1.2.3", "model", "1.0")
+        assert first == derive_uid(root, "sr", "1.2.3", "model", "1.0")
+        assert first != derive_uid(root, "sr", "1.2.3", "model", "1.1")
+        assert is_valid_uid(first)

@@ -1,0 +1,35 @@
+# mammo-node developer entry points. `make test` is what CI runs (.ci/run).
+# Everything runs from the project's .venv, which `make install` creates or updates
+# (tools/install.sh: Debian packages, .venv, torch 2.13.0 first, then the project; idempotent).
+
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="tests/unit -x"`
+PYTEST_ARGS ?=
+
+.PHONY: install test demo lint bench train clean
+
+install:
+	bash tools/install.sh
+
+test: install
+	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: install
+	$(PYTHON) -m tools.demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+
+bench: install
+	$(PYTHON) -m tools.bench_receive
+	$(PYTHON) -m tools.bench_e2e
+
+train: install
+	$(PYTHON) -m tools.train_baseline
+
+clean:
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info .demo .bench
