@@ -177,7 +177,7 @@ def _process_held_run(
         "completion_reason": run_info.get("completion_reason"),
         "model": {"name": predictor.identity.name, "version": predictor.identity.version},
         "attempts": int(run_info.get("attempts", 0)) + 1,
-        "timings_s": {"queue": round(started - float(run_info.get("claimed_at", started)), 3)},
+        "timings_s": _waiting_times(run_dir, run_info, started),
     }
     run_info["attempts"] = record["attempts"]
     write_json_atomic(run_dir / RUN_NAME, run_info)
@@ -211,6 +211,16 @@ def _process_held_run(
         timings_s=record["timings_s"],
     )
     return state
+
+
+def _waiting_times(run_dir: Path, run_info: dict[str, Any], started: float) -> dict[str, float]:
+    """Seconds from the last instance to the claim (completion) and from the claim to here."""
+    claimed_at = float(run_info.get("claimed_at", started))
+    received = [e.received_at for e in read_manifest(run_dir)]
+    waits = {"queue": round(started - claimed_at, 3)}
+    if received:
+        waits = {"completion": round(claimed_at - max(received), 3), **waits}
+    return waits
 
 
 def _score_write_send(

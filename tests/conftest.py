@@ -46,12 +46,12 @@ def require_binary(name: str) -> str:
     try:
         return stack.find_binary(name)
     except stack.ServiceError:
-        package = BINARY_PACKAGES.get(name, "?")
-        pytest.fail(
-            f"required binary {name!r} (Debian package {package!r}) is not installed: "
-            f"{INSTALL_HINT}",
-            pytrace=False,
-        )
+        pass
+    package = BINARY_PACKAGES.get(name, "?")
+    pytest.fail(
+        f"required binary {name!r} (Debian package {package!r}) is not installed: {INSTALL_HINT}",
+        pytrace=False,
+    )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -23,7 +23,7 @@ from tools.stack import OrthancService, RedisService, find_binary, free_port
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = ROOT / "models" / "mias-baseline"
 NODE_AE_TITLE = "MAMMO_NODE"
-PACS_MODALITY_NAME = "mammo"  # how Orthanc knows the node (POST /modalities/mammo/store)
+PACS_MODALITY_NAME = "MAMMO_NODE"  # how Orthanc knows the node, as in docker-compose.yml
 SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 

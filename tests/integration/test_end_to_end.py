@@ -1,0 +1,172 @@
+"""End to end on real parts: Redis, Orthanc as the PACS, `mammo-node serve`, a Celery worker.
+
+A study goes in with dcmtk's storescu (or is pushed by Orthanc, as a PACS does); the SR and the
+SEGs must arrive in Orthanc, re-read cleanly, carry the scores of the run record, reference the
+source images, and pass dciodvfy.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from pipelines.seg import read_seg_heatmap
+from pipelines.sr import read_sr_scores
+from tests.dciodvfy import run_dciodvfy
+from tools.make_study import make_study
+from tools.node_stack import PACS_MODALITY_NAME, NodeStack
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.requires_bin("storescu", "echoscu", "Orthanc", "redis-server", "dciodvfy"),
+]
+
+ROWS, COLS = 512, 416
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeStack]:
+    node_stack = NodeStack(tmp_path_factory.mktemp("e2e"), quiet_period_s=3)
+    node_stack.redis.persist = True
+    node_stack.orthanc.persist = True
+    try:
+        node_stack.start()
+        yield node_stack
+    finally:
+        node_stack.stop()
+
+
+def _study_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def _fetch(stack: NodeStack, orthanc_id: str, tmp_path: Path) -> tuple[Path, object]:
+    data = stack.orthanc.get_instance_file(orthanc_id)
+    path = tmp_path / f"{orthanc_id}.dcm"
+    path.write_bytes(data)
+    return path, dcmread(io.BytesIO(data))
+
+
+def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp_path: Path
+                                                           ) -> None:
+    paths = make_study(tmp_path / "study", rows=ROWS, cols=COLS, seed=101, lesions=["L-MLO"])
+    sources = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
+    result = stack.storescu(paths)
+    assert result.returncode == 0, result.stderr
+    study_uid = _study_uid(paths[0])
+    ids = stack.wait_for_results(study_uid, seg_count=4)
+    record = stack.wait_for_record(study_uid)
+    assert record["state"] == "done"
+    assert record["completion_reason"] == "views_complete"
+    assert all(send["ok"] for send in record["sends"])
+
+    # The SR: re-read with highdicom and with our reader; the scores are the run's scores.
+    [sr_id] = ids["sr"]
+    sr_path, sr = _fetch(stack, sr_id, tmp_path)
+    hd.sr.srread(sr_path)
+    scores = read_sr_scores(sr)
+    assert scores["views"] == pytest.approx(record["scores"]["views"], abs=1e-6)
+    assert scores["breasts"] == pytest.approx(record["scores"]["breasts"], abs=1e-6)
+    assert scores["exam"] == pytest.approx(record["scores"]["exam"], abs=1e-6)
+    assert scores["exam"] == max(scores["breasts"].values()) == max(scores["views"].values())
+    assert scores["missing_views"] == []
+    assert sr.StudyInstanceUID == study_uid
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    referenced = {
+        str(sop.ReferencedSOPInstanceUID)
+        for series in evidence.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert referenced == set(sources)
+
+    # One SEG per image, on the exact grid of its source, referencing it.
+    seen_sources = set()
+    for seg_id in ids["seg"]:
+        seg_path, seg = _fetch(stack, seg_id, tmp_path)
+        source_uid = str(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+                         .ReferencedSOPInstanceUID)
+        seen_sources.add(source_uid)
+        assert (seg.Rows, seg.Columns) == (ROWS, COLS)
+        heatmap = read_seg_heatmap(seg)
+        assert heatmap.shape == (ROWS, COLS)
+        assert 0.0 <= float(heatmap.min()) and float(heatmap.max()) <= 1.0
+        errors, _ = run_dciodvfy(seg_path)
+        assert errors == [], errors
+    assert seen_sources == set(sources)
+    errors, _ = run_dciodvfy(sr_path)
+    assert errors == [], errors
+
+
+def test_pacs_pushes_a_study_and_receives_the_results(stack: NodeStack, tmp_path: Path) -> None:
+    paths = make_study(tmp_path / "pushed", rows=ROWS, cols=COLS, seed=102)
+    uploaded = [stack.orthanc.upload(p) for p in paths]
+    study_uid = _study_uid(paths[0])
+    orthanc_study = uploaded[0]["ParentStudy"]
+    stack.orthanc.store_to_modality(PACS_MODALITY_NAME, orthanc_study)
+    ids = stack.wait_for_results(study_uid, seg_count=4)
+    assert len(ids["sr"]) == 1
+    record = stack.wait_for_record(study_uid)
+    assert record["state"] == "done"
+
+
+@pytest.mark.parametrize(("syntax", "flag"), [("j2k", "-xv"), ("rle", "-xr")])
+def test_compressed_partial_study_is_scored_and_says_what_is_missing(
+    stack: NodeStack, tmp_path: Path, syntax: str, flag: str
+) -> None:
+    seed = {"j2k": 103, "rle": 104}[syntax]
+    paths = make_study(tmp_path / syntax, views=["R-CC", "L-CC"], rows=ROWS, cols=COLS,
+                       transfer_syntax=syntax, seed=seed)
+    result = stack.storescu(paths, flag)
+    assert result.returncode == 0, result.stderr
+    study_uid = _study_uid(paths[0])
+    ids = stack.wait_for_results(study_uid, seg_count=2)
+    record = stack.wait_for_record(study_uid)
+    assert record["completion_reason"] == "quiet_period"
+    assert record["missing_views"] == ["R-MLO", "L-MLO"]
+    _, sr = _fetch(stack, ids["sr"][0], tmp_path)
+    assert read_sr_scores(sr)["missing_views"] == ["R-MLO", "L-MLO"]
+    assert {i["transfer_syntax_uid"] for i in record["inputs"]} == {
+        str(dcmread(paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)}
+
+
+def test_undecodable_study_fails_with_a_reason(stack: NodeStack, tmp_path: Path) -> None:
+    paths = make_study(tmp_path / "corrupt", views=["R-CC", "L-CC"], rows=ROWS, cols=COLS,
+                       seed=105, corrupt=["R-CC", "L-CC"])
+    result = stack.storescu(paths, "-xv")
+    assert result.returncode == 0, result.stderr  # accepted: the header is fine
+    record = stack.wait_for_record(_study_uid(paths[0]))
+    assert record["state"] == "failed"
+    assert "no scorable view" in record["error"]
+    assert "undecodable pixel data" in record["error"]
+    assert [i["scored"] for i in record["inputs"]] == [False, False]
+    assert stack.result_ids(_study_uid(paths[0])) == {"sr": [], "seg": []}
+    assert stack.echo() == 0, "the node is still answering"
+
+
+def test_same_inputs_give_the_same_result_uids(stack: NodeStack, tmp_path: Path) -> None:
+    """Sending a study twice rescores it; deterministic UIDs mean the PACS sees no duplicates."""
+    paths = make_study(tmp_path / "twice", views=["L-CC"], rows=ROWS, cols=COLS, seed=106)
+    study_uid = _study_uid(paths[0])
+    assert stack.storescu(paths).returncode == 0
+    first = stack.wait_for_results(study_uid, seg_count=1)
+    stack.wait_for_record(study_uid)
+    assert stack.storescu(paths).returncode == 0
+    deadline_records = 0
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        deadline_records = sum(r.get("study_uid") == study_uid for r in stack.records("done"))
+        if deadline_records >= 2:
+            break
+        time.sleep(0.3)
+    assert deadline_records == 2
+    assert stack.result_ids(study_uid) == first
+    heat = [read_seg_heatmap(_fetch(stack, i, tmp_path)[1]) for i in first["seg"]]
+    assert all(np.isfinite(h).all() for h in heat)
