@@ -1,0 +1,47 @@
+"""The one preprocessing function shared by training, evaluation and the worker.
+
+A bundle's metadata describes its own preprocessing (input size, intensity percentiles), so a
+model is always fed exactly as it was trained. Input: a 2-D array already oriented to the
+bundle's convention (chest wall on the left), bright = dense, any size and bit depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Compose, EnsureType, Resize, ScaleIntensityRangePercentiles
+
+
+def input_size(metadata: dict[str, Any]) -> tuple[int, int]:
+    height, width = metadata["input"]["height"], metadata["input"]["width"]
+    return int(height), int(width)
+
+
+def build_preprocess(metadata: dict[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
+    """(rows, cols) array -> (1, H, W) float tensor in [0, 1].
+
+    Area resizing first (cheap on a 4096 x 3328 image, and small bright structures do not alias
+    away), then percentile scaling, which makes 8-bit film and 12/16-bit digital comparable. Nothing is cropped, so a
+    heatmap on the model grid maps back to the input grid by resizing alone.
+    """
+    intensity = metadata["input"]["intensity"]
+    transform = Compose([
+        Resize(spatial_size=input_size(metadata), mode="area"),
+        ScaleIntensityRangePercentiles(
+            lower=float(intensity["lower_percentile"]),
+            upper=float(intensity["upper_percentile"]),
+            b_min=0.0, b_max=1.0, clip=True, relative=False,
+        ),
+        EnsureType(data_type="tensor", dtype=torch.float32),
+    ])
+
+    def preprocess(image: np.ndarray) -> torch.Tensor:
+        array = np.asarray(image, dtype=np.float32)
+        if array.ndim != 2:
+            raise ValueError(f"expected a 2-D image, got shape {array.shape}")
+        return transform(array[None])
+
+    return preprocess
