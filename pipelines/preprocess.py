@@ -24,8 +24,8 @@ def build_preprocess(metadata: dict[str, Any]) -> Callable[[np.ndarray], torch.T
     """(rows, cols) array -> (1, H, W) float tensor in [0, 1].
 
     Area resizing first (cheap on a 4096 x 3328 image, and small bright structures do not alias
-    away), then percentile scaling, which makes 8-bit film and 12/16-bit digital comparable. Nothing is cropped, so a
-    heatmap on the model grid maps back to the input grid by resizing alone.
+    away), then percentile scaling, which makes 8-bit film and 12/16-bit digital comparable.
+    Nothing is cropped, so a heatmap on the model grid maps back to the input grid by resizing.
     """
     intensity = metadata["input"]["intensity"]
     transform = Compose([

@@ -233,7 +233,13 @@ def _score_write_send(
     record["inputs"] = _describe_inputs(run_dir, views, skipped)
     if not views:
         reasons = sorted({s.reason for s in skipped}) or ["no instances"]
-        raise InputError("no scorable view: " + "; ".join(reasons)[:400])
+        if any(r.startswith("not_decoded") for r in reasons) or not skipped:
+            raise InputError("no scorable view: " + "; ".join(reasons)[:400])
+        # Only objects we accept but do not score (tomosynthesis, other views): nothing to send,
+        # and nothing went wrong.
+        record["not_scored"] = "no scorable view: " + "; ".join(reasons)[:400]
+        record["outputs"], record["sends"], record["missing_views"] = [], [], []
+        return None
     result, heatmaps = score_views(views, predictor, record["study_uid"])
     for key, value in predictor.last_timings_s.items():
         timings[key] = round(value, 3)

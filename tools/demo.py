@@ -33,8 +33,8 @@ def _print_scores(scores: dict, operating_point: float | None) -> None:
     if exam is not None:
         print(f"  {'exam':<8} {'':<8} {exam:>11.3f}")
     if operating_point is not None:
-        print(f"  operating point {operating_point:.3f}: "
-              f"{scores.get('qualitative') or ('suspicious' if exam >= operating_point else 'not suspicious')}")
+        verdict = scores.get("qualitative", {}).get("exam") or "?"
+        print(f"  exam at the balanced operating point ({operating_point:.3f}): {verdict}")
     if scores.get("missing_views"):
         print(f"  views missing: {', '.join(scores['missing_views'])}")
 

@@ -8,6 +8,9 @@ source images, and pass dciodvfy.
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +18,15 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+import yaml
 from pydicom import dcmread
 
 from pipelines.seg import read_seg_heatmap
 from pipelines.sr import read_sr_scores
 from tests.dciodvfy import run_dciodvfy
 from tools.make_study import make_study
-from tools.node_stack import PACS_MODALITY_NAME, NodeStack
+from tools.node_stack import DEFAULT_BUNDLE, PACS_MODALITY_NAME, NodeStack
+from tools.stack import free_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -170,3 +175,79 @@ def test_same_inputs_give_the_same_result_uids(stack: NodeStack, tmp_path: Path)
     assert stack.result_ids(study_uid) == first
     heat = [read_seg_heatmap(_fetch(stack, i, tmp_path)[1]) for i in first["seg"]]
     assert all(np.isfinite(h).all() for h in heat)
+
+
+def _tomosynthesis_file(folder: Path, study_uid: str) -> Path:
+    """A small Breast Tomosynthesis instance: accepted by the node, recorded as not scored."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.13.1.3"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.Modality, ds.ImageLaterality, ds.ViewPosition = "MG", "L", "CC"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 16, 16, 2
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = bytes(16 * 16 * 2 * 2)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bto.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_tomosynthesis_is_accepted_and_recorded_as_not_scored(stack: NodeStack, tmp_path: Path
+                                                              ) -> None:
+    from pydicom.uid import generate_uid
+
+    study_uid = generate_uid()
+    result = stack.storescu([_tomosynthesis_file(tmp_path, study_uid)])
+    assert result.returncode == 0, result.stderr
+    record = stack.wait_for_record(study_uid)
+    assert record["state"] == "done"
+    assert record["not_scored"] == "no scorable view: sop_class_not_scored"
+    assert record["inputs"][0]["scored"] is False
+    assert stack.result_ids(study_uid) == {"sr": [], "seg": []}
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True,
+                          text=True, check=False, timeout=120, env=env)
+
+
+def test_echo_command_reaches_the_pacs(stack: NodeStack, tmp_path: Path) -> None:
+    ok = _cli("echo", "pacs", "--config", str(stack.config_path), env=stack.env())
+    assert ok.returncode == 0, ok.stderr
+    assert "status 0x0000" in ok.stdout
+    unknown = _cli("echo", "elsewhere", "--config", str(stack.config_path), env=stack.env())
+    assert unknown.returncode == 2 and "unknown destination" in unknown.stderr
+    config = yaml.safe_load(stack.config_path.read_text())
+    config["destinations"][0]["port"] = free_port()  # nobody listens there
+    config["destinations"][0]["timeout_s"] = 3
+    dead = tmp_path / "dead.yaml"
+    dead.write_text(yaml.safe_dump(config))
+    unreachable = _cli("echo", "pacs", "--config", str(dead), env=stack.env())
+    assert unreachable.returncode == 1 and "failed" in unreachable.stderr
+
+
+def test_worker_refuses_a_missing_or_tampered_bundle(stack: NodeStack, tmp_path: Path) -> None:
+    config = yaml.safe_load(stack.config_path.read_text())
+    config["model"]["bundle_dir"] = str(tmp_path / "no-bundle")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = _cli("worker", "--config", str(bad), env=stack.env())
+    assert result.returncode == 2
+    assert "model bundle rejected" in result.stderr and "folder not found" in result.stderr
+    tampered = tmp_path / "tampered"
+    shutil.copytree(DEFAULT_BUNDLE, tampered)
+    with open(tampered / "model.ts", "ab") as handle:
+        handle.write(b"\0")
+    config["model"]["bundle_dir"] = str(tampered)
+    bad.write_text(yaml.safe_dump(config))
+    result = _cli("worker", "--config", str(bad), env=stack.env())
+    assert result.returncode == 2 and "sha256" in result.stderr

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.service import NodeService
 from node.settings import Settings, parse_settings
-from node.spool import hash_key, read_manifest
+from node.spool import hash_key
 from tools.make_study import make_study
 from tools.stack import find_binary, free_port
 

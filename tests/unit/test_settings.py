@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from node.errors import ConfigError
 from node.settings import load_settings, parse_settings
@@ -31,7 +32,7 @@ def test_example_config_loads_with_paths_relative_to_the_file() -> None:
 
 def test_settings_are_frozen() -> None:
     settings = load_settings(EXAMPLE)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         settings.node.port = 1  # type: ignore[misc]
 
 

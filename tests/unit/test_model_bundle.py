@@ -1,0 +1,146 @@
+"""The committed model bundle: loads, refuses tampering, and maps heatmaps back exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from node.errors import ModelError
+from pipelines.model import heatmap_to_image_grid, load_bundle
+from pipelines.preprocess import build_preprocess
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = ROOT / "models" / "mias-baseline"
+MIAS = ROOT.parent / "shared" / "data" / "mias"
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return load_bundle(BUNDLE, "cpu")
+
+
+def test_committed_bundle_is_a_trained_model_with_measured_metrics(runner) -> None:
+    metadata = runner.metadata
+    assert metadata["name"] == "mias-baseline"
+    metrics = metadata["metrics"]
+    assert 0.0 <= metrics["normal_vs_abnormal_auc"] <= 1.0
+    low, high = metrics["normal_vs_abnormal_auc_ci95"]
+    assert low <= metrics["normal_vs_abnormal_auc"] <= high
+    assert "grouped by woman" in metrics["split"]
+    assert 0.0 < runner.identity.operating_point < 1.0
+    card = (BUNDLE / "README.md").read_text()
+    assert "Research use only" in card and "Suckling" in card
+
+
+@pytest.mark.parametrize(("shape", "dtype", "maximum"), [
+    ((1024, 1024), np.uint8, 255),
+    ((2048, 1664), np.uint16, 4095),
+    ((600, 480), np.uint16, 65535),
+])
+def test_predict_gives_probabilities_and_heatmaps_on_the_input_grid(runner, shape, dtype,
+                                                                     maximum) -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, maximum, size=shape).astype(dtype).astype(np.float32)
+              for _ in range(2)]
+    predictions = runner.predict(images)
+    assert len(predictions) == 2
+    for prediction in predictions:
+        assert 0.0 <= prediction.probability <= 1.0
+        assert prediction.heatmap.shape == shape and prediction.heatmap.dtype == np.float32
+        assert 0.0 <= prediction.heatmap.min() and prediction.heatmap.max() <= 1.0
+    assert set(runner.last_timings_s) == {"preprocess", "inference", "heatmap"}
+
+
+def test_same_input_same_output(runner) -> None:
+    image = np.random.default_rng(2).random((512, 416)).astype(np.float32)
+    first, second = runner.predict([image])[0], runner.predict([image])[0]
+    assert first.probability == second.probability
+    assert np.array_equal(first.heatmap, second.heatmap)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(4096, 3328), (1000, 700), (333, 1024)])
+def test_model_cell_maps_onto_the_source_pixels_it_covers(rows: int, cols: int) -> None:
+    """A peak in model cell (i, j) lands where that cell's image region is."""
+    height, width = 48, 40
+    for i, j in [(0, 0), (10, 31), (47, 39), (24, 5)]:
+        heatmap = np.zeros((height, width), np.float32)
+        heatmap[i, j] = 1.0
+        mapped = heatmap_to_image_grid(heatmap, rows, cols)
+        assert mapped.shape == (rows, cols)
+        peak_row, peak_col = np.unravel_index(int(np.argmax(mapped)), mapped.shape)
+        cell_rows, cell_cols = rows / height, cols / width
+        assert i * cell_rows - 1 <= peak_row <= (i + 1) * cell_rows + 1
+        assert j * cell_cols - 1 <= peak_col <= (j + 1) * cell_cols + 1
+
+
+def test_preprocess_is_what_the_model_sees(runner) -> None:
+    """A bright block in the image shows up at the matching place of the model input."""
+    image = np.zeros((2000, 1600), np.float32)
+    image[1000:1200, 400:600] = 1000.0
+    tensor = build_preprocess(runner.metadata)(image)
+    height, width = tensor.shape[-2:]
+    row, col = np.unravel_index(int(torch.argmax(tensor[0])), (height, width))
+    assert 1000 / 2000 * height - 1 <= row <= 1200 / 2000 * height + 1
+    assert 400 / 1600 * width - 1 <= col <= 600 / 1600 * width + 1
+
+
+def _copy(tmp_path: Path) -> Path:
+    target = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, target)
+    return target
+
+
+def test_missing_bundle_pieces_are_model_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="folder not found"):
+        load_bundle(tmp_path / "nowhere", "cpu")
+    bundle = _copy(tmp_path)
+    (bundle / "model.ts").unlink()
+    with pytest.raises(ModelError, match="model.ts missing"):
+        load_bundle(bundle, "cpu")
+    (bundle / "metadata.json").unlink()
+    with pytest.raises(ModelError, match="metadata.json missing"):
+        load_bundle(bundle, "cpu")
+
+
+def test_tampered_model_is_refused(tmp_path: Path) -> None:
+    bundle = _copy(tmp_path)
+    with open(bundle / "model.ts", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelError, match="sha256"):
+        load_bundle(bundle, "cpu")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m.pop("operating_points"), "missing key"),
+    (lambda m: m.update(format_version=99), "format_version"),
+    (lambda m: m["input"].update(orientation="chest_wall_right"), "orientation"),
+    (lambda m: m["input"].update(height="tall"), "input"),
+])
+def test_mismatched_metadata_is_refused(tmp_path: Path, change, message: str) -> None:
+    bundle = _copy(tmp_path)
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    change(metadata)
+    (bundle / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelError, match=message):
+        load_bundle(bundle, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_requested_without_cuda_is_refused() -> None:
+    with pytest.raises(ModelError, match="no CUDA device"):
+        load_bundle(BUNDLE, "cuda")
+
+
+@pytest.mark.skipif(not (MIAS / "mdb001.png").is_file(), reason="../shared/data/mias absent")
+def test_a_real_mias_film_goes_through(runner) -> None:
+    from PIL import Image
+
+    film = np.asarray(Image.open(MIAS / "mdb001.png"), dtype=np.float32)
+    [prediction] = runner.predict([film])
+    assert prediction.heatmap.shape == film.shape
+    assert 0.0 <= prediction.probability <= 1.0
