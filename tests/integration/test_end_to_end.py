@@ -206,7 +206,7 @@ def test_tomosynthesis_is_accepted_and_recorded_as_not_scored(stack: NodeStack, 
     from pydicom.uid import generate_uid
 
     study_uid = generate_uid()
-    result = stack.storescu([_tomosynthesis_file(tmp_path, study_uid)])
+    result = stack.storescu([_tomosynthesis_file(tmp_path, study_uid)], "-R")
     assert result.returncode == 0, result.stderr
     record = stack.wait_for_record(study_uid)
     assert record["state"] == "done"
