@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -267,7 +266,7 @@ class StoreSCP:
         try:
             header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             transfer_syntax = str(header.file_meta.TransferSyntaxUID)
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, AttributeError) as error:
+        except Exception as error:  # any parse failure of a peer's bytes is "cannot understand"
             return STATUS_CANNOT_UNDERSTAND, f"unreadable_dataset:{type(error).__name__}", None
         uids = {
             name: str(header.get(name, "") or "")

@@ -480,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
 def model_card(metadata: dict[str, Any]) -> str:
     m, t, p = metadata["metrics"], metadata["training"], metadata["operating_points_detail"]
     lo, hi = m["normal_vs_abnormal_auc_ci95"]
+    hits = f"{m['lesion_hits'][0]}/{m['lesion_hits'][1]}"
     mlo, mhi = m["malignant_vs_rest_auc_ci95"]
     return f"""# Model card: {metadata['name']} {metadata['version']}
 
@@ -512,7 +513,7 @@ Split: {m['split']}.
 |---|---|---|
 | normal vs abnormal AUC | {m['normal_vs_abnormal_auc']:.3f} | {lo:.3f}–{hi:.3f} |
 | malignant vs rest AUC | {m['malignant_vs_rest_auc']:.3f} | {mlo:.3f}–{mhi:.3f} |
-| lesion hit rate (heatmap peak inside the annotated circle) | {m['lesion_hit_rate']:.3f} ({m['lesion_hits'][0]}/{m['lesion_hits'][1]}) | |
+| lesion hit rate (heatmap peak inside the circle) | {m['lesion_hit_rate']:.3f} ({hits}) | |
 
 Per-fold AUC: {', '.join(f'{a:.3f}' for a in m['fold_aucs'])}. CIs: {m['ci_method']}.
 
