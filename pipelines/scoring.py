@@ -183,6 +183,10 @@ def _process_held_run(
     write_json_atomic(run_dir / RUN_NAME, run_info)
     state, error = "done", None
     try:
+        if record["attempts"] > settings.scoring.max_attempts:
+            # Earlier attempts died mid-run (the worker was killed): a poison study must not
+            # take the worker down forever.
+            raise InputError(f"gave up after {record['attempts'] - 1} attempts that did not finish")
         error = _score_write_send(settings, run_dir, predictor, record)
     except InputError as failure:
         error = f"input: {failure}"

@@ -1,0 +1,124 @@
+"""Sending results: every object to every destination, retried, and a clear reason when it fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from node.settings import Settings, parse_settings
+from node.spool import RECORD_NAME, RUN_NAME, InstanceEntry, Spool, hash_key, write_json_atomic
+from pipelines.model import ViewPrediction
+from pipelines.results import ModelIdentity
+from pipelines.scoring import process_run, send_outputs
+from tools.make_study import make_study
+from tools.stack import find_binary, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.requires_bin("storescp")]
+
+
+def _settings(tmp_path: Path, port: int, attempts: int = 2) -> Settings:
+    return parse_settings({
+        "allowed_callers": [{"ae_title": "STORESCU"}],
+        "destinations": [{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
+                          "port": port, "timeout_s": 5}],
+        "spool": {"dir": str(tmp_path / "spool")},
+        "send": {"attempts": attempts, "backoff_s": 0.1, "backoff_max_s": 0.2},
+    })
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    port, out = free_port(), tmp_path / "received"
+    out.mkdir()
+    process = subprocess.Popen([find_binary("storescp"), "-aet", "ARCHIVE", "-od", str(out),
+                                "+xa", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        probe = subprocess.run([find_binary("echoscu"), "-aec", "ARCHIVE", "127.0.0.1",
+                                str(port)], capture_output=True)
+        if probe.returncode == 0:
+            break
+        time.sleep(0.1)
+    yield port, out
+    process.terminate()
+    process.wait(10)
+
+
+def test_every_object_reaches_the_destination(tmp_path: Path, storescp: tuple[int, Path]) -> None:
+    port, out = storescp
+    files = make_study(tmp_path / "objs", views=["R-CC", "L-CC"], rows=64, cols=48, seed=41)
+    files += make_study(tmp_path / "j2k", views=["R-MLO"], rows=64, cols=48, seed=41,
+                        transfer_syntax="j2k")
+    sends, failure = send_outputs(_settings(tmp_path, port), files)
+    assert failure is None
+    assert [s["ok"] for s in sends] == [True, True, True]
+    received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir()}
+    assert received == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+
+def test_unreachable_destination_fails_with_the_reason_after_the_last_attempt(
+    tmp_path: Path,
+) -> None:
+    files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=42)
+    started = time.monotonic()
+    sends, failure = send_outputs(_settings(tmp_path, free_port(), attempts=3), files)
+    assert time.monotonic() - started >= 0.1 + 0.2  # it backed off between attempts
+    assert failure == "archive: 1 object(s) not stored after 3 attempts (status None)"
+    sop_uid = str(dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+    assert sends == [{"destination": "archive", "file": "R-CC.dcm", "sop_uid": sop_uid,
+                      "status": None, "ok": False}]
+
+
+class _Fixed:
+    """A transparent predictor: the scoring flow around the model is what is under test."""
+
+    identity = ModelIdentity("fixed", "0", 0.5)
+    last_timings_s: dict[str, float] = {}
+
+    def predict(self, images: list[np.ndarray]) -> list[ViewPrediction]:
+        return [ViewPrediction(0.25, np.zeros(np.shape(i), np.float32)) for i in images]
+
+
+def _queued_run(tmp_path: Path, settings: Settings) -> tuple[Spool, str]:
+    spool = Spool(settings.spool.dir).ensure()
+    for path in make_study(tmp_path / "study", views=["L-CC"], rows=64, cols=48, seed=43):
+        ds = dcmread(path, stop_before_pixels=True)
+        received = spool.tmp_dir / "x.dcm"
+        received.write_bytes(path.read_bytes())
+        spool.add_instance(received, InstanceEntry(
+            str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
+            str(ds.StudyInstanceUID), str(ds.file_meta.TransferSyntaxUID), "L", "CC",
+            hash_key(str(ds.SOPInstanceUID)) + ".dcm", path.stat().st_size, time.time(), "a"))
+    [study] = spool.incoming_studies()
+    return spool, spool.claim_study(study.study_key, "quiet_period")
+
+
+def test_run_whose_results_cannot_be_delivered_is_parked_in_failed(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, free_port(), attempts=2)
+    spool, run_id = _queued_run(tmp_path, settings)
+    assert process_run(settings, spool, run_id, _Fixed()) == "failed"
+    record = json.loads((spool.state_dir("failed") / run_id / RECORD_NAME).read_text())
+    assert record["error"].startswith("send: archive: 2 object(s) not stored after 2 attempts")
+    assert len(record["outputs"]) == 2  # SR + SEG written and kept for a retry
+    assert process_run(settings, spool, run_id, _Fixed()) is None  # a late duplicate: no-op
+
+
+def test_run_that_keeps_killing_workers_is_given_up(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, free_port())
+    spool, run_id = _queued_run(tmp_path, settings)
+    run_path = spool.state_dir("queued") / run_id / RUN_NAME
+    info = json.loads(run_path.read_text())
+    info["attempts"] = settings.scoring.max_attempts  # that many deliveries died mid-run
+    write_json_atomic(run_path, info)
+    assert process_run(settings, spool, run_id, _Fixed()) == "failed"
+    record = json.loads((spool.state_dir("failed") / run_id / RECORD_NAME).read_text())
+    assert record["error"] == f"input: gave up after {settings.scoring.max_attempts} attempts " \
+                              "that did not finish"
