@@ -8,6 +8,7 @@ source images, and pass dciodvfy.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,9 @@ def _fetch(stack: NodeStack, orthanc_id: str, tmp_path: Path) -> tuple[Path, obj
 
 def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp_path: Path
                                                            ) -> None:
-    paths = make_study(tmp_path / "study", rows=ROWS, cols=COLS, seed=101, lesions=["L-MLO"])
+    paths = make_study(tmp_path / "study", rows=ROWS, cols=COLS, seed=101, lesions=["L-MLO"],
+                       patient_name="CANARY^JANE", patient_id="PID-CANARY-7731",
+                       accession="ACC-CANARY-5520")
     sources = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in paths}
     result = stack.storescu(paths)
     assert result.returncode == 0, result.stderr
@@ -109,6 +112,12 @@ def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp
     errors, _ = run_dciodvfy(sr_path)
     assert errors == [], errors
 
+    # No PHI in logs: UIDs, SOP classes, counts and timings only.
+    logs = stack.log_tail("node", 10_000_000) + stack.log_tail("worker", 10_000_000)
+    assert "instance_received" in logs and "study_processed" in logs
+    for phi in ("CANARY", "PID-CANARY-7731", "ACC-CANARY-5520"):
+        assert phi not in logs
+
 
 def test_pacs_pushes_a_study_and_receives_the_results(stack: NodeStack, tmp_path: Path) -> None:
     paths = make_study(tmp_path / "pushed", rows=ROWS, cols=COLS, seed=102)
@@ -154,6 +163,11 @@ def test_undecodable_study_fails_with_a_reason(stack: NodeStack, tmp_path: Path)
     assert [i["scored"] for i in record["inputs"]] == [False, False]
     assert stack.result_ids(_study_uid(paths[0])) == {"sr": [], "seg": []}
     assert stack.echo() == 0, "the node is still answering"
+    listed = _cli("runs", "list", "--state", "failed", "--config", str(stack.config_path),
+                  env=stack.env())
+    [line] = [json.loads(x) for x in listed.stdout.splitlines()
+              if json.loads(x)["study_uid"] == _study_uid(paths[0])]
+    assert line["state"] == "failed" and "undecodable pixel data" in line["error"]
 
 
 def test_same_inputs_give_the_same_result_uids(stack: NodeStack, tmp_path: Path) -> None:

@@ -179,3 +179,19 @@ def test_bad_instances_get_a_precise_status_and_leave_nothing(node: NodeService,
     assert got == status, reason
     assert entry is None and reason
     assert node.spool.incoming_studies() == []
+
+
+def test_deflated_and_big_endian_are_never_accepted(node: NodeService) -> None:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="STORESCU")
+    for syntax in ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"):  # Deflated, Big Endian
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.2", [syntax])
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.2", ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="MAMMO_NODE")
+    try:
+        assert assoc.is_established
+        accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts]
+        assert accepted == ["1.2.840.10008.1.2.1"]
+    finally:
+        assoc.release()
