@@ -226,6 +226,7 @@ class TrainConfig:
     lr: float
     features: tuple[int, ...]
     seed: int
+    min_epochs: int = 1  # the validation AUC of the first epochs on ~45 images is noise
 
 
 def train_model(config: TrainConfig, images: torch.Tensor, masks: torch.Tensor,
@@ -270,7 +271,7 @@ def train_model(config: TrainConfig, images: torch.Tensor, masks: torch.Tensor,
             losses.append(float(loss.detach()))
         scheduler.step()
         message = f"{log_prefix}epoch {epoch:2d}/{epochs} loss {np.mean(losses):.4f}"
-        if val_idx is not None:
+        if val_idx is not None and epoch >= config.min_epochs:
             val_scores, _ = predict(model, images[val_idx])
             val_auc = auc(labels[val_idx].numpy(), val_scores)
             message += f" val AUC {val_auc:.3f}"
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--min-epochs", type=int, default=1,
+                        help="first epoch at which validation may pick the best model")
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     config = TrainConfig(args.epochs, args.patience, args.batch_size, args.lr,
-                         (8, 16, 32, 64, 96, 8), args.seed)
+                         (8, 16, 32, 64, 96, 8), args.seed, min_epochs=args.min_epochs)
     metadata = metadata_template(args.size)
     cases = parse_info(args.data / "Info.txt")
     images = load_images(args.data, cases, build_preprocess(metadata))
