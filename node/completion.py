@@ -14,7 +14,8 @@ from collections.abc import Callable
 from node.settings import CompletionSection
 from node.spool import IncomingStudy
 
-SCREENING_VIEW_KEYS = frozenset({"R-CC", "L-CC", "R-MLO", "L-MLO"})
+SCREENING_VIEWS: tuple[str, ...] = ("R-CC", "L-CC", "R-MLO", "L-MLO")  # report order
+SCREENING_VIEW_KEYS = frozenset(SCREENING_VIEWS)
 
 
 def completion_reason(

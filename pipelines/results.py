@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SCREENING_VIEWS: tuple[str, ...] = ("R-CC", "L-CC", "R-MLO", "L-MLO")
+from node.completion import SCREENING_VIEWS
+
+__all__ = ["SCREENING_VIEWS", "ModelIdentity", "OutputSpec", "StudyResult", "ViewScore"]
 
 
 @dataclass(frozen=True)

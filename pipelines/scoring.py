@@ -22,6 +22,8 @@ from node.scu import SendOutcome, send_files
 from node.settings import Settings
 from node.spool import RECORD_NAME, RUN_NAME, Spool, read_manifest, write_json_atomic
 from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult, ViewScore
+from pipelines.seg import build_seg
+from pipelines.sr import build_sr
 from pipelines.study import LoadedView, Skipped, decode_view, select_views
 
 log = get_logger("pipelines.scoring")
@@ -94,9 +96,6 @@ def write_outputs(
     out_dir: Path,
 ) -> list[dict[str, str]]:
     """Build the SR and one SEG per scored image; files under out_dir, described for the record."""
-    from pipelines.seg import build_seg
-    from pipelines.sr import build_sr
-
     out_dir.mkdir(exist_ok=True)
     outputs: list[dict[str, str]] = []
     cfg = settings.outputs

@@ -14,11 +14,10 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from node.errors import InputError
+from node.scp import MG_FOR_PRESENTATION, MG_FOR_PROCESSING
 from node.spool import InstanceEntry, read_manifest
 from pipelines.results import SCREENING_VIEWS
 
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 SCORABLE_SOP_CLASSES = (MG_FOR_PRESENTATION, MG_FOR_PROCESSING)
 JPEG_LS_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
 MAX_PIXELS = 12000 * 12000  # larger than any mammography detector: a lying header, not an image
