@@ -11,11 +11,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.completion import AssociationTracker
@@ -99,7 +100,7 @@ class _AdmissionACSE(ACSE):
     settings: Settings
 
     def _negotiate_as_acceptor(self) -> None:
-        request = self.requestor.primitive
+        request = cast(A_ASSOCIATE, self.requestor.primitive)
         host = self.assoc.requestor.address
         decision = admission_rejection(
             self.settings, str(request.calling_ae_title), str(request.called_ae_title), host
@@ -165,7 +166,7 @@ class StoreSCP:
         self.spool.tmp_dir.mkdir(parents=True, exist_ok=True)
         tempfile.tempdir = str(self.spool.tmp_dir)
         ae = self.build_ae()
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self.handle_accepted),
