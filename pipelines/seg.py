@@ -105,8 +105,29 @@ def _fill_from_source(seg: Dataset, source: Dataset) -> None:
         seg.BodyPartExamined = source.BodyPartExamined
 
 
+def _pixel_measures_complete(ds: Dataset) -> bool:
+    """Whether highdicom 0.28's reader will accept the SEG: it requires SliceThickness in Pixel
+    Measures, which DICOM leaves optional and we can only write when the source had a Body Part
+    Thickness."""
+    shared = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    measures = shared[0].get("PixelMeasuresSequence") or [Dataset()]
+    return "SliceThickness" in measures[0] and "PixelSpacing" in measures[0]
+
+
 def read_seg_heatmap(ds: Dataset) -> np.ndarray:
-    """The fractional heatmap of one of our SEGs, float32 in [0, 1] on the source grid."""
+    """The fractional heatmap of one of our SEGs, float32 in [0, 1] on the source grid.
+
+    Read through highdicom (which checks the SEG's structure and maps the frame to its source
+    image) whenever it can parse the object; the pydicom path is only for SEGs of sources without
+    a Body Part Thickness, see `_pixel_measures_complete`.
+    """
+    if _pixel_measures_complete(ds):
+        seg = hd.seg.Segmentation.from_dataset(ds, copy=True)
+        [(_, _, source_uid)] = seg.get_source_image_uids()
+        pixels = seg.get_pixels_by_source_instance(
+            [source_uid], segment_numbers=[1], rescale_fractional=True, dtype=np.float32
+        )
+        return np.asarray(pixels[0, :, :, 0])
     frames = ds.pixel_array.astype(np.float32)
     if frames.ndim == 3:
         frames = frames[0]

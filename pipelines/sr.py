@@ -1,11 +1,31 @@
 """The TID 1500 Comprehensive 3D SR: per-view, per-breast and per-exam scores.
 
 One measurement group per scored image (tracking id "view R-CC"), per breast ("breast R") and
-for the exam ("exam"). Each carries the probability as a measurement, a qualitative evaluation
-against the model's operating point, the algorithm's name and version, and the finding site
-(breast, with laterality). Views that a screening exam should have but this one lacks are coded
-in the exam group. Standard codes (SCT, DCM, UCUM) where they exist; where none does, codes of
-our private scheme `99MAMMONODE`, all defined in this module.
+for the exam ("exam"). Each carries the probability as a measurement that references the images it
+was computed from, a qualitative evaluation against the model's operating point, the algorithm's
+name and version (and the operating point, as a parameter), and the finding site (breast, with
+laterality; "right and left" for the exam). Views that a screening exam should have but this one
+lacks are coded in the exam group. The observer is the node itself (a device): nobody has read
+this yet, so the report is COMPLETE but UNVERIFIED.
+
+Codes: standard ones where they exist, else our private scheme `99MAMMONODE` (the "99" prefix
+marks a private designator, PS3.16 8.2), declared in the Coding Scheme Identification Sequence.
+
+- document title: 126000 DCM "Imaging Measurement Report"
+- procedure reported: 24606-6 LN "MG Breast Screening"
+- the score (NUM): MN001 99MAMMONODE "Abnormality score", unit {probability} UCUM
+- verdict (CODE): MN002 "Suspicion at operating point" = MN003 "Suspicious" | MN004 "Not suspicious"
+- missing view (CODE, exam group): MN005 "Screening view not available" = MN10..MN13 "Missing R-CC"..
+- image view (CODE, view groups): 111031 DCM "Image View" = 399162004 SCT "cranio-caudal" |
+  399368009 SCT "medio-lateral oblique"
+- finding site: 76752008 SCT "Breast", laterality 24028007 SCT "Right" | 7771000 SCT "Left" |
+  51440002 SCT "Right and left" (exam)
+
+Why private codes for the score: the bundled model scores "abnormality needing work-up (benign or
+malignant) versus normal" (its metadata.json), which is not DCM 111047 "Probability of cancer";
+claiming cancer would misstate what the number means. The verdict is not a BI-RADS assessment
+either (that is a radiologist's judgement), so it is not coded with one. It is deliberately not
+named "Finding": highdicom fills Finding (121071) itself, and its reader would drop ours.
 """
 
 from __future__ import annotations
@@ -17,11 +37,13 @@ import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
 
 from node.uids import derive_uid
 from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult
 
 SCHEME = "99MAMMONODE"
+SCHEME_NAME = "mammo-node local codes"
 ABNORMALITY_SCORE = CodedConcept("MN001", SCHEME, "Abnormality score")
 SUSPICION_AT_OPERATING_POINT = CodedConcept("MN002", SCHEME, "Suspicion at operating point")
 SUSPICIOUS = CodedConcept("MN003", SCHEME, "Suspicious")
@@ -37,11 +59,17 @@ VIEW_POSITION_CODES = {
     "MLO": CodedConcept("399368009", "SCT", "medio-lateral oblique"),
 }
 LATERALITY_CODES = {"R": codes.SCT.Right, "L": codes.SCT.Left}
+BOTH_BREASTS = CodedConcept("51440002", "SCT", "Right and left")
 BREAST = codes.SCT.Breast
+SEGMENTATION_SOP_CLASS_UIDS = frozenset({str(SegmentationStorage)})
 
 
 def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+    """Name and version, plus the operating point the verdicts were taken at."""
+    parameters = [f"operating_point={model.operating_point:g}",
+                  f"operating_point_name={model.operating_point_name}"]
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version,
+                                          parameters=parameters)
 
 
 def _qualitative(probability: float, model: ModelIdentity) -> hd.sr.QualitativeEvaluation:
@@ -58,23 +86,39 @@ def _group(
     sources: Sequence[Dataset],
     extra_evaluations: Sequence[hd.sr.QualitativeEvaluation] = (),
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    site = [hd.sr.FindingSite(BREAST, laterality=LATERALITY_CODES[laterality])] if laterality else []
+    """One group; laterality None means both breasts (the exam)."""
+    side = LATERALITY_CODES[laterality] if laterality else BOTH_BREASTS
+    site = [hd.sr.FindingSite(BREAST, laterality=side)]
     references = [hd.sr.SourceImageForMeasurement.from_source_image(s) for s in sources]
     measurement = hd.sr.Measurement(
         name=ABNORMALITY_SCORE,
         value=round(float(probability), 6),
         unit=PROBABILITY_UNIT,
         algorithm_id=_algorithm(model),
-        finding_sites=site or None,
+        finding_sites=site,
         referenced_images=references or None,
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking),
         algorithm_id=_algorithm(model),
-        finding_sites=site or None,
+        finding_sites=site,
         measurements=[measurement],
         qualitative_evaluations=[_qualitative(probability, model), *extra_evaluations],
     )
+
+
+def _check_sources(sources: Sequence[Dataset], result: StudyResult) -> dict[str, Dataset]:
+    """Refuse a report whose numbers could land in another study or point at a missing image."""
+    if not result.views:
+        raise ValueError("result.views: no scored view to report")
+    by_uid = {str(s.SOPInstanceUID): s for s in sources}
+    foreign = sorted(uid for uid, s in by_uid.items() if s.StudyInstanceUID != result.study_uid)
+    if foreign:
+        raise ValueError(f"sources: not in study {result.study_uid}: {foreign}")
+    unknown = sorted(v.sop_uid for v in result.views if v.sop_uid not in by_uid)
+    if unknown:
+        raise ValueError(f"result.views: scores for images not among the sources: {unknown}")
+    return by_uid
 
 
 def build_sr(
@@ -82,11 +126,18 @@ def build_sr(
     result: StudyResult,
     model: ModelIdentity,
     output: OutputSpec,
+    seg_refs: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The report for one run; UIDs derive from the study, the source images and the model."""
-    by_uid = {str(s.SOPInstanceUID): s for s in sources}
+    """The report for one run; UIDs derive from the study, the source images and the model.
+
+    `seg_refs` (the heatmap SEGs of this run, headers suffice) are listed as evidence, so a viewer
+    can get from the report to the heatmaps; they do not change the report's UIDs.
+    """
+    by_uid = _check_sources(sources, result)
     source_key = sorted(by_uid)
-    uid_parts = ("sr", result.study_uid, model.name, model.version, *source_key)
+    # The operating point changes the verdicts, so it is part of the report's identity too.
+    uid_parts = ("sr", result.study_uid, model.name, model.version,
+                 f"{model.operating_point:.6g}", *source_key)
 
     def uid(*extra: str) -> str:
         return derive_uid(output.uid_root, *uid_parts, *extra)
@@ -104,7 +155,8 @@ def build_sr(
                              model, laterality, images))
     missing = [hd.sr.QualitativeEvaluation(MISSING_VIEW, VIEW_CODES[key])
                for key in result.missing_views]
-    groups.append(_group("exam", uid("exam"), result.exam_score, model, None, [], missing))
+    scored = [by_uid[v.sop_uid] for v in result.views]
+    groups.append(_group("exam", uid("exam"), result.exam_score, model, None, scored, missing))
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -122,7 +174,7 @@ def build_sr(
         title=codes.cid7021.ImagingMeasurementReport,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(sources),
+        evidence=[*sources, *seg_refs],
         content=report[0],
         series_instance_uid=uid("series"),
         series_number=output.series_number,
@@ -133,8 +185,13 @@ def build_sr(
         is_final=False,
         is_verified=False,
         series_description=output.series_description,
+        software_versions=output.software_version,
+        coding_schemes=[
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=SCHEME, name=SCHEME_NAME, responsible_organization="mammo-node project"
+            )
+        ],
     )
-    sr.SoftwareVersions = output.software_version
     return sr
 
 
@@ -150,14 +207,37 @@ def _walk(items: Sequence[Dataset]) -> Any:
             yield from _walk(item.ContentSequence)
 
 
+def _referenced_sop_uids(items: Sequence[Dataset]) -> list[str]:
+    return [str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            for item in _walk(items) if item.get("ValueType") == "IMAGE"]
+
+
+def _evidence_sop_uids(ds: Dataset, sop_class_uids: frozenset[str]) -> list[str]:
+    return [str(sop.ReferencedSOPInstanceUID)
+            for keyword in ("CurrentRequestedProcedureEvidenceSequence",
+                            "PertinentOtherEvidenceSequence")
+            for study in ds.get(keyword, [])
+            for series in study.ReferencedSeriesSequence
+            for sop in series.ReferencedSOPSequence
+            if str(sop.ReferencedSOPClassUID) in sop_class_uids]
+
+
 def read_sr_scores(ds: Dataset) -> dict[str, Any]:
-    """Scores from one of our SRs: {views, breasts, exam, qualitative, model, missing_views}."""
-    out: dict[str, Any] = {"views": {}, "breasts": {}, "exam": None, "qualitative": {},
-                           "model": {}, "missing_views": []}
+    """Scores from one of our SRs, for the tests and the demo to compare with what was scored.
+
+    Keys: `views` {view key: p}, `views_by_sop_uid` {source sop_uid: p} (unambiguous when a view
+    was imaged twice), `breasts` {"R"/"L": p}, `exam` p, `qualitative` {tracking id: "Suspicious" |
+    "Not suspicious"}, `model` {name, version}, `missing_views` [view keys in screening order],
+    `seg_sop_uids` [the SEGs listed as evidence].
+    """
+    out: dict[str, Any] = {"views": {}, "views_by_sop_uid": {}, "breasts": {}, "exam": None,
+                           "qualitative": {}, "model": {}, "missing_views": [],
+                           "seg_sop_uids": _evidence_sop_uids(ds, SEGMENTATION_SOP_CLASS_UIDS)}
     for group in _walk(ds.ContentSequence):
         if _concept(group) != ("125007", "DCM") or "ContentSequence" not in group:
             continue  # not a Measurement Group
         tracking, probability, evaluation = "", None, None
+        images = _referenced_sop_uids(group.ContentSequence)
         for item in _walk(group.ContentSequence):
             concept = _concept(item)
             if concept == ("112039", "DCM"):
@@ -176,6 +256,8 @@ def read_sr_scores(ds: Dataset) -> dict[str, Any]:
         kind, _, key = tracking.partition(" ")
         if kind == "view":
             out["views"][key] = probability
+            for sop_uid in images:
+                out["views_by_sop_uid"][sop_uid] = probability
         elif kind == "breast":
             out["breasts"][key] = probability
         elif kind == "exam":
