@@ -108,14 +108,17 @@ def write_outputs(
                         "series_uid": str(dataset.SeriesInstanceUID)})
 
     headers = [v.header for v in views]
+    segs: list[Dataset] = []
     if cfg.seg.enabled:
         spec = OutputSpec(cfg.seg.series_number, cfg.seg.series_description, cfg.uid_root)
         for index, (view, heatmap) in enumerate(zip(views, heatmaps, strict=True)):
             seg = build_seg(view.header, heatmap, identity, spec)
             _save("seg", f"seg-{index + 1}-{view.entry.view_key}.dcm", seg)
+            segs.append(seg)
     if cfg.sr.enabled:
         spec = OutputSpec(cfg.sr.series_number, cfg.sr.series_description, cfg.uid_root)
-        _save("sr", "sr.dcm", build_sr(headers, result, identity, spec))
+        # The SR lists the run's SEGs as evidence, so a viewer can go from the scores to the maps.
+        _save("sr", "sr.dcm", build_sr(headers, result, identity, spec, seg_refs=segs))
     return outputs
 
 

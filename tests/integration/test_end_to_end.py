@@ -26,7 +26,7 @@ from pipelines.seg import read_seg_heatmap
 from pipelines.sr import read_sr_scores
 from tests.dciodvfy import run_dciodvfy
 from tools.make_study import make_study
-from tools.node_stack import DEFAULT_BUNDLE, PACS_MODALITY_NAME, NodeStack
+from tools.node_stack import DEFAULT_BUNDLE, PACS_MODALITY_NAME, SEG_SOP_CLASS, NodeStack
 from tools.stack import free_port
 
 pytestmark = [
@@ -87,18 +87,23 @@ def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp
     assert scores["exam"] == max(scores["breasts"].values()) == max(scores["views"].values())
     assert scores["missing_views"] == []
     assert sr.StudyInstanceUID == study_uid
+    assert set(scores["views_by_sop_uid"]) == set(sources)  # each score names its image
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
     referenced = {
-        str(sop.ReferencedSOPInstanceUID)
+        str(sop.ReferencedSOPInstanceUID): str(sop.ReferencedSOPClassUID)
         for series in evidence.ReferencedSeriesSequence
         for sop in series.ReferencedSOPSequence
     }
-    assert referenced == set(sources)
+    assert {uid for uid, cls in referenced.items() if cls != SEG_SOP_CLASS} == set(sources)
+    assert sorted(scores["seg_sop_uids"]) == sorted(
+        uid for uid, cls in referenced.items() if cls == SEG_SOP_CLASS)
 
     # One SEG per image, on the exact grid of its source, referencing it.
     seen_sources = set()
+    seg_uids = set()
     for seg_id in ids["seg"]:
         seg_path, seg = _fetch(stack, seg_id, tmp_path)
+        seg_uids.add(str(seg.SOPInstanceUID))
         source_uid = str(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
                          .ReferencedSOPInstanceUID)
         seen_sources.add(source_uid)
@@ -109,6 +114,7 @@ def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp
         errors, _ = run_dciodvfy(seg_path)
         assert errors == [], errors
     assert seen_sources == set(sources)
+    assert seg_uids == set(scores["seg_sop_uids"])  # the SR points at exactly these SEGs
     errors, _ = run_dciodvfy(sr_path)
     assert errors == [], errors
 
