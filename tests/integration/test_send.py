@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -65,12 +66,16 @@ def test_every_object_reaches_the_destination(tmp_path: Path, storescp: tuple[in
 
 
 def test_unreachable_destination_fails_with_the_reason_after_the_last_attempt(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=42)
-    started = time.monotonic()
     sends, failure = send_outputs(_settings(tmp_path, free_port(), attempts=3), files)
-    assert time.monotonic() - started >= 0.1 + 0.2  # it backed off between attempts
+    captured = capsys.readouterr()
+    retries = [line for line in (captured.out + captured.err).splitlines()
+               if "send_retry_scheduled" in line]
+    assert len(retries) == 2  # it backed off between the three attempts, doubling the wait
+    assert re.search(r'retry_in_s"?[=:] ?0\.1\b', retries[0])
+    assert re.search(r'retry_in_s"?[=:] ?0\.2\b', retries[1])
     assert failure == "archive: 1 object(s) not stored after 3 attempts (status None)"
     sop_uid = str(dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
     assert sends == [{"destination": "archive", "file": "R-CC.dcm", "sop_uid": sop_uid,
