@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,15 +28,19 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 REQUIRED_KEYS = ("format_version", "name", "version", "input", "output", "operating_points",
                  "model_sha256")
 DEFAULT_OPERATING_POINT = "balanced"
+MAX_CPU_THREADS = 4
 
 
 @dataclass(frozen=True)
 class ViewPrediction:
+    """The model's answer for one image, on that image's own pixel grid."""
+
     probability: float
     heatmap: np.ndarray  # float32 in [0, 1], exactly the shape of the image given to predict
 
 
 def file_sha256(path: Path) -> str:
+    """Streamed, so a large model file is never read whole just to be checked."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -78,6 +83,7 @@ def read_metadata(bundle_dir: Path) -> dict[str, Any]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """"auto" prefers CUDA; asking for CUDA where there is none stops startup (no silent CPU)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -85,6 +91,16 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ModelError(f"model.device {device!r}: expected auto, cpu or cuda")
     return torch.device(device)
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may use (container limits included), at most MAX_CPU_THREADS:
+    a small network gains little beyond that, and each Celery worker process runs its own."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(available, MAX_CPU_THREADS))
 
 
 def heatmap_to_image_grid(heatmap: np.ndarray | torch.Tensor, rows: int, cols: int) -> np.ndarray:
@@ -167,7 +183,7 @@ def load_bundle(bundle_dir: str | Path, device: str = "auto") -> ModelRunner:
                          f"({str(metadata['model_sha256'])[:12]}…)")
     torch_device = resolve_device(device)
     if torch_device.type == "cpu":
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+        torch.set_num_threads(cpu_threads())
     try:
         module = torch.jit.load(str(model_path), map_location=torch_device).eval()
     except Exception as error:  # TorchScript raises RuntimeError and friends for a bad file
@@ -178,7 +194,11 @@ def load_bundle(bundle_dir: str | Path, device: str = "auto") -> ModelRunner:
 
 
 def _dry_run(runner: ModelRunner, model_path: Path) -> None:
-    """Feed one zero image of the declared size; the outputs must be what the metadata says."""
+    """Feed one zero image of the declared size; the outputs must be what the metadata says.
+
+    This catches a model.ts from another bundle (other input size or outputs) before the first
+    study, instead of a shape error or a silently wrong heatmap in the middle of the night.
+    """
     height, width = input_size(runner.metadata)
     try:
         probability, heatmap = runner._forward(torch.zeros(1, 1, height, width))
@@ -188,3 +208,10 @@ def _dry_run(runner: ModelRunner, model_path: Path) -> None:
     if tuple(probability.shape) != (1,) or heatmap.ndim != 4 or heatmap.shape[:2] != (1, 1):
         raise ModelError(f"{model_path}: outputs {tuple(probability.shape)} and "
                          f"{tuple(heatmap.shape)}, expected (B,) and (B, 1, h, w)")
+    declared = runner.metadata["output"].get("heatmap_size")
+    if declared is not None and list(heatmap.shape[2:]) != [int(v) for v in declared]:
+        raise ModelError(f"{model_path}: heatmap {list(heatmap.shape[2:])} but metadata.json "
+                         f"output.heatmap_size says {declared}")
+    for name, values in (("probability", probability), ("heatmap", heatmap)):
+        if not bool(torch.isfinite(values).all()) or values.min() < 0 or values.max() > 1:
+            raise ModelError(f"{model_path}: dry run {name} outside [0, 1]")

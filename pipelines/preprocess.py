@@ -16,6 +16,7 @@ from monai.transforms import Compose, EnsureType, Resize, ScaleIntensityRangePer
 
 
 def input_size(metadata: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of the model input, as the bundle declares it."""
     height, width = metadata["input"]["height"], metadata["input"]["width"]
     return int(height), int(width)
 
@@ -26,6 +27,7 @@ def build_preprocess(metadata: dict[str, Any]) -> Callable[[np.ndarray], torch.T
     Area resizing first (cheap on a 4096 x 3328 image, and small bright structures do not alias
     away), then percentile scaling, which makes 8-bit film and 12/16-bit digital comparable.
     Nothing is cropped, so a heatmap on the model grid maps back to the input grid by resizing.
+    A plain tensor comes out (no MONAI metadata): the TorchScript model needs nothing else.
     """
     intensity = metadata["input"]["intensity"]
     transform = Compose([
@@ -35,7 +37,7 @@ def build_preprocess(metadata: dict[str, Any]) -> Callable[[np.ndarray], torch.T
             upper=float(intensity["upper_percentile"]),
             b_min=0.0, b_max=1.0, clip=True, relative=False,
         ),
-        EnsureType(data_type="tensor", dtype=torch.float32),
+        EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
     ])
 
     def preprocess(image: np.ndarray) -> torch.Tensor:

@@ -56,6 +56,17 @@ def test_predict_gives_probabilities_and_heatmaps_on_the_input_grid(runner, shap
     assert set(runner.last_timings_s) == {"preprocess", "inference", "heatmap"}
 
 
+def test_views_of_different_sizes_go_in_one_call(runner) -> None:
+    rng = np.random.default_rng(3)
+    images = [rng.random((900, 700), np.float32) * 255, rng.random((2294, 1914), np.float32) * 4095]
+    predictions = runner.predict(images)
+    assert [p.heatmap.shape for p in predictions] == [(900, 700), (2294, 1914)]
+
+
+def test_bundle_is_small_enough_to_commit() -> None:
+    assert (BUNDLE / "model.ts").stat().st_size < 5 * 1024 * 1024
+
+
 def test_same_input_same_output(runner) -> None:
     image = np.random.default_rng(2).random((512, 416)).astype(np.float32)
     first, second = runner.predict([image])[0], runner.predict([image])[0]
@@ -87,6 +98,20 @@ def test_preprocess_is_what_the_model_sees(runner) -> None:
     row, col = np.unravel_index(int(torch.argmax(tensor[0])), (height, width))
     assert 1000 / 2000 * height - 1 <= row <= 1200 / 2000 * height + 1
     assert 400 / 1600 * width - 1 <= col <= 600 / 1600 * width + 1
+
+
+def test_model_grid_maps_back_within_one_cell_on_a_portrait_image(runner) -> None:
+    """The bundle's own grid, a 4096 x 3328 detector image: cell centres land on their pixels."""
+    height, width = runner.metadata["output"]["heatmap_size"]
+    rows, cols = 4096, 3328
+    i, j = height // 3, (2 * width) // 3
+    heatmap = np.zeros((height, width), np.float32)
+    heatmap[i, j] = 1.0
+    mapped = heatmap_to_image_grid(heatmap, rows, cols)
+    peak_row, peak_col = np.unravel_index(int(np.argmax(mapped)), mapped.shape)
+    expected_row, expected_col = (i + 0.5) * rows / height, (j + 0.5) * cols / width
+    assert abs(peak_row - expected_row) <= rows / height
+    assert abs(peak_col - expected_col) <= cols / width
 
 
 def _copy(tmp_path: Path) -> Path:
@@ -130,6 +155,23 @@ def test_mismatched_metadata_is_refused(tmp_path: Path, change, message: str) ->
         load_bundle(bundle, "cpu")
 
 
+def test_unreadable_metadata_is_refused(tmp_path: Path) -> None:
+    bundle = _copy(tmp_path)
+    (bundle / "metadata.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        load_bundle(bundle, "cpu")
+
+
+def test_model_whose_outputs_differ_from_its_metadata_is_refused(tmp_path: Path) -> None:
+    """A model.ts from another bundle (with its checksum) fails the dry run, not a study."""
+    bundle = _copy(tmp_path)
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    metadata["output"]["heatmap_size"] = [64, 64]
+    (bundle / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelError, match="heatmap_size"):
+        load_bundle(bundle, "cpu")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_requested_without_cuda_is_refused() -> None:
     with pytest.raises(ModelError, match="no CUDA device"):
@@ -141,6 +183,9 @@ def test_a_real_mias_film_goes_through(runner) -> None:
     from PIL import Image
 
     film = np.asarray(Image.open(MIAS / "mdb001.png"), dtype=np.float32)
+    tensor = build_preprocess(runner.metadata)(film[:, ::-1])  # mdb001: chest wall on the right
+    assert tuple(tensor.shape) == (1, *runner.metadata["output"]["heatmap_size"])
+    assert tensor.dtype == torch.float32 and 0.0 <= float(tensor.min()) <= float(tensor.max()) <= 1.0
     [prediction] = runner.predict([film])
     assert prediction.heatmap.shape == film.shape
     assert 0.0 <= prediction.probability <= 1.0
