@@ -13,7 +13,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from pipelines.results import ModelIdentity, OutputSpec
 from pipelines.seg import build_seg, read_seg_heatmap
-from tests.dciodvfy import run_dciodvfy
+from tests.dciodvfy import assert_dciodvfy_clean, to_bytes
 from tools.make_study import FULL_COLS, FULL_ROWS, make_study
 
 pytestmark = pytest.mark.requires_bin("dciodvfy")
@@ -41,36 +41,23 @@ def _heatmap(source: Dataset, seed: int = 0, noise: float = 0.2) -> np.ndarray:
     return np.clip((1 - noise) * blob + noise * speckle, 0.0, 1.0).astype(np.float32)
 
 
-def _to_bytes(dataset: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _assert_dciodvfy_clean(data: bytes, path: Path) -> None:
-    path.write_bytes(data)
-    errors, warnings = run_dciodvfy(path)
-    assert errors == []
-    assert [w for w in warnings if w not in ALLOWED_WARNINGS] == []
-
-
 @pytest.mark.parametrize("view_key", ["R-CC", "L-CC", "R-MLO", "L-MLO"])
 def test_round_trip_keeps_the_heatmap_and_passes_dciodvfy(
     sources: dict[str, Dataset], tmp_path: Path, view_key: str
 ) -> None:
     source = sources[view_key]
     heatmap = _heatmap(source)
-    data = _to_bytes(build_seg(source, heatmap, MODEL, SPEC))
+    data = to_bytes(build_seg(source, heatmap, MODEL, SPEC))
     back = read_seg_heatmap(dcmread(io.BytesIO(data)))
     assert back.shape == heatmap.shape and back.dtype == np.float32
     assert np.abs(back - heatmap).max() <= QUANTUM
-    _assert_dciodvfy_clean(data, tmp_path / f"seg-{view_key}.dcm")
+    assert_dciodvfy_clean(data, tmp_path / f"seg-{view_key}.dcm", ALLOWED_WARNINGS)
 
 
 def test_highdicom_reads_it_back(sources: dict[str, Dataset]) -> None:
     source = sources["L-MLO"]
     heatmap = _heatmap(source, seed=1)
-    seg = hd.seg.segread(io.BytesIO(_to_bytes(build_seg(source, heatmap, MODEL, SPEC))))
+    seg = hd.seg.segread(io.BytesIO(to_bytes(build_seg(source, heatmap, MODEL, SPEC))))
     assert seg.number_of_segments == 1
     description = seg.get_segment_description(1)
     assert description.segmented_property_category.value == "49755003"  # Morph. abnormal struct.
@@ -86,7 +73,7 @@ def test_highdicom_reads_it_back(sources: dict[str, Dataset]) -> None:
 
 def test_header_describes_the_source_geometry(sources: dict[str, Dataset]) -> None:
     source = sources["R-MLO"]
-    seg = dcmread(io.BytesIO(_to_bytes(build_seg(source, _heatmap(source), MODEL, SPEC))))
+    seg = dcmread(io.BytesIO(to_bytes(build_seg(source, _heatmap(source), MODEL, SPEC))))
     assert seg.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert (seg.SegmentationType, seg.SegmentationFractionalType) == ("FRACTIONAL", "PROBABILITY")
     assert seg.MaximumFractionalValue == 255
@@ -114,9 +101,9 @@ def test_source_without_thickness_still_gives_a_clean_readable_seg(
     source.update(sources["R-CC"])
     del source.BodyPartThickness
     heatmap = _heatmap(source, seed=2)
-    data = _to_bytes(build_seg(source, heatmap, MODEL, SPEC))
+    data = to_bytes(build_seg(source, heatmap, MODEL, SPEC))
     assert np.abs(read_seg_heatmap(dcmread(io.BytesIO(data))) - heatmap).max() <= QUANTUM
-    _assert_dciodvfy_clean(data, tmp_path / "seg-no-thickness.dcm")
+    assert_dciodvfy_clean(data, tmp_path / "seg-no-thickness.dcm", ALLOWED_WARNINGS)
 
 
 def test_uids_depend_on_source_and_model_only(sources: dict[str, Dataset]) -> None:
@@ -148,9 +135,9 @@ def test_full_size_seg_is_clean_and_exact(tmp_path: Path) -> None:
                         seed=23)
     source = dcmread(path, stop_before_pixels=True)
     heatmap = _heatmap(source, noise=0.0)  # smooth, like an upsampled model heatmap
-    data = _to_bytes(build_seg(source, heatmap, MODEL, SPEC))
+    data = to_bytes(build_seg(source, heatmap, MODEL, SPEC))
     assert len(data) < 2**20  # compressed: the uncompressed frame alone is 13.6 MB
     back = read_seg_heatmap(dcmread(io.BytesIO(data)))
     assert back.shape == (FULL_ROWS, FULL_COLS)
     assert np.abs(back - heatmap).max() <= QUANTUM
-    _assert_dciodvfy_clean(data, tmp_path / "seg-full.dcm")
+    assert_dciodvfy_clean(data, tmp_path / "seg-full.dcm", ALLOWED_WARNINGS)

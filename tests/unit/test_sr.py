@@ -23,7 +23,7 @@ from pipelines.sr import (
     build_sr,
     read_sr_scores,
 )
-from tests.dciodvfy import run_dciodvfy
+from tests.dciodvfy import assert_dciodvfy_clean, to_bytes
 from tools.make_study import make_study
 
 pytestmark = pytest.mark.requires_bin("dciodvfy")
@@ -62,19 +62,6 @@ def _result(sources: list[Dataset], missing: tuple[str, ...] = ()) -> StudyResul
                        missing)
 
 
-def _to_bytes(dataset: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _assert_dciodvfy_clean(data: bytes, path: Path) -> None:
-    path.write_bytes(data)
-    errors, warnings = run_dciodvfy(path)
-    assert errors == []
-    assert [w for w in warnings if w not in ALLOWED_WARNINGS] == []
-
-
 def _group_texts(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> dict[str, str]:
     """{concept code value: text} of the TEXT items anywhere in a group (algorithm id lives there)."""
     found: dict[str, str] = {}
@@ -91,7 +78,7 @@ def _group_texts(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> dict[str
 
 def test_round_trip_keeps_every_score(sources: list[Dataset], tmp_path: Path) -> None:
     result = _result(sources)
-    data = _to_bytes(build_sr(sources, result, MODEL, SPEC))
+    data = to_bytes(build_sr(sources, result, MODEL, SPEC))
     scores = read_sr_scores(dcmread(io.BytesIO(data)))
     assert scores["views"] == PROBABILITIES
     assert scores["views_by_sop_uid"] == {v.sop_uid: v.probability for v in result.views}
@@ -104,12 +91,12 @@ def test_round_trip_keeps_every_score(sources: list[Dataset], tmp_path: Path) ->
     }
     assert scores["model"] == {"name": "mias-baseline", "version": "0.1.0"}
     assert scores["missing_views"] == [] and scores["seg_sop_uids"] == []
-    _assert_dciodvfy_clean(data, tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(data, tmp_path / "sr.dcm", ALLOWED_WARNINGS)
 
 
 def test_highdicom_reads_every_group_with_its_codes(sources: list[Dataset]) -> None:
     result = _result(sources)
-    data = _to_bytes(build_sr(sources, result, MODEL, SPEC))
+    data = to_bytes(build_sr(sources, result, MODEL, SPEC))
     sr = hd.sr.srread(io.BytesIO(data))
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
     again = hd.sr.Comprehensive3DSR.from_dataset(dcmread(io.BytesIO(data)))
@@ -142,7 +129,7 @@ def test_highdicom_reads_every_group_with_its_codes(sources: list[Dataset]) -> N
 
 
 def test_joins_the_source_study_as_an_unverified_device_report(sources: list[Dataset]) -> None:
-    sr = dcmread(io.BytesIO(_to_bytes(build_sr(sources, _result(sources), MODEL, SPEC))))
+    sr = dcmread(io.BytesIO(to_bytes(build_sr(sources, _result(sources), MODEL, SPEC))))
     source = sources[0]
     for keyword in ("StudyInstanceUID", "PatientName", "PatientID", "PatientBirthDate",
                     "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
@@ -162,11 +149,11 @@ def test_joins_the_source_study_as_an_unverified_device_report(sources: list[Dat
 
 def test_missing_views_are_named(sources: list[Dataset], tmp_path: Path) -> None:
     result = _result(sources[:2], missing=("R-MLO", "L-MLO"))
-    data = _to_bytes(build_sr(sources[:2], result, MODEL, SPEC))
+    data = to_bytes(build_sr(sources[:2], result, MODEL, SPEC))
     scores = read_sr_scores(dcmread(io.BytesIO(data)))
     assert scores["missing_views"] == ["R-MLO", "L-MLO"]
     assert scores["views"] == {"R-CC": 0.1, "L-CC": 0.62}
-    _assert_dciodvfy_clean(data, tmp_path / "sr-partial.dcm")
+    assert_dciodvfy_clean(data, tmp_path / "sr-partial.dcm", ALLOWED_WARNINGS)
 
 
 def test_heatmap_segs_are_listed_as_evidence(sources: list[Dataset], tmp_path: Path) -> None:
@@ -174,10 +161,10 @@ def test_heatmap_segs_are_listed_as_evidence(sources: list[Dataset], tmp_path: P
     seg = build_seg(sources[0], heatmap, MODEL, OutputSpec(9902, "AI heatmap"))
     result = _result(sources)
     with_seg = build_sr(sources, result, MODEL, SPEC, seg_refs=[seg])
-    data = _to_bytes(with_seg)
+    data = to_bytes(with_seg)
     assert read_sr_scores(dcmread(io.BytesIO(data)))["seg_sop_uids"] == [seg.SOPInstanceUID]
     assert with_seg.SOPInstanceUID == build_sr(sources, result, MODEL, SPEC).SOPInstanceUID
-    _assert_dciodvfy_clean(data, tmp_path / "sr-with-seg.dcm")
+    assert_dciodvfy_clean(data, tmp_path / "sr-with-seg.dcm", ALLOWED_WARNINGS)
 
 
 def test_uids_depend_on_inputs_model_and_operating_point(sources: list[Dataset]) -> None:
