@@ -178,6 +178,12 @@ class ScoringSection(_Frozen):
     max_attempts: int = Field(default=3, ge=1, le=100)
 
 
+class AuditSection(_Frozen):
+    """The append-only audit trail (JSON lines, in the spirit of DICOM PS3.15 A.5)."""
+
+    path: Path | None = None  # default: <spool.dir>/audit.jsonl
+
+
 class Settings(_Frozen):
     node: NodeSection = NodeSection()
     allowed_callers: list[AllowedCaller] = Field(min_length=1)
@@ -189,6 +195,7 @@ class Settings(_Frozen):
     outputs: OutputsSection = OutputsSection()
     send: SendSection = SendSection()
     scoring: ScoringSection = ScoringSection()
+    audit: AuditSection = AuditSection()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -238,9 +245,11 @@ def load_settings(path: str | Path) -> Settings:
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
     spool_dir = (base / settings.spool.dir).resolve()
     bundle = (base / settings.model.bundle_dir).resolve()
+    audit = (base / settings.audit.path).resolve() if settings.audit.path else spool_dir / "audit.jsonl"
     return settings.model_copy(
         update={
             "spool": settings.spool.model_copy(update={"dir": spool_dir}),
             "model": settings.model.model_copy(update={"bundle_dir": bundle}),
+            "audit": settings.audit.model_copy(update={"path": audit}),
         }
     )
