@@ -1,7 +1,7 @@
 """`mammo-node`: serve, worker, config check, echo, runs.
 
-Exit codes: 0 success, 1 the operation failed (peer unreachable, run not found), 2 bad usage or
-invalid configuration.
+Exit codes: 0 success, 1 the operation failed (peer unreachable, run not found, run in a state
+that does not allow it), 2 bad usage or invalid configuration.
 """
 
 from __future__ import annotations
@@ -15,10 +15,19 @@ import sys
 import threading
 from pathlib import Path
 
+from node.audit import open_audit
 from node.errors import ConfigError, TransientError
 from node.logs import configure_logging, get_logger
 from node.settings import Settings, load_settings
-from node.spool import RECORD_NAME, RUN_NAME, RUN_STATES, Spool
+from node.spool import (
+    PUBLISHED_NAME,
+    RECORD_NAME,
+    RUN_NAME,
+    RUN_STATES,
+    SUPERSEDED_NAME,
+    RunStateError,
+    Spool,
+)
 
 log = get_logger("node.cli")
 
@@ -31,9 +40,21 @@ def _load(path: str) -> Settings:
         raise SystemExit(2) from None
 
 
+def _check_tls_files(settings: Settings) -> None:
+    """Load every configured certificate and key now, so a bad file fails the check, not a handshake."""
+    from node.tls import client_context, server_context
+
+    if settings.node.tls is not None:
+        server_context(settings.node.tls)
+    for index, destination in enumerate(settings.destinations):
+        if destination.tls is not None:
+            client_context(destination.tls, f"destinations[{index}].tls")
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.file)
+        _check_tls_files(settings)
     except ConfigError as error:
         print(str(error), file=sys.stderr)
         return 2
@@ -48,9 +69,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _load(args.config)
     configure_logging(args.log_level)
-    service = NodeService(settings)
     try:
+        _check_tls_files(settings)
+        service = NodeService(settings)
         service.start()
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return 2
     except OSError as error:
         log.error("node_start_failed", reason=error.strerror or str(error),
                   port=settings.node.port)
@@ -122,25 +147,98 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if status == 0 else 1
 
 
+def _run_summary(spool: Spool, state: str, run_id: str) -> dict[str, object]:
+    folder = spool.state_dir(state) / run_id  # type: ignore[arg-type]
+    info: dict[str, object] = {"run_id": run_id, "state": state}
+    for name, keys in ((RUN_NAME, ("study_uid", "completion_reason", "instance_count",
+                                   "attempts", "supersedes")),
+                       (RECORD_NAME, ("study_uid", "error", "not_scored", "attempts")),
+                       (SUPERSEDED_NAME, ("superseded_by",))):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        info.update({k: data[k] for k in keys if data.get(k) not in (None, [], "")})
+    if state == "queued":
+        info["published"] = (folder / PUBLISHED_NAME).exists()
+    return info
+
+
 def cmd_runs_list(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     spool = Spool(settings.spool.dir)
-    states = [args.state] if args.state else list(RUN_STATES)
+    states = args.state or list(RUN_STATES)
     for state in states:
-        folder = spool.state_dir(state)
-        if not folder.is_dir():
-            continue
         for run_id in spool.runs(state):
-            info = {"run_id": run_id, "state": state}
-            for name in (RUN_NAME, RECORD_NAME):
-                try:
-                    data = json.loads((folder / run_id / name).read_text())
-                except (OSError, ValueError):
-                    continue
-                info.update({k: data[k] for k in ("study_uid", "completion_reason", "error")
-                             if k in data})
-            print(json.dumps(info, sort_keys=True))
+            print(json.dumps(_run_summary(spool, state, run_id), sort_keys=True))
     return 0
+
+
+def cmd_runs_retry(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    configure_logging(args.log_level)
+    spool = Spool(settings.spool.dir)
+    located = spool.locate(args.run_id)
+    if located is None:
+        print(f"run {args.run_id!r} not found", file=sys.stderr)
+        return 1
+    study_uid = spool.run_info(args.run_id).get("study_uid", "")
+    try:
+        spool.requeue_run(args.run_id)
+    except (RunStateError, FileNotFoundError) as error:
+        print(f"cannot retry: {error}", file=sys.stderr)
+        return 1
+    open_audit(settings, "cli").record("run_retried", run_id=args.run_id, study_uid=study_uid,
+                                       from_state=located[0], user=_operator())
+    print(f"run {args.run_id}: {located[0]} -> queued (attempts reset; the node publishes it)")
+    return 0
+
+
+def cmd_runs_discard(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    configure_logging(args.log_level)
+    spool = Spool(settings.spool.dir)
+    study_uid = spool.run_info(args.run_id).get("study_uid", "")
+    try:
+        from_state, _ = spool.discard_run(args.run_id, reason=args.reason or "")
+    except FileNotFoundError:
+        print(f"run {args.run_id!r} not found", file=sys.stderr)
+        return 1
+    except RunStateError as error:
+        print(f"cannot discard: {error}", file=sys.stderr)
+        return 1
+    open_audit(settings, "cli").record("run_discarded", run_id=args.run_id, study_uid=study_uid,
+                                       from_state=from_state, reason=args.reason or "",
+                                       user=_operator())
+    print(f"run {args.run_id}: {from_state} -> discarded (purged with the others after "
+          f"{settings.spool.retention_days:g} days)")
+    return 0
+
+
+def cmd_runs_purge(args: argparse.Namespace) -> int:
+    from node.service import purge_expired
+
+    settings = _load(args.config)
+    configure_logging(args.log_level)
+    if args.older_than is not None and args.older_than < 0:
+        print("--older-than must not be negative", file=sys.stderr)
+        return 2
+    spool = Spool(settings.spool.dir).ensure()
+    purged = purge_expired(settings, spool, open_audit(settings, "cli"),
+                           older_than_days=args.older_than)
+    for item in purged:
+        print(json.dumps(item, sort_keys=True))
+    days = settings.spool.retention_days if args.older_than is None else args.older_than
+    print(f"{len(purged)} finished run(s) older than {days:g} days purged", file=sys.stderr)
+    return 0
+
+
+def _operator() -> str:
+    """Who ran the command (the login name; the audit trail wants a person, not a UID)."""
+    try:
+        return os.getlogin()
+    except OSError:
+        return os.environ.get("USER", "") or str(os.getuid())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,8 +271,29 @@ def build_parser() -> argparse.ArgumentParser:
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
     runs_list = runs_commands.add_parser("list", help="one JSON line per run")
     runs_list.add_argument("--config", required=True)
-    runs_list.add_argument("--state", choices=list(RUN_STATES))
+    runs_list.add_argument("--state", choices=list(RUN_STATES), action="append",
+                           help="only runs in this state (repeatable)")
     runs_list.set_defaults(func=cmd_runs_list)
+
+    runs_retry = runs_commands.add_parser(
+        "retry", help="put a failed (or done, discarded) run back in the queue, attempts reset")
+    runs_retry.add_argument("run_id")
+    runs_retry.add_argument("--config", required=True)
+    runs_retry.set_defaults(func=cmd_runs_retry)
+
+    runs_discard = runs_commands.add_parser(
+        "discard", help="move a queued or failed run to discarded/ (refused while worked on)")
+    runs_discard.add_argument("run_id")
+    runs_discard.add_argument("--reason", help="why (kept in discarded.json and the audit trail)")
+    runs_discard.add_argument("--config", required=True)
+    runs_discard.set_defaults(func=cmd_runs_discard)
+
+    runs_purge = runs_commands.add_parser(
+        "purge", help="delete finished runs (done, failed, discarded) and their instances")
+    runs_purge.add_argument("--older-than", type=float, metavar="DAYS",
+                            help="age limit in days (default: spool.retention_days)")
+    runs_purge.add_argument("--config", required=True)
+    runs_purge.set_defaults(func=cmd_runs_purge)
     return parser
 
 

@@ -2,18 +2,30 @@
 
 Each (SOP class, transfer syntax) pair gets its own presentation context: with several transfer
 syntaxes in one context the peer picks one and objects in the others could not be sent.
+
+With `destinations[].tls` the association runs over TLS 1.2+ and the destination's certificate
+is verified (a failed verification is a failed association: retried, then parked in failed/).
+Every read from the destination is bounded like the listener's (node.scp.GuardedDUL): a PACS
+that stalls mid-PDU or announces a giant PDU gets an A-ABORT, not our memory or our time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from node.errors import TransientError
+from node.logs import get_logger
+from node.scp import WireLimits, guard_association
 from node.settings import Destination, Settings
+from node.tls import client_context
+
+log = get_logger("node.scu")
 
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 
@@ -36,15 +48,48 @@ def _scu_ae(settings: Settings, destination: Destination) -> AE:
     ae.acse_timeout = destination.timeout_s
     ae.dimse_timeout = destination.timeout_s
     ae.network_timeout = destination.timeout_s
+    ae.connection_timeout = destination.timeout_s  # TCP connect and TLS handshake
     ae.maximum_pdu_size = settings.node.max_pdu_bytes
     return ae
+
+
+def _associate(settings: Settings, destination: Destination, ae: AE) -> Association:
+    """Open the association, over TLS when the destination says so, with bounded reads."""
+    tls_args = None
+    if destination.tls is not None:
+        context = client_context(destination.tls, key=f"destinations[{destination.name}].tls")
+        tls_args = (context, destination.host)
+    limits = WireLimits(
+        max_pdata_pdu_bytes=settings.node.max_pdu_bytes,
+        max_message_bytes=settings.node.max_message_bytes,
+        pdu_timeout_s=destination.timeout_s,
+        io_timeout_s=destination.timeout_s,
+    )
+
+    def report_abort(assoc: Any, reason: str) -> None:
+        log.warning("association_aborted", destination=destination.name, reason=reason)
+
+    def harden(event: Any) -> None:
+        # Runs in the DUL thread right after connect(), which leaves the socket without timeout.
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.settimeout(destination.timeout_s)
+        guard_association(event.assoc, limits, report_abort)
+
+    return ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, harden)],
+    )
 
 
 def echo(settings: Settings, destination: Destination) -> int:
     """C-ECHO the destination; returns the status, raises TransientError if it cannot associate."""
     ae = _scu_ae(settings, destination)
     ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = _associate(settings, destination, ae)
     if not assoc.is_established:
         raise TransientError(f"destination {destination.name}: association not established")
     try:
@@ -65,7 +110,7 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
     ae = _scu_ae(settings, destination)
     for sop_class, transfer_syntax in pairs:
         ae.add_requested_context(sop_class, [transfer_syntax])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = _associate(settings, destination, ae)
     if not assoc.is_established:
         return [SendOutcome(str(h.SOPInstanceUID), None) for _, h in headers]
     outcomes = []

@@ -1,8 +1,11 @@
-"""`mammo-node serve`: the listener plus the completion watcher that turns studies into runs.
+"""`mammo-node serve`: the listener, the completion watcher and the reconciler.
 
-The watcher claims complete studies (incoming/ -> queued/) and publishes a Celery message for
-every queued run that has none yet. A broker outage leaves runs in queued/, retried with backoff:
-nothing is lost and the listener keeps accepting.
+The spool is the outbox. The watcher claims complete studies (incoming/ -> queued/) and
+publishes a Celery message for every queued run that has none yet; a broker outage leaves runs
+in queued/, retried with backoff, and the listener keeps accepting. The reconciler repairs what
+a message alone cannot: runs whose message was lost (Redis restarted empty) and runs abandoned
+by a dead worker (work/ with a free lock). Retention purge runs from the same thread.
+See docs/RELIABILITY.md for the recovery-time bounds.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from collections.abc import Callable
 
 from celery import Celery
 
+from node.audit import AuditLog, open_audit
 from node.completion import AssociationTracker, due_studies
 from node.errors import TransientError
 from node.logs import get_logger
-from node.queueing import build_publisher, publish_run
+from node.queueing import build_publisher, publish_run, waiting_run_ids
 from node.scp import StoreSCP
 from node.settings import Settings
 from node.spool import Spool
@@ -24,6 +28,7 @@ from node.spool import Spool
 log = get_logger("node.service")
 
 TMP_MAX_AGE_S = 6 * 3600  # a chunked receive older than this belongs to a dead association
+DAY_S = 86400.0
 
 
 class CompletionWatcher:
@@ -36,12 +41,14 @@ class CompletionWatcher:
         tracker: AssociationTracker,
         publisher: Celery,
         clock: Callable[[], float] = time.time,
+        audit: AuditLog | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.tracker = tracker
         self.publisher = publisher
         self.clock = clock
+        self.audit = audit or open_audit(settings, "watcher")
         self._next_publish_at: dict[str, float] = {}
         self._publish_failures: dict[str, int] = {}
 
@@ -52,15 +59,20 @@ class CompletionWatcher:
             self.spool.incoming_studies(), self.tracker.is_open, now, self.settings.completion
         ):
             run_id = self.spool.claim_study(study.study_key, reason)
+            info = self.spool.run_info(run_id)
             log.info(
                 "study_completed",
                 run_id=run_id,
                 study_uid=study.study_uid,
                 reason=reason,
-                instance_count=len(study.instances),
+                instance_count=info.get("instance_count", len(study.instances)),
                 views=sorted(study.view_keys),
                 waited_s=round(now - study.first_received_at, 2),
+                supersedes=info.get("supersedes", []),
             )
+            self.audit.record("study_queued", run_id=run_id, study_uid=study.study_uid,
+                              reason=reason, instance_count=info.get("instance_count"),
+                              supersedes=info.get("supersedes", []))
         return self._publish_pending(now)
 
     def _publish_pending(self, now: float) -> list[str]:
@@ -86,16 +98,132 @@ class CompletionWatcher:
         return published
 
 
+class Reconciler:
+    """The periodic repair pass that makes the spool a durable outbox; `tick()` is one pass.
+
+    - A run in work/ whose lock has been free for `reconcile.abandoned_after_s` (seen free on
+      two passes that far apart) was abandoned by a dead worker: back to queued/, unpublished,
+      its attempts counter kept; one that already used `scoring.max_attempts` goes to failed/.
+    - A queued run published more than `reconcile.republish_after_s` ago whose message is
+      neither waiting in the broker queue nor reserved by a worker within that time is
+      unpublished, so the watcher publishes it again. A message that is merely waiting in a
+      long queue is never duplicated.
+    - A queued run that supersedes earlier runs makes sure they say so (a crash between the
+      claim and those notes is repaired here).
+
+    Duplicates are harmless anyway: a worker given a run that is not in queued/ (or abandoned)
+    does nothing.
+    """
+
+    def __init__(self, settings: Settings, spool: Spool, clock: Callable[[], float] = time.time,
+                 audit: AuditLog | None = None) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.clock = clock
+        self.audit = audit or open_audit(settings, "watcher")
+        self._free_since: dict[str, float] = {}
+
+    def tick(self) -> dict[str, list[str]]:
+        """One pass; returns what it did: {"requeued": [...], "failed": [...], "republish": [...]}."""
+        now = self.clock()
+        done: dict[str, list[str]] = {"requeued": [], "failed": [], "republish": []}
+        self._recover_abandoned(now, done)
+        self._republish_lost(now, done)
+        self._note_superseded()
+        return done
+
+    def _recover_abandoned(self, now: float, done: dict[str, list[str]]) -> None:
+        work = self.spool.runs("work")
+        for run_id in list(self._free_since):
+            if run_id not in work:
+                del self._free_since[run_id]
+        for run_id in work:
+            with self.spool.lock_if_free(run_id) as path:
+                free = path is not None
+            if not free:
+                self._free_since.pop(run_id, None)
+                continue
+            first_free = self._free_since.setdefault(run_id, now)
+            if now - first_free < self.settings.reconcile.abandoned_after_s:
+                continue
+            info = self.spool.run_info(run_id)
+            attempts = int(info.get("attempts", 0))
+            study_uid = info.get("study_uid", "")
+            if attempts >= self.settings.scoring.max_attempts:
+                error = f"input: gave up after {attempts} attempts that did not finish"
+                record = {"run_id": run_id, "study_uid": study_uid, "state": "failed",
+                          "attempts": attempts, "error": error,
+                          "completion_reason": info.get("completion_reason")}
+                if self.spool.fail_abandoned(run_id, record):
+                    log.warning("run_abandoned_given_up", run_id=run_id, study_uid=study_uid,
+                                attempts=attempts)
+                    self.audit.record("study_failed", run_id=run_id, study_uid=study_uid,
+                                      reason=error, attempts=attempts)
+                    done["failed"].append(run_id)
+            elif self.spool.requeue_abandoned(run_id):
+                log.warning("run_abandoned_requeued", run_id=run_id, study_uid=study_uid,
+                            attempts=attempts, free_for_s=round(now - first_free, 2))
+                done["requeued"].append(run_id)
+            self._free_since.pop(run_id, None)
+
+    def _republish_lost(self, now: float, done: dict[str, list[str]]) -> None:
+        limit_s = self.settings.reconcile.republish_after_s
+        stale = []
+        for run_id in self.spool.runs("queued"):
+            published_at = self.spool.published_at(run_id)
+            if published_at is not None and now - published_at >= limit_s:
+                stale.append((run_id, published_at))
+        if not stale:
+            return
+        try:
+            # A message a worker took less than republish_after_s ago is still on its way
+            # (a worker starting up reserves it before its pool child can run it).
+            waiting = waiting_run_ids(self.settings, reserved_within_s=limit_s, now=now)
+        except TransientError as error:
+            log.warning("reconcile_broker_unavailable", reason=str(error))
+            return  # the watcher's publish backoff deals with an absent broker
+        for run_id, published_at in stale:
+            if run_id in waiting:
+                continue
+            self.spool.unpublish(run_id)
+            log.warning("run_message_lost", run_id=run_id,
+                        published_s_ago=round(now - published_at, 1))
+            done["republish"].append(run_id)
+
+    def _note_superseded(self) -> None:
+        for run_id in self.spool.runs("queued"):
+            info = self.spool.run_info(run_id)
+            for earlier in info.get("supersedes", []) or []:
+                if self.spool.superseded_by(earlier) is None:
+                    self.spool.mark_superseded(earlier, run_id)
+
+
+def purge_expired(settings: Settings, spool: Spool, audit: AuditLog,
+                  older_than_days: float | None = None, now: float | None = None
+                  ) -> list[dict[str, str]]:
+    """Retention: remove finished runs (done/failed/discarded) older than the limit, audited."""
+    days = settings.spool.retention_days if older_than_days is None else older_than_days
+    purged = spool.purge_finished(days * DAY_S, now=now)
+    for item in purged:
+        audit.record("run_purged", run_id=item["run_id"], study_uid=item["study_uid"],
+                     state=item["state"], older_than_days=days)
+    if purged:
+        log.info("runs_purged", count=len(purged), older_than_days=days)
+    return purged
+
+
 class NodeService:
-    """Listener + watcher thread, started and stopped together."""
+    """Listener + watcher thread (completion, publishing, reconciling, purging)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.spool = Spool(settings.spool.dir).ensure()
         self.tracker = AssociationTracker()
         self.scp = StoreSCP(settings, self.spool, self.tracker)
+        self.audit = open_audit(settings, "watcher")
         self.watcher = CompletionWatcher(settings, self.spool, self.tracker,
-                                         build_publisher(settings))
+                                         build_publisher(settings), audit=self.audit)
+        self.reconciler = Reconciler(settings, self.spool, audit=self.audit)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -106,17 +234,29 @@ class NodeService:
         self._thread.start()
         log.info("node_started", ae_title=self.settings.node.ae_title, host=address[0],
                  port=address[1], stale_tmp_files_removed=removed)
+        self.audit.record("node_started", ae_title=self.settings.node.ae_title, host=address[0],
+                          port=address[1], tls=self.settings.node.tls is not None)
         return address
 
     def _watch(self) -> None:
         interval_s = self.settings.completion.poll_interval_s
-        last_purge = time.monotonic()
+        reconcile_s = self.settings.reconcile.interval_s
+        last_tmp_purge = time.monotonic()
+        last_reconcile = float("-inf")
+        last_retention = float("-inf")  # at start, then every purge_interval_s
         while not self._stop.wait(interval_s):
             try:
                 self.watcher.tick()
-                if time.monotonic() - last_purge > 600:
+                if time.monotonic() - last_reconcile >= reconcile_s:
+                    last_reconcile = time.monotonic()
+                    if any(self.reconciler.tick().values()):
+                        self.watcher.tick()  # publish what it put back at once
+                if time.monotonic() - last_retention >= self.settings.reconcile.purge_interval_s:
+                    last_retention = time.monotonic()
+                    purge_expired(self.settings, self.spool, self.audit)
+                if time.monotonic() - last_tmp_purge > 600:
                     self.spool.purge_tmp(older_than_s=TMP_MAX_AGE_S)
-                    last_purge = time.monotonic()
+                    last_tmp_purge = time.monotonic()
             except Exception as error:  # the watcher must outlive any one bad pass
                 log.exception("watcher_pass_failed", reason=type(error).__name__)
 
@@ -126,3 +266,4 @@ class NodeService:
         if self._thread is not None:
             self._thread.join(timeout=30)
         log.info("node_stopped")
+        self.audit.record("node_stopped", ae_title=self.settings.node.ae_title)

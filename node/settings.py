@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
@@ -43,6 +43,39 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class NodeTLS(_Frozen):
+    """DICOM TLS on the listener (TLS 1.2 or newer). Paths are relative to the config file."""
+
+    cert_file: Path  # our certificate chain (PEM)
+    key_file: Path  # its private key (PEM, unencrypted; keep it readable by the node only)
+    ca_file: Path | None = None  # CAs that sign client certificates (PEM bundle)
+    require_client_cert: bool = False  # refuse peers without a certificate signed by ca_file
+
+    @model_validator(mode="after")
+    def _ca_for_client_certs(self) -> NodeTLS:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CAs to verify clients against)")
+        return self
+
+
+class DestinationTLS(_Frozen):
+    """DICOM TLS when sending to a destination: its certificate is always verified."""
+
+    ca_file: Path  # CAs that sign the destination's certificate (PEM bundle)
+    cert_file: Path | None = None  # our client certificate, when the destination asks for one
+    key_file: Path | None = None
+    check_hostname: bool = True  # the certificate must name `host` (DNS name or IP address)
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> DestinationTLS:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+_TLS = TypeVar("_TLS", NodeTLS, DestinationTLS)
+
+
 class NodeSection(_Frozen):
     """Our own DICOM identity and listener."""
 
@@ -52,6 +85,13 @@ class NodeSection(_Frozen):
     max_pdu_bytes: int = Field(default=131072, ge=4096, le=4 * 1024 * 1024)
     max_associations: int = Field(default=16, ge=1, le=1000)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # From TCP connect to A-ASSOCIATE-RQ (TLS handshake included), and the wait for an A-RELEASE-RP.
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    # Connections not yet admitted (TLS handshake, no A-ASSOCIATE-RQ yet); beyond, the oldest closes.
+    max_pending_connections: int = Field(default=128, ge=1, le=10000)
+    # Largest DICOM message (one C-STORE data set) we receive; beyond it the association is aborted.
+    max_message_bytes: int = Field(default=4 * 1024**3, ge=1024 * 1024)
+    tls: NodeTLS | None = None
 
     @field_validator("bind_address")
     @classmethod
@@ -82,6 +122,7 @@ class Destination(_Frozen):
     host: str
     port: int = Field(ge=1, le=65535)
     timeout_s: float = Field(default=30.0, gt=0)
+    tls: DestinationTLS | None = None
 
 
 class SpoolSection(_Frozen):
@@ -178,6 +219,19 @@ class ScoringSection(_Frozen):
     max_attempts: int = Field(default=3, ge=1, le=100)
 
 
+class ReconcileSection(_Frozen):
+    """The service's periodic repair pass over the spool (see docs/RELIABILITY.md)."""
+
+    interval_s: float = Field(default=10.0, gt=0, le=3600)
+    # A queued run whose message is not in the broker queue this long after publishing is
+    # published again (Redis restarted empty, a worker died between taking and claiming it).
+    republish_after_s: float = Field(default=60.0, gt=0)
+    # A run in work/ whose lock has been free this long was abandoned by a dead worker.
+    abandoned_after_s: float = Field(default=10.0, ge=0)
+    # How often finished runs older than spool.retention_days are purged.
+    purge_interval_s: float = Field(default=3600.0, gt=0)
+
+
 class AuditSection(_Frozen):
     """The append-only audit trail (JSON lines, in the spirit of DICOM PS3.15 A.5)."""
 
@@ -195,6 +249,7 @@ class Settings(_Frozen):
     outputs: OutputsSection = OutputsSection()
     send: SendSection = SendSection()
     scoring: ScoringSection = ScoringSection()
+    reconcile: ReconcileSection = ReconcileSection()
     audit: AuditSection = AuditSection()
 
     @model_validator(mode="after")
@@ -246,10 +301,25 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     spool_dir = (base / settings.spool.dir).resolve()
     bundle = (base / settings.model.bundle_dir).resolve()
     audit = (base / settings.audit.path).resolve() if settings.audit.path else spool_dir / "audit.jsonl"
+    node = settings.node
+    if node.tls is not None:
+        node = node.model_copy(update={"tls": _resolve_tls_paths(node.tls, base)})
+    destinations = [
+        d.model_copy(update={"tls": _resolve_tls_paths(d.tls, base)}) if d.tls is not None else d
+        for d in settings.destinations
+    ]
     return settings.model_copy(
         update={
+            "node": node,
+            "destinations": destinations,
             "spool": settings.spool.model_copy(update={"dir": spool_dir}),
             "model": settings.model.model_copy(update={"bundle_dir": bundle}),
             "audit": settings.audit.model_copy(update={"path": audit}),
         }
     )
+
+
+def _resolve_tls_paths(tls: _TLS, base: Path) -> _TLS:
+    fields = ("cert_file", "key_file", "ca_file")
+    update = {f: (base / getattr(tls, f)).resolve() for f in fields if getattr(tls, f) is not None}
+    return tls.model_copy(update=update)

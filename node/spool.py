@@ -7,6 +7,7 @@
     work/<run_id>/           a worker holds it (flock on work/<run_id>/lock)
     done/<run_id>/           results delivered; record.json says what happened
     failed/<run_id>/         gave up; record.json says why
+    discarded/<run_id>/      IT discarded it (`mammo-node runs discard`); discarded.json says when
 
 Every state change is an atomic rename inside one filesystem. Paths are never built from received
 values: study and instance folders are named by a hash of their UID.
@@ -28,13 +29,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-RunState = Literal["queued", "work", "done", "failed"]
-RUN_STATES: tuple[RunState, ...] = ("queued", "work", "done", "failed")
+RunState = Literal["queued", "work", "done", "failed", "discarded"]
+RUN_STATES: tuple[RunState, ...] = ("queued", "work", "done", "failed", "discarded")
+FINISHED_STATES: tuple[RunState, ...] = ("done", "failed", "discarded")  # what retention purges
+# Runs whose instances a later run of the same study takes over (see `claim_study`).
+UNION_STATES: tuple[RunState, ...] = ("queued", "work", "done", "failed")
 MANIFEST_NAME = "manifest.jsonl"
 RUN_NAME = "run.json"
 RECORD_NAME = "record.json"
 PUBLISHED_NAME = "published.json"
+SUPERSEDED_NAME = "superseded.json"
+DISCARDED_NAME = "discarded.json"
 LOCK_NAME = "lock"
+
+
+class RunStateError(ValueError):
+    """A run is not in a state that allows the operation (e.g. discarding a run being worked on)."""
 
 
 @dataclass(frozen=True)
@@ -211,27 +221,91 @@ class Spool:
         return studies
 
     def claim_study(self, study_key: str, reason: str) -> str:
-        """Move a study from incoming/ to queued/<run_id>/: from now on it is a run."""
+        """Move a study from incoming/ to queued/<run_id>/: from now on it is a run.
+
+        Late-instance policy: when earlier runs of the same study exist (an instance arrived after
+        the study was claimed, or the study was sent again), the new run takes over their
+        instances (hard links, same filesystem) so it is scored on the union, and it supersedes
+        them: run.json lists `supersedes`, each earlier run gets `superseded.json` (and its
+        record `superseded_by`). run.json is written before the rename, so a claimed run always
+        has one.
+        """
         run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{study_key[:12]}-{uuid.uuid4().hex[:6]}"
         with self._lock:
             source = self.incoming_dir / study_key
             target = self.state_dir("queued") / run_id
+            supersedes = self._take_over_earlier_runs(source, study_key)
             entries = read_manifest(source)
+            write_json_atomic(
+                source / RUN_NAME,
+                {
+                    "run_id": run_id,
+                    "study_uid": entries[0].study_uid if entries else "",
+                    "study_key": study_key,
+                    "claimed_at": time.time(),
+                    "completion_reason": reason,
+                    "instance_count": len(entries),
+                    "supersedes": supersedes,
+                },
+            )
             os.rename(source, target)
             _fsync_dir(self.incoming_dir)
             _fsync_dir(target.parent)
-        write_json_atomic(
-            target / RUN_NAME,
-            {
-                "run_id": run_id,
-                "study_uid": entries[0].study_uid if entries else "",
-                "study_key": study_key,
-                "claimed_at": time.time(),
-                "completion_reason": reason,
-                "instance_count": len(entries),
-            },
-        )
+        for earlier in supersedes:
+            self.mark_superseded(earlier, run_id)
         return run_id
+
+    def runs_of_study(self, study_key: str, states: tuple[RunState, ...] = UNION_STATES
+                      ) -> list[tuple[RunState, str]]:
+        """Runs of one study (by the study key in their id, confirmed by run.json), oldest first."""
+        found = []
+        for state in states:
+            for run_id in self.runs(state):
+                if f"-{study_key[:12]}-" not in run_id:
+                    continue
+                info = _read_json(self.state_dir(state) / run_id / RUN_NAME)
+                if info.get("study_key") == study_key:
+                    found.append((state, run_id))
+        return sorted(found, key=lambda item: item[1])
+
+    def _take_over_earlier_runs(self, folder: Path, study_key: str) -> list[str]:
+        """Link the instances of earlier runs of the study into `folder`; ids of those superseded."""
+        present = {e.sop_uid for e in read_manifest(folder)}
+        superseded = []
+        for _, run_id in self.runs_of_study(study_key):
+            for _ in range(5):  # a worker may move the run between our look and our link
+                located = self.locate(run_id)
+                if located is None:
+                    break
+                path = located[1]
+                lines, taken, moved = [], set(), False
+                for entry in read_manifest(path):
+                    if entry.sop_uid in present:
+                        continue  # the newer copy of an instance wins
+                    target = folder / entry.file
+                    try:
+                        if not target.exists():
+                            os.link(path / entry.file, target)
+                    except FileNotFoundError:
+                        moved = self.locate(run_id) != located
+                        if moved:
+                            break  # take it again from where it is now
+                        continue  # a file missing from a run that stayed put: take the rest
+                    lines.append(json.dumps(asdict(entry), sort_keys=True) + "\n")
+                    taken.add(entry.sop_uid)
+                if moved:
+                    continue
+                if lines:
+                    with open(folder / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
+                        manifest.writelines(lines)
+                        manifest.flush()
+                        os.fsync(manifest.fileno())
+                present |= taken
+                if not (path / SUPERSEDED_NAME).exists():
+                    superseded.append(run_id)
+                break
+        _fsync_dir(folder)
+        return superseded
 
     # --- runs ---------------------------------------------------------------------------------
     def locate(self, run_id: str) -> tuple[RunState, Path] | None:
@@ -244,12 +318,33 @@ class Spool:
         return None
 
     def runs(self, state: RunState) -> list[str]:
-        return sorted(p.name for p in self.state_dir(state).iterdir() if p.is_dir())
+        folder = self.state_dir(state)
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+    def run_info(self, run_id: str) -> dict[str, Any]:
+        """run.json of a run wherever it is ({} when unknown)."""
+        located = self.locate(run_id)
+        return _read_json(located[1] / RUN_NAME) if located else {}
 
     def mark_published(self, run_id: str) -> None:
         located = self.locate(run_id)
         if located and located[0] == "queued":
-            write_json_atomic(located[1] / PUBLISHED_NAME, {"published_at": time.time()})
+            try:
+                write_json_atomic(located[1] / PUBLISHED_NAME, {"published_at": time.time()})
+            except FileNotFoundError:
+                pass  # a worker took it meanwhile: the message did its job
+
+    def published_at(self, run_id: str) -> float | None:
+        """When the run's message was published, or None (never, or requeued since)."""
+        data = _read_json(self.state_dir("queued") / run_id / PUBLISHED_NAME)
+        value = data.get("published_at")
+        return float(value) if value is not None else None
+
+    def unpublish(self, run_id: str) -> None:
+        """Forget that a queued run was published, so the watcher publishes it again."""
+        (self.state_dir("queued") / run_id / PUBLISHED_NAME).unlink(missing_ok=True)
 
     def unpublished_runs(self) -> list[str]:
         queued = self.state_dir("queued")
@@ -261,7 +356,9 @@ class Spool:
 
         queued/ -> work/ by rename; the flock on work/<run_id>/lock marks a live owner. A run in
         work/ whose lock is free was abandoned by a dead worker (its message was redelivered), so
-        it is taken over. A run already done/ or failed/ is a duplicate delivery: None.
+        it is taken over. A run already done/ or failed/ is a duplicate delivery: None. So is a
+        run the reconciler moved back to queued/ while we reached for its lock (checked by inode
+        after locking): its new message will bring it back.
         """
         queued = self.state_dir("queued") / run_id
         work = self.state_dir("work") / run_id
@@ -274,36 +371,222 @@ class Spool:
             if not work.is_dir():
                 yield None
                 return
-        lock_handle: IO[str] = open(work / LOCK_NAME, "a")  # noqa: SIM115 - held for the block
+        try:
+            lock_handle: IO[str] = open(work / LOCK_NAME, "a")  # noqa: SIM115 - held for the block
+        except FileNotFoundError:
+            yield None
+            return
         try:
             try:
                 fcntl.flock(lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 yield None
                 return
+            if not _same_file(lock_handle, work / LOCK_NAME):
+                yield None
+                return
             yield work
         finally:
             lock_handle.close()
+
+    @contextmanager
+    def lock_if_free(self, run_id: str, state: RunState = "work") -> Iterator[Path | None]:
+        """Take a run's flock without waiting (the reconciler and IT commands); None if held."""
+        path = self.state_dir(state) / run_id
+        try:
+            handle: IO[str] = open(path / LOCK_NAME, "a")  # noqa: SIM115 - held for the block
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            yield path if _same_file(handle, path / LOCK_NAME) else None
+        finally:
+            handle.close()
 
     def finish_run(self, run_id: str, state: Literal["done", "failed"]) -> Path:
         source = self.state_dir("work") / run_id
         target = self.state_dir(state) / run_id
         os.rename(source, target)
         _fsync_dir(target.parent)
+        # A later run may have superseded this one while it was being scored.
+        marker = _read_json(target / SUPERSEDED_NAME)
+        if marker.get("superseded_by"):
+            _note_in_record(target, marker["superseded_by"])
         return target
 
-    def requeue_run(self, run_id: str) -> Path:
-        """Put a failed run back in queued/ (IT's `runs retry`), unpublished so it is sent again."""
+    def requeue_abandoned(self, run_id: str) -> bool:
+        """work/ -> queued/ (unpublished) for a run whose lock is free; False if someone holds it.
+
+        The attempts counter in run.json is kept, so a study that kills every worker that takes
+        it ends in failed/ after `scoring.max_attempts`.
+        """
+        with self.lock_if_free(run_id) as path:
+            if path is None:
+                return False
+            target = self.state_dir("queued") / run_id
+            (path / PUBLISHED_NAME).unlink(missing_ok=True)
+            os.rename(path, target)
+            _fsync_dir(target.parent)
+            return True
+
+    def fail_abandoned(self, run_id: str, record: dict[str, Any]) -> bool:
+        """work/ -> failed/ with `record` for a run whose lock is free; False if someone holds it."""
+        with self.lock_if_free(run_id) as path:
+            if path is None:
+                return False
+            write_json_atomic(path / RECORD_NAME, record)
+            self.finish_run(run_id, "failed")
+            return True
+
+    def mark_superseded(self, run_id: str, by_run_id: str) -> None:
+        """Say in an earlier run that `by_run_id` replaces it (marker, and its record if finished)."""
+        for _ in range(5):  # the run may move between states while we write
+            located = self.locate(run_id)
+            if located is None:
+                return
+            state, path = located
+            try:
+                write_json_atomic(path / SUPERSEDED_NAME,
+                                  {"superseded_by": by_run_id, "at": time.time()})
+                if state in ("done", "failed", "discarded"):
+                    _note_in_record(path, by_run_id)
+            except FileNotFoundError:
+                continue
+            if self.locate(run_id) == located:
+                return
+
+    def superseded_by(self, run_id: str) -> str | None:
+        located = self.locate(run_id)
+        if located is None:
+            return None
+        return _read_json(located[1] / SUPERSEDED_NAME).get("superseded_by")
+
+    def requeue_run(self, run_id: str, reset_attempts: bool = True) -> Path:
+        """Put a finished run back in queued/ (IT's `runs retry`), unpublished so it is sent again.
+
+        The attempts counter starts again (IT decided the cause is gone); the previous record is
+        kept as record.previous.json. A superseded run is refused: retry the run that replaced it.
+        """
         located = self.locate(run_id)
         if located is None:
             raise FileNotFoundError(run_id)
         state, path = located
-        if state not in ("failed", "done"):
-            raise ValueError(f"run {run_id} is {state}, not failed or done")
+        if state not in ("failed", "done", "discarded"):
+            raise RunStateError(f"run {run_id} is {state}, not failed, done or discarded")
+        superseded_by = _read_json(path / SUPERSEDED_NAME).get("superseded_by")
+        if superseded_by:
+            raise RunStateError(f"run {run_id} is superseded by {superseded_by}: retry that one")
         target = self.state_dir("queued") / run_id
         (path / PUBLISHED_NAME).unlink(missing_ok=True)
+        (path / DISCARDED_NAME).unlink(missing_ok=True)
+        if (path / RECORD_NAME).exists():
+            os.replace(path / RECORD_NAME, path / "record.previous.json")
+        if reset_attempts:
+            info = _read_json(path / RUN_NAME)
+            if info:
+                info["attempts"] = 0
+                info["requeued_at"] = time.time()
+                write_json_atomic(path / RUN_NAME, info)
         os.rename(path, target)
+        _fsync_dir(target.parent)
         return target
+
+    def discard_run(self, run_id: str, reason: str = "") -> tuple[RunState, Path]:
+        """queued/ or failed/ (or an abandoned work/) -> discarded/; RunStateError while worked on."""
+        located = self.locate(run_id)
+        if located is None:
+            raise FileNotFoundError(run_id)
+        state, path = located
+        target = self.state_dir("discarded") / run_id
+        if state == "work":
+            with self.lock_if_free(run_id) as held:
+                if held is None:
+                    raise RunStateError(f"run {run_id} is being worked on: try again when it is done")
+                write_json_atomic(held / DISCARDED_NAME,
+                                  {"discarded_at": time.time(), "from": state, "reason": reason})
+                os.rename(held, target)
+        elif state in ("queued", "failed"):
+            try:
+                write_json_atomic(path / DISCARDED_NAME,
+                                  {"discarded_at": time.time(), "from": state, "reason": reason})
+                os.rename(path, target)
+            except FileNotFoundError:
+                moved = self.locate(run_id)
+                if moved is not None:
+                    (moved[1] / DISCARDED_NAME).unlink(missing_ok=True)
+                raise RunStateError(f"run {run_id} was taken by a worker meanwhile") from None
+        else:
+            raise RunStateError(f"run {run_id} is {state}: only queued or failed runs are discarded")
+        _fsync_dir(target.parent)
+        return state, target
+
+    def finished_at(self, state: RunState, run_id: str) -> float:
+        """When a finished run got where it is: its record or discard note, else the folder."""
+        path = self.state_dir(state) / run_id
+        for name in (DISCARDED_NAME, RECORD_NAME):
+            try:
+                return (path / name).stat().st_mtime
+            except FileNotFoundError:
+                continue
+        return path.stat().st_mtime
+
+    def purge_finished(self, older_than_s: float, now: float | None = None
+                       ) -> list[dict[str, Any]]:
+        """Remove done/, failed/ and discarded/ runs (with their instances) older than the limit.
+
+        Never queued/ or work/. Each run is first renamed out of its state folder (atomic), so a
+        concurrent `runs retry` either wins or finds nothing; then the folder is deleted.
+        """
+        cutoff = (time.time() if now is None else now) - older_than_s
+        for leftover in self.tmp_dir.glob("purge-*"):  # a purge a crash interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
+        purged = []
+        for state in FINISHED_STATES:
+            for run_id in self.runs(state):
+                try:
+                    if self.finished_at(state, run_id) > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                path = self.state_dir(state) / run_id
+                info = _read_json(path / RUN_NAME)
+                doomed = self.tmp_dir / f"purge-{run_id}"
+                try:
+                    os.rename(path, doomed)
+                except FileNotFoundError:
+                    continue
+                shutil.rmtree(doomed, ignore_errors=True)
+                purged.append({"run_id": run_id, "state": state,
+                               "study_uid": info.get("study_uid", "")})
+        return purged
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _note_in_record(run_dir: Path, by_run_id: str) -> None:
+    record = _read_json(run_dir / RECORD_NAME)
+    if record and record.get("superseded_by") != by_run_id:
+        record["superseded_by"] = by_run_id
+        write_json_atomic(run_dir / RECORD_NAME, record)
+
+
+def _same_file(handle: IO[str], path: Path) -> bool:
+    """Is the open handle still the file at `path` (the folder was not moved under us)?"""
+    try:
+        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _is_run_id(value: str) -> bool:

@@ -3,11 +3,20 @@
 `process_run` is plain Python (the Celery task is a thin wrapper around it), so tests can drive it
 directly. Errors follow DESIGN.md: InputError fails the run without retry; a destination that
 stays unreachable after the configured attempts parks the run in failed/ with the reason.
+
+It is idempotent, which is half of the exactly-once argument (docs/RELIABILITY.md): a run that
+is not in queued/ or abandoned in work/ is not ours (a duplicate message does nothing), and the
+result UIDs are deterministic, so a run scored again after a crash sends the same objects.
+
+`MAMMO_NODE_TEST_PAUSE_BEFORE_INFERENCE_S` (environment, seconds, default 0) makes the worker
+sleep while it holds a run, just before inference: the fault tests use it to kill a worker
+"mid-inference" deterministically. Never set it in production.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,11 +25,19 @@ from typing import Any, Protocol
 import numpy as np
 from pydicom import Dataset
 
+from node.audit import AuditLog, open_audit
 from node.errors import InputError
 from node.logs import get_logger
 from node.scu import SendOutcome, send_files
 from node.settings import Settings
-from node.spool import RECORD_NAME, RUN_NAME, Spool, read_manifest, write_json_atomic
+from node.spool import (
+    RECORD_NAME,
+    RUN_NAME,
+    SUPERSEDED_NAME,
+    Spool,
+    read_manifest,
+    write_json_atomic,
+)
 from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult, ViewScore
 from pipelines.seg import build_seg
 from pipelines.sr import build_sr
@@ -29,6 +46,7 @@ from pipelines.study import LoadedView, Skipped, decode_view, select_views
 log = get_logger("pipelines.scoring")
 
 OUTPUTS_DIR = "outputs"
+TEST_PAUSE_ENV = "MAMMO_NODE_TEST_PAUSE_BEFORE_INFERENCE_S"
 
 
 class Predictor(Protocol):
@@ -165,11 +183,37 @@ def process_run(settings: Settings, spool: Spool, run_id: str, predictor: Predic
         if run_dir is None:
             log.info("run_skipped_duplicate_delivery", run_id=run_id)
             return None
-        return _process_held_run(settings, spool, run_id, run_dir, predictor)
+        audit = open_audit(settings, "worker")
+        superseded_by = _superseded_by(run_dir)
+        if superseded_by:
+            return _skip_superseded(spool, run_id, run_dir, superseded_by)
+        return _process_held_run(settings, spool, run_id, run_dir, predictor, audit)
+
+
+def _superseded_by(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / SUPERSEDED_NAME).read_text()).get("superseded_by")
+    except (OSError, ValueError):
+        return None
+
+
+def _skip_superseded(spool: Spool, run_id: str, run_dir: Path, superseded_by: str) -> str:
+    """A later run of the study took over these instances before we started: nothing to score."""
+    run_info = json.loads((run_dir / RUN_NAME).read_text())
+    record = {"run_id": run_id, "study_uid": run_info.get("study_uid", ""), "state": "done",
+              "completion_reason": run_info.get("completion_reason"),
+              "superseded_by": superseded_by, "outputs": [], "sends": [],
+              "not_scored": f"superseded by run {superseded_by} before scoring"}
+    write_json_atomic(run_dir / RECORD_NAME, record)
+    spool.finish_run(run_id, "done")
+    log.info("run_superseded", run_id=run_id, study_uid=record["study_uid"],
+             superseded_by=superseded_by)
+    return "done"
 
 
 def _process_held_run(
-    settings: Settings, spool: Spool, run_id: str, run_dir: Path, predictor: Predictor
+    settings: Settings, spool: Spool, run_id: str, run_dir: Path, predictor: Predictor,
+    audit: AuditLog,
 ) -> str:
     started = time.time()
     run_info = json.loads((run_dir / RUN_NAME).read_text())
@@ -181,6 +225,8 @@ def _process_held_run(
         "attempts": int(run_info.get("attempts", 0)) + 1,
         "timings_s": _waiting_times(run_dir, run_info, started),
     }
+    if run_info.get("supersedes"):
+        record["supersedes"] = run_info["supersedes"]
     run_info["attempts"] = record["attempts"]
     write_json_atomic(run_dir / RUN_NAME, run_info)
     state, error = "done", None
@@ -189,7 +235,7 @@ def _process_held_run(
             # Earlier attempts died mid-run (the worker was killed): a poison study must not
             # take the worker down forever.
             raise InputError(f"gave up after {record['attempts'] - 1} attempts that did not finish")
-        error = _score_write_send(settings, run_dir, predictor, record)
+        error = _score_write_send(settings, run_dir, predictor, record, audit)
     except InputError as failure:
         error = f"input: {failure}"
     except Exception as failure:  # a bug must park the run, not lose it
@@ -202,6 +248,9 @@ def _process_held_run(
     record["timings_s"]["total"] = round(time.time() - started, 3)
     write_json_atomic(run_dir / RECORD_NAME, record)
     spool.finish_run(run_id, state)  # type: ignore[arg-type]
+    if state == "failed":
+        audit.record("study_failed", run_id=run_id, study_uid=record["study_uid"], reason=error,
+                     attempts=record["attempts"])
     scores = record.get("scores", {})
     log.info(
         "study_processed",
@@ -230,7 +279,8 @@ def _waiting_times(run_dir: Path, run_info: dict[str, Any], started: float) -> d
 
 
 def _score_write_send(
-    settings: Settings, run_dir: Path, predictor: Predictor, record: dict[str, Any]
+    settings: Settings, run_dir: Path, predictor: Predictor, record: dict[str, Any],
+    audit: AuditLog,
 ) -> str | None:
     timings = record["timings_s"]
     t0 = time.perf_counter()
@@ -246,6 +296,10 @@ def _score_write_send(
         record["not_scored"] = "no scorable view: " + "; ".join(reasons)[:400]
         record["outputs"], record["sends"], record["missing_views"] = [], [], []
         return None
+    pause_s = float(os.environ.get(TEST_PAUSE_ENV, "0") or 0)
+    if pause_s > 0:
+        log.warning("test_pause_before_inference", run_id=record["run_id"], pause_s=pause_s)
+        time.sleep(pause_s)
     result, heatmaps = score_views(views, predictor, record["study_uid"])
     for key, value in predictor.last_timings_s.items():
         timings[key] = round(value, 3)
@@ -257,6 +311,9 @@ def _score_write_send(
         "suspicious": result.exam_score >= predictor.identity.operating_point,
     }
     record["missing_views"] = list(result.missing_views)
+    audit.record("study_scored", run_id=record["run_id"], study_uid=record["study_uid"],
+                 views_scored=len(result.views), exam_score=record["scores"]["exam"],
+                 model=predictor.identity.name, model_version=predictor.identity.version)
     t0 = time.perf_counter()
     outputs = write_outputs(settings, views, result, heatmaps, predictor.identity,
                             run_dir / OUTPUTS_DIR)
@@ -266,7 +323,23 @@ def _score_write_send(
     sends, failure = send_outputs(settings, [run_dir / o["file"] for o in outputs])
     timings["send"] = round(time.perf_counter() - t0, 3)
     record["sends"] = sends
+    _audit_sends(audit, record, sends)
     return f"send: {failure}" if failure else None
+
+
+def _audit_sends(audit: AuditLog, record: dict[str, Any], sends: list[dict[str, Any]]) -> None:
+    """One audit event per destination: everything stored, or what was not."""
+    for destination in dict.fromkeys(s["destination"] for s in sends):
+        mine = [s for s in sends if s["destination"] == destination]
+        failed = [s for s in mine if not s["ok"]]
+        fields = {"run_id": record["run_id"], "study_uid": record["study_uid"],
+                  "destination": destination, "objects": len(mine),
+                  "sop_uids": [s["sop_uid"] for s in mine]}
+        if failed:
+            audit.record("results_send_failed", **fields, not_stored=len(failed),
+                         statuses=sorted({str(s["status"]) for s in failed}))
+        else:
+            audit.record("results_sent", **fields)
 
 
 def _describe_inputs(run_dir: Path, views: list[LoadedView], skipped: list[Skipped]) -> list[dict]:

@@ -12,15 +12,20 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset, dcmread
+from pydicom.encaps import generate_fragmented_frames
 
+from node import validate
 from node.errors import InputError
 from node.scp import MG_FOR_PRESENTATION, MG_FOR_PROCESSING
 from node.spool import InstanceEntry, read_manifest
+from node.validate import MAX_ENCAPSULATED_FRAME_PIXELS
 from pipelines.results import SCREENING_VIEWS
 
 SCORABLE_SOP_CLASSES = (MG_FOR_PRESENTATION, MG_FOR_PROCESSING)
 JPEG_LS_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
-MAX_PIXELS = 12000 * 12000  # larger than any mammography detector: a lying header, not an image
+# Rows x Columns above this is a lying header, not a mammogram: refused before any decoder
+# allocates for it (node/validate.py documents the figure; the listener applies it too).
+MAX_PIXELS = MAX_ENCAPSULATED_FRAME_PIXELS
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,33 @@ def select_views(run_dir: Path) -> tuple[list[SelectedView], list[Skipped]]:
     return selected, skipped
 
 
+def _check_pixel_data_before_decoding(ds: Dataset) -> None:
+    """Native pixel data must be exactly as long as the image attributes say; a compressed frame's
+    own header must describe the same Rows x Columns. Checked here as well as at receive time,
+    because a decoder trusts the codestream: a JPEG 2000 header claiming 60000 x 60000 would
+    make it allocate gigabytes whatever Rows and Columns say."""
+    geometry = validate.image_geometry(ds)
+    if isinstance(geometry, validate.Rejection):
+        raise InputError(f"invalid image attributes: {geometry.reason}")
+    if "PixelData" not in ds:
+        raise InputError("no pixel data")
+    transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if transfer_syntax in validate.NATIVE_TRANSFER_SYNTAXES:
+        expected, actual = geometry.native_bytes(), len(ds.PixelData)
+        if actual not in (expected, expected + expected % 2):
+            raise InputError(f"pixel data length {actual} differs from the {expected} bytes that "
+                             f"Rows x Columns x Bits Allocated x Samples per Pixel give")
+        return
+    try:
+        fragments = next(generate_fragmented_frames(ds.PixelData, number_of_frames=1))
+    except Exception as error:
+        raise InputError(f"malformed encapsulated pixel data: {type(error).__name__}") from error
+    head = b"".join(fragments)[: validate.HEAD_BYTES]
+    rejection = validate.check_codestream(geometry, transfer_syntax, head)
+    if rejection is not None:
+        raise InputError(f"compressed pixel data refused before decoding: {rejection.reason}")
+
+
 def decode_view(selected: SelectedView) -> LoadedView:
     """Decode and orient one image; InputError with a reason if its pixels cannot be used."""
     try:
@@ -130,6 +162,7 @@ def decode_view(selected: SelectedView) -> LoadedView:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if rows <= 0 or cols <= 0 or rows * cols > MAX_PIXELS or frames != 1:
         raise InputError(f"unsupported geometry: rows={rows} columns={cols} frames={frames}")
+    _check_pixel_data_before_decoding(ds)
     try:
         if str(ds.file_meta.TransferSyntaxUID) in JPEG_LS_TRANSFER_SYNTAXES:
             ds.pixel_array_options(decoding_plugin="pyjpegls")  # ~3x faster than the default

@@ -41,6 +41,7 @@ class NodeStack:
         bundle_dir: Path = DEFAULT_BUNDLE,
         config_overrides: dict[str, Any] | None = None,
         with_worker: bool = True,
+        dcmtk_tls_args: Sequence[str] = (),
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,9 @@ class NodeStack:
         self.bundle_dir = bundle_dir
         self.config_overrides = config_overrides or {}
         self.with_worker = with_worker
+        # With node.tls in config_overrides: dcmtk's TLS options for echo()/storescu(), e.g.
+        # ("+tls", client_key, client_cert, "+cf", ca_cert).
+        self.dcmtk_tls_args = tuple(dcmtk_tls_args)
         self.node: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
 
@@ -95,12 +99,13 @@ class NodeStack:
         env["PYTHONPATH"] = str(ROOT)
         return env
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, *args: str, extra_env: dict[str, str] | None = None
+               ) -> subprocess.Popen[bytes]:
         log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         return subprocess.Popen(
             [sys.executable, "-m", "node.cli", *args, "--config", str(self.config_path)],
-            cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            cwd=ROOT, env={**self.env(), **(extra_env or {})}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def start(self) -> NodeStack:
@@ -162,6 +167,56 @@ class NodeStack:
                 pass
             process.wait(10)
 
+    # --- faults (tests/faults) -------------------------------------------------------------------
+    def start_new_worker(self, extra_env: dict[str, str] | None = None,
+                         timeout_s: float = 120.0) -> None:
+        """Start a worker (again) and wait until one of its children has loaded the model."""
+        before = self.log_tail("worker", 10_000_000).count('"event": "model_loaded"')
+        self.worker = self._spawn("worker", "worker", extra_env=extra_env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.worker.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log_tail('worker')}")
+            if self.log_tail("worker", 10_000_000).count('"event": "model_loaded"') > before:
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"worker did not load the model: {self.log_tail('worker')}")
+
+    def worker_children(self) -> list[int]:
+        """PIDs of the worker's pool processes (the ones that run tasks)."""
+        if self.worker is None or self.worker.poll() is not None:
+            return []
+        try:
+            text = Path(f"/proc/{self.worker.pid}/task/{self.worker.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def kill_worker_child(self) -> int:
+        """SIGKILL one pool process (what the OOM killer does to the biggest); returns its pid."""
+        [pid, *_] = self.worker_children()
+        os.kill(pid, 9)
+        return pid
+
+    def kill_worker(self) -> None:
+        """SIGKILL the whole worker (main process and pool) at once: no clean shutdown."""
+        if self.worker is not None and self.worker.poll() is None:
+            os.killpg(self.worker.pid, 9)
+            self.worker.wait(10)
+
+    def stop_worker(self) -> None:
+        self._terminate(self.worker)
+
+    def kill_node(self) -> None:
+        """SIGKILL `mammo-node serve`: associations, watcher and reconciler die mid-step."""
+        if self.node is not None and self.node.poll() is None:
+            os.killpg(self.node.pid, 9)
+            self.node.wait(10)
+
+    def run_ids(self, state: str) -> list[str]:
+        folder = self.spool_dir / state
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
     def stop(self) -> None:
         self._terminate(self.worker)
         self._terminate(self.node)
@@ -178,7 +233,7 @@ class NodeStack:
     def echo(self) -> int:
         result = subprocess.run(
             [find_binary("echoscu"), "-aet", "STORESCU", "-aec", NODE_AE_TITLE, "-to", "5",
-             "127.0.0.1", str(self.node_port)],
+             *self.dcmtk_tls_args, "127.0.0.1", str(self.node_port)],
             capture_output=True, check=False,
         )
         return result.returncode
@@ -188,7 +243,7 @@ class NodeStack:
         """Send files with dcmtk's storescu, proposing compressed syntaxes too (`-xv` etc.)."""
         return subprocess.run(
             [find_binary("storescu"), "-aet", calling_ae, "-aec", called_ae, "-to", "30",
-             *extra, "127.0.0.1", str(self.node_port), *map(str, paths)],
+             *self.dcmtk_tls_args, *extra, "127.0.0.1", str(self.node_port), *map(str, paths)],
             capture_output=True, text=True, check=False,
         )
 

@@ -1,0 +1,1 @@
+"""Fault tests: the node broken on purpose (see conftest.py and docs/RELIABILITY.md)."""

@@ -1,0 +1,76 @@
+"""A worker dies mid-inference: the study is still scored, and its results land exactly once.
+
+- A pool child SIGKILLed (what the OOM killer does to the process holding the model): Celery
+  (acks_late + reject_on_worker_lost) gives the message back, a new child takes over the run
+  from work/ (its lock died with the killed child), or the reconciler puts it back first.
+- The whole worker SIGKILLed, then a new one started: the message stays unacknowledged in
+  Redis until the visibility timeout (half an hour by default), but the reconciler sees the
+  free lock and re-queues the run within `reconcile.abandoned_after_s` + one pass.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import (
+    PAUSE_ENV,
+    PAUSE_S,
+    assert_delivered_exactly_once,
+    log_events,
+    new_study,
+    send,
+    wait_for_log,
+)
+from tools.node_stack import NodeStack
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.requires_bin("storescu", "echoscu", "Orthanc", "redis-server"),
+]
+
+
+def _send_and_wait_for_inference(stack: NodeStack, tmp_path: Path, seed: int) -> tuple[str, str]:
+    paths, study_uid = new_study(tmp_path / "study", seed=seed)
+    pauses = len(log_events(stack, "worker", "test_pause_before_inference"))
+    send(stack, paths)
+    line = wait_for_log(stack, "worker", "test_pause_before_inference", after=pauses)
+    [run_id] = [r for r in stack.run_ids("work") if r in line]
+    return study_uid, run_id
+
+
+@pytest.mark.timeout(240)
+def test_worker_child_killed_mid_inference(stack: NodeStack, tmp_path: Path) -> None:
+    study_uid, run_id = _send_and_wait_for_inference(stack, tmp_path, seed=201)
+    killed = stack.kill_worker_child()
+    started = time.monotonic()
+    record = assert_delivered_exactly_once(stack, study_uid, views=4)
+    recovery_s = time.monotonic() - started
+    assert record["run_id"] == run_id
+    assert record["attempts"] == 2  # the killed attempt counted
+    assert killed not in stack.worker_children()
+    print(f"worker child SIGKILL mid-inference: delivered {recovery_s:.1f} s after the kill "
+          f"(includes a {PAUSE_S:g} s test pause)")
+
+
+@pytest.mark.timeout(300)
+def test_whole_worker_killed_then_a_new_worker_started(stack: NodeStack, tmp_path: Path
+                                                       ) -> None:
+    study_uid, run_id = _send_and_wait_for_inference(stack, tmp_path, seed=202)
+    requeued_before = len(log_events(stack, "node", "run_abandoned_requeued"))
+    stack.kill_worker()  # main process and pool at once: nobody tells Redis anything
+    started = time.monotonic()
+    wait_for_log(stack, "node", "run_abandoned_requeued", contains=run_id, after=requeued_before,
+                 timeout_s=30)
+    requeued_s = time.monotonic() - started
+    stack.start_new_worker(extra_env={PAUSE_ENV: str(PAUSE_S)})
+    record = assert_delivered_exactly_once(stack, study_uid, views=4)
+    recovery_s = time.monotonic() - started
+    assert record["run_id"] == run_id
+    assert record["attempts"] == 2
+    print(f"whole worker SIGKILL: run back in queued/ after {requeued_s:.1f} s, delivered "
+          f"{recovery_s:.1f} s after the kill (includes starting a worker and a "
+          f"{PAUSE_S:g} s test pause)")
