@@ -141,7 +141,37 @@ def assert_delivered_exactly_once(stack: NodeStack, study_uid: str, views: int,
     assert len(stack.orthanc.find_instances(study_uid=study_uid)) == 1 + views
     assert all(s["ok"] for s in record["sends"])
     assert stack.echo() == 0, "the node must still answer C-ECHO"
+    assert_memory_bounded(stack)
     return record
+
+
+# Generous ceilings that a leak across the fault tests would cross: the listener idles at
+# ~90 MiB, a worker process with the model loaded at ~400 MiB.
+NODE_RSS_BOUND = 512 * 2**20
+WORKER_RSS_BOUND = 2 * 2**30
+
+
+def _rss(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone since it was listed
+        return 0
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def assert_memory_bounded(stack: NodeStack) -> None:
+    """The node and every worker process stay under their ceilings after the fault."""
+    assert stack.node is not None
+    node_rss = _rss(stack.node.pid)
+    workers = [stack.worker.pid] if stack.worker is not None else []
+    worker_rss = {pid: _rss(pid) for pid in [*workers, *stack.worker_children()]}
+    print(f"memory: node {node_rss / 2**20:.0f} MiB, worker processes "
+          f"{sorted(round(v / 2**20) for v in worker_rss.values())} MiB")
+    assert node_rss < NODE_RSS_BOUND, f"node RSS {node_rss / 2**20:.0f} MiB"
+    assert all(v < WORKER_RSS_BOUND for v in worker_rss.values()), worker_rss
 
 
 def log_events(stack: NodeStack, name: str, event: str) -> list[str]:
