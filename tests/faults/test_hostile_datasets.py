@@ -19,7 +19,6 @@ import json
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -31,8 +30,8 @@ from pynetdicom.dsutils import split_dataset
 from node.errors import InputError
 from node.service import NodeService
 from node.settings import parse_settings
-from node.spool import InstanceEntry, hash_key
 from pipelines.study import decode_view, select_views
+from tests.spooled import spool_run
 from tools.make_study import make_study
 from tools.stack import free_port
 
@@ -255,22 +254,6 @@ def test_every_hostile_instance_gets_its_status_and_leaves_nothing(
     assert info["study_uid"] == str(dcmread(good).StudyInstanceUID)
 
 
-def _run_dir(tmp_path: Path, paths: list[Path]) -> Path:
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    with open(run_dir / "manifest.jsonl", "w") as manifest:
-        for path in paths:
-            ds = dcmread(path, stop_before_pixels=True)
-            name = hash_key(str(ds.SOPInstanceUID)) + ".dcm"
-            (run_dir / name).write_bytes(path.read_bytes())
-            entry = InstanceEntry(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
-                                  str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID),
-                                  str(ds.file_meta.TransferSyntaxUID), str(ds.ImageLaterality),
-                                  str(ds.ViewPosition), name, path.stat().st_size, time.time(), "a")
-            manifest.write(json.dumps(asdict(entry)) + "\n")
-    return run_dir
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("build", "message"),
@@ -284,6 +267,6 @@ def _run_dir(tmp_path: Path, paths: list[Path]) -> Path:
 )
 def test_the_worker_refuses_lying_pixel_data_before_decoding(tmp_path: Path, build: Callable,
                                                              message: str) -> None:
-    [selected], _skipped = select_views(_run_dir(tmp_path, [build(tmp_path / "src")]))
+    [selected], _skipped = select_views(spool_run(tmp_path, [build(tmp_path / "src")]))
     with pytest.raises(InputError, match=message):  # from the header: nothing is decoded
         decode_view(selected)

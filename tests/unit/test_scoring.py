@@ -7,18 +7,16 @@ The real model's grid mapping is proved in test_model_bundle.py.
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
 
-from node.spool import InstanceEntry, hash_key
 from pipelines.results import ModelIdentity
 from pipelines.scoring import score_views
 from pipelines.study import decode_view, select_views
+from tests.spooled import spool_run
 from tools.make_study import make_study
 
 
@@ -47,27 +45,11 @@ class _ImageAsHeatmap:
         return out
 
 
-def _spool_run(tmp_path: Path, paths: list[Path]) -> Path:
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    with open(run_dir / "manifest.jsonl", "w") as manifest:
-        for path in paths:
-            ds = dcmread(path, stop_before_pixels=True)
-            name = hash_key(str(ds.SOPInstanceUID)) + ".dcm"
-            (run_dir / name).write_bytes(path.read_bytes())
-            entry = InstanceEntry(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
-                                  str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID),
-                                  str(ds.file_meta.TransferSyntaxUID), str(ds.ImageLaterality),
-                                  str(ds.ViewPosition), name, path.stat().st_size, time.time(), "a")
-            manifest.write(json.dumps(asdict(entry)) + "\n")
-    return run_dir
-
-
 def test_every_breast_reaches_the_model_chest_wall_left_and_heatmaps_come_back_aligned(
     tmp_path: Path,
 ) -> None:
     paths = make_study(tmp_path / "study", rows=200, cols=160, seed=9, lesions=["R-CC", "L-MLO"])
-    run_dir = _spool_run(tmp_path, paths)
+    run_dir = spool_run(tmp_path, paths)
     selected, skipped = select_views(run_dir)
     assert skipped == []
     views = [decode_view(s) for s in selected]
@@ -86,7 +68,7 @@ def test_every_breast_reaches_the_model_chest_wall_left_and_heatmaps_come_back_a
 
 def test_breast_is_max_of_its_views_and_exam_is_max_of_breasts(tmp_path: Path) -> None:
     paths = make_study(tmp_path / "study", rows=64, cols=48, seed=10)
-    views = [decode_view(s) for s in select_views(_spool_run(tmp_path, paths))[0]]
+    views = [decode_view(s) for s in select_views(spool_run(tmp_path, paths))[0]]
     order = [v.entry.view_key for v in views]
     probabilities = {"R-CC": 0.1, "L-CC": 0.7, "R-MLO": 0.3, "L-MLO": 0.2}
     result, _ = score_views(views, _ImageAsHeatmap([probabilities[k] for k in order]), "1.2.3")
@@ -97,7 +79,7 @@ def test_breast_is_max_of_its_views_and_exam_is_max_of_breasts(tmp_path: Path) -
 
 def test_missing_views_are_named(tmp_path: Path) -> None:
     paths = make_study(tmp_path / "study", views=["L-CC"], rows=64, cols=48, seed=11)
-    views = [decode_view(s) for s in select_views(_spool_run(tmp_path, paths))[0]]
+    views = [decode_view(s) for s in select_views(spool_run(tmp_path, paths))[0]]
     result, _ = score_views(views, _ImageAsHeatmap([0.5]), "1.2.3")
     assert result.missing_views == ("R-CC", "R-MLO", "L-MLO")
     assert result.breast_scores == {"L": 0.5}
