@@ -29,7 +29,8 @@ bench: install
 	$(PYTHON) -m tools.bench_e2e
 
 train: install
-	$(PYTHON) -m tools.train_baseline
+	$(PYTHON) -m tools.train --mias ../shared/data/mias --out build/train/mias-unet-384 --arch unet --size 384 --patch 64 --cv 5 --epochs 40 --min-epochs 20 --val-every 20 --patience 0 --threads 2
+	$(PYTHON) -m tools.export build/train/mias-unet-384 --out models/mias-baseline --name mias-baseline --version 0.2.0 --notes models/mias-baseline/experiments.md --threads 2
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

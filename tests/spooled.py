@@ -6,10 +6,21 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import IO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from node.spool import InstanceEntry, hash_key
+
+
+def _manifest_line(manifest: IO[str], run_dir: Path, name: str, association: str) -> None:
+    ds = dcmread(run_dir / name, stop_before_pixels=True)
+    entry = InstanceEntry(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                          str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID),
+                          str(ds.file_meta.TransferSyntaxUID), str(ds.ImageLaterality),
+                          str(ds.ViewPosition), name, (run_dir / name).stat().st_size,
+                          time.time(), association)
+    manifest.write(json.dumps(asdict(entry)) + "\n")
 
 
 def spool_run(tmp_path: Path, paths: list[Path]) -> Path:
@@ -21,9 +32,16 @@ def spool_run(tmp_path: Path, paths: list[Path]) -> Path:
             ds = dcmread(path, stop_before_pixels=True)
             name = hash_key(str(ds.SOPInstanceUID)) + ".dcm"
             (run_dir / name).write_bytes(path.read_bytes())
-            entry = InstanceEntry(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
-                                  str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID),
-                                  str(ds.file_meta.TransferSyntaxUID), str(ds.ImageLaterality),
-                                  str(ds.ViewPosition), name, path.stat().st_size, time.time(), "a")
-            manifest.write(json.dumps(asdict(entry)) + "\n")
+            _manifest_line(manifest, run_dir, name, "a")
+    return run_dir
+
+
+def spool_datasets(run_dir: Path, datasets: list[Dataset], association: str = "a") -> Path:
+    """Save in-memory datasets into a new run folder `run_dir`, with a manifest line each."""
+    run_dir.mkdir()
+    with open(run_dir / "manifest.jsonl", "w") as manifest:
+        for ds in datasets:
+            name = hash_key(str(ds.SOPInstanceUID)) + ".dcm"
+            ds.save_as(run_dir / name, enforce_file_format=True)
+            _manifest_line(manifest, run_dir, name, association)
     return run_dir

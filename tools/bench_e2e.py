@@ -4,7 +4,7 @@ Runs the same topology as `make demo` (Redis, Orthanc, node, one worker on loopb
 4-view studies with storescu one after the other, and reads each run's record for the stages:
 completion, queue, decode, preprocess, inference, heatmap, write, send.
 
-    .venv/bin/python -m tools.bench_e2e [--studies 3] [--rows 4096 --cols 3328]
+    .venv/bin/python -m tools.bench_e2e [--studies 3] [--rows 4096 --cols 3328] [--bundle DIR]
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=3328)
     parser.add_argument("--transfer-syntax", default="explicit")
+    parser.add_argument("--bundle", type=Path, help="model bundle (default: the shipped one)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     flag = {"explicit": [], "j2k": ["-xv"], "rle": ["-xr"], "jpegls": ["-xt"]}[args.transfer_syntax]
     totals: list[float] = []
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     try:
-        with NodeStack(work / "stack", quiet_period_s=30) as stack:
+        bundle = {"bundle_dir": args.bundle.resolve()} if args.bundle else {}
+        with NodeStack(work / "stack", quiet_period_s=30, **bundle) as stack:
             for index in range(args.studies + 1):  # the first study warms the worker up
                 paths = make_study(work / f"study{index}", rows=args.rows, cols=args.cols,
                                    seed=1000 + index, transfer_syntax=args.transfer_syntax)

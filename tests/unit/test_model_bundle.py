@@ -35,6 +35,34 @@ def test_committed_bundle_is_a_trained_model_with_measured_metrics(runner) -> No
     assert 0.0 < runner.identity.operating_point < 1.0
     card = (BUNDLE / "README.md").read_text()
     assert "Research use only" in card and "Suckling" in card
+    training = metadata["training"]  # rebuilt by the issue-3 tools, with the exact commands
+    assert training["command"].startswith("python -m tools.train ")
+    assert training["export_command"].startswith("python -m tools.export ")
+    assert training["command"] in card and training["arch_config"]["size"] == \
+        metadata["input"]["height"]
+    assert set(metadata["operating_points"]) == {"balanced", "high_sensitivity"}
+
+
+def test_shipped_metrics_are_recomputed_from_the_shipped_out_of_fold_predictions(runner) -> None:
+    """The card's numbers are not typed in: they follow from predictions.jsonl, woman-grouped folds."""
+    from tools.metrics import auc, operating_points
+
+    metadata = runner.metadata
+    rows = [json.loads(line) for line in (BUNDLE / "predictions.jsonl").read_text().splitlines()]
+    labels = np.array([r["label"] for r in rows])
+    scores = np.array([r["score"] for r in rows])
+    assert len(rows) == metadata["training"]["images"]
+    assert auc(labels, scores) == pytest.approx(metadata["metrics"]["normal_vs_abnormal_auc"],
+                                                abs=1e-3)
+    folds_of_woman: dict[str, set[int]] = {}
+    for r in rows:
+        folds_of_woman.setdefault(r["group"], set()).add(r["fold"])
+    assert all(len(folds) == 1 for folds in folds_of_woman.values()), "a woman split across folds"
+    chosen = operating_points(labels, scores)
+    for name, threshold in metadata["operating_points"].items():
+        assert threshold == pytest.approx(chosen[name]["threshold"], abs=1e-3)
+    hits = [r["hit"] for r in rows if r["hit"] is not None]
+    assert [sum(hits), len(hits)] == list(metadata["metrics"]["lesion_hits"])
 
 
 @pytest.mark.parametrize(("shape", "dtype", "maximum"), [

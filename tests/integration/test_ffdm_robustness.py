@@ -1,0 +1,158 @@
+"""Full-field digital images go through decode -> preprocess -> model -> source-grid heatmap.
+
+The default model was trained on 1024 x 1024 8-bit scanned film; the node receives 12- to 16-bit
+digital images of 2000 to 4000 rows in both screening views, either SOP class, either photometric
+interpretation, compressed or not. Whatever the model makes of them, the worker must produce a
+finite score in [0, 1] and a heatmap of exactly Rows x Columns for each. The pipeline functions
+are called directly, as pipelines.scoring.process_run calls them (no Celery, no network).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom import Dataset
+
+from pipelines.model import ModelRunner, load_bundle
+from pipelines.results import SCREENING_VIEWS
+from pipelines.scoring import score_views
+from pipelines.study import decode_view, select_views
+from tests.spooled import spool_datasets
+from tools.make_study import StudySpec, build_view_dataset, encode_dataset, render_breast, replace_pixels
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = ROOT / "models" / "mias-baseline"
+FFDM_EXAM = ROOT.parent / "shared" / "data" / "ffdm-exam"
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return load_bundle(BUNDLE, "cpu")
+
+
+def _score_run(run_dir: Path, runner: ModelRunner) -> dict[str, tuple[float, np.ndarray, Dataset]]:
+    """The worker's path; checks the invariants and returns view -> (score, heatmap, header)."""
+    selected, skipped = select_views(run_dir)
+    assert skipped == []
+    views = [decode_view(s) for s in selected]
+    result, heatmaps = score_views(views, runner, "1.2.3")
+    scored = {}
+    for view, score, heatmap in zip(views, result.views, heatmaps, strict=True):
+        rows, cols = int(view.header.Rows), int(view.header.Columns)
+        assert np.isfinite(score.probability) and 0.0 <= score.probability <= 1.0
+        assert heatmap.shape == (rows, cols), f"{view.entry.view_key}: {heatmap.shape}"
+        assert heatmap.dtype == np.float32
+        assert np.isfinite(heatmap).all() and heatmap.min() >= 0.0 and heatmap.max() <= 1.0
+        scored[view.entry.view_key] = (score.probability, heatmap, view.header)
+    assert 0.0 <= result.exam_score <= 1.0
+    return scored
+
+
+def _instance(spec: StudySpec, view_key: str, pixels: np.ndarray | None = None,
+              bits_stored: int | None = None, photometric: str = "MONOCHROME2",
+              transfer_syntax: str = "explicit") -> Dataset:
+    ds = build_view_dataset(spec, view_key)
+    if pixels is not None:
+        replace_pixels(ds, pixels, bits_stored, photometric)
+    encode_dataset(ds, transfer_syntax)
+    return ds
+
+
+def _sixteen_bit(rows: int, cols: int, view_key: str, seed: int) -> np.ndarray:
+    twelve = render_breast(rows, cols, view_key, np.random.default_rng(seed), lesion=True)
+    return (twelve.astype(np.uint32) * 65535 // 4095).astype(np.uint16)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not FFDM_EXAM.is_dir(), reason="../shared/data/ffdm-exam not present")
+def test_the_real_ffdm_exam_as_a_dicom_study(tmp_path: Path, runner: ModelRunner) -> None:
+    """The four PNGs of a real FFDM exam as a 12-bit 4-view MG study. The PNGs show every breast
+    chest wall left; a DICOM right breast has it on the right, so the right views are mirrored."""
+    spec = StudySpec(rows=16, cols=16, seed=501)  # header only: the real pixels replace these
+    datasets = []
+    for view_key in SCREENING_VIEWS:
+        png = np.asarray(Image.open(FFDM_EXAM / f"{view_key}.png"))
+        if png.ndim == 3:
+            png = png[..., 0]
+        if png.dtype == np.uint8:
+            png = (png.astype(np.uint32) * 4095 // 255).astype(np.uint16)
+        if view_key.startswith("R"):
+            png = np.ascontiguousarray(png[:, ::-1])
+        datasets.append(_instance(spec, view_key, png.astype(np.uint16), bits_stored=12))
+    scored = _score_run(spool_datasets(tmp_path / "run", datasets), runner)
+    assert set(scored) == set(SCREENING_VIEWS)
+    for _probability, heatmap, header in scored.values():
+        assert heatmap.shape == (int(header.Rows), int(header.Columns)) == (2600, 2000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("rows", "cols", "view_key", "sop_class"), [
+    (4096, 3328, "L-MLO", "presentation"),
+    (3328, 4096, "R-CC", "presentation"),
+    (2294, 1914, "R-MLO", "processing"),
+    (2294, 1914, "L-CC", "processing"),
+])
+def test_sixteen_bit_detector_sizes_views_and_sop_classes(
+    tmp_path: Path, runner: ModelRunner, rows: int, cols: int, view_key: str, sop_class: str
+) -> None:
+    spec = StudySpec(views=(view_key,), rows=rows, cols=cols, seed=7, sop_class=sop_class)
+    pixels = _sixteen_bit(rows, cols, view_key, seed=rows + cols)
+    scored = _score_run(spool_datasets(tmp_path / "run", [_instance(spec, view_key, pixels)]), runner)
+    assert list(scored) == [view_key]
+    header = scored[view_key][2]
+    assert int(header.BitsStored) == 16
+    assert str(header.SOPClassUID) == str(build_view_dataset(spec, view_key).SOPClassUID)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("bits", [12, 16])
+def test_monochrome1_scores_like_the_inverted_monochrome2(
+    tmp_path: Path, runner: ModelRunner, bits: int
+) -> None:
+    """Same breast stored both ways (MONOCHROME1 pixels = max - MONOCHROME2 pixels)."""
+    rows, cols = 1200, 960
+    monochrome2 = {}
+    monochrome1 = {}
+    for view_key in ("R-CC", "L-MLO"):
+        pixels = _sixteen_bit(rows, cols, view_key, seed=3)
+        if bits == 12:
+            pixels = pixels >> 4
+        monochrome2[view_key] = pixels
+        monochrome1[view_key] = ((1 << bits) - 1 - pixels.astype(np.int32)).astype(np.uint16)
+    spec2 = StudySpec(views=("R-CC", "L-MLO"), rows=rows, cols=cols, seed=11)
+    spec1 = StudySpec(views=("R-CC", "L-MLO"), rows=rows, cols=cols, seed=12)
+    run2 = spool_datasets(tmp_path / "m2", [_instance(spec2, k, p, bits) for k, p in monochrome2.items()])
+    run1 = spool_datasets(tmp_path / "m1", [_instance(spec1, k, p, bits, photometric="MONOCHROME1")
+                                        for k, p in monochrome1.items()])
+    as_m2, as_m1 = _score_run(run2, runner), _score_run(run1, runner)
+    for view_key in monochrome2:
+        assert str(as_m1[view_key][2].PhotometricInterpretation) == "MONOCHROME1"
+        assert as_m1[view_key][0] == pytest.approx(as_m2[view_key][0], abs=1e-6)
+        assert np.abs(as_m1[view_key][1] - as_m2[view_key][1]).max() <= 1e-6
+    # The inversion is not a no-op for the model: fed uninverted, MONOCHROME1 scores differently.
+    raw = runner.predict([monochrome1["L-MLO"].astype(np.float32)])[0]
+    inverted_heatmap = as_m2["L-MLO"][1]
+    assert np.abs(raw.heatmap - inverted_heatmap).max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_jpeg2000_lossless_scores_like_uncompressed(tmp_path: Path, runner: ModelRunner) -> None:
+    rows, cols = 2294, 1914
+    views = ("R-MLO", "L-CC")
+    spec = StudySpec(views=views, rows=rows, cols=cols, seed=21)
+    pixels = {k: _sixteen_bit(rows, cols, k, seed=5) >> 4 for k in views}
+    plain = spool_datasets(tmp_path / "plain", [_instance(spec, k, p, 12) for k, p in pixels.items()])
+    j2k = spool_datasets(tmp_path / "j2k", [_instance(spec, k, p, 12, transfer_syntax="j2k")
+                                        for k, p in pixels.items()])
+    as_plain, as_j2k = _score_run(plain, runner), _score_run(j2k, runner)
+    for view_key in views:
+        assert str(as_j2k[view_key][2].file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.90"
+        assert as_j2k[view_key][0] == pytest.approx(as_plain[view_key][0], abs=1e-6)
+        assert np.abs(as_j2k[view_key][1] - as_plain[view_key][1]).max() <= 1e-6
