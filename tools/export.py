@@ -222,7 +222,7 @@ Architecture: {t['architecture']}. Supervision: {t['supervision']}. Augmentation
 its pixels (the half with more tissue over the middle rows), its annotation with it. Seed
 {t['seed']}; {t['machine']}, torch {t['torch']}, device {t['device']}.
 
-## Measured performance (exactly as measured; never tuned on test folds)
+## Measured performance (exactly as measured; no choice within a run looks at its test fold)
 Split: {m['split']}.
 
 | metric | value | 95 % CI |
