@@ -27,6 +27,7 @@ EVENTS = frozenset(
     {
         "association_accepted",
         "association_rejected",
+        "association_aborted",
         "instance_received",
         "instance_rejected",
         "study_queued",
@@ -34,6 +35,7 @@ EVENTS = frozenset(
         "study_failed",
         "results_sent",
         "results_send_failed",
+        "run_requeued",
         "run_retried",
         "run_discarded",
         "run_purged",

@@ -627,11 +627,8 @@ class StoreSCP:
         self.audit.record("association_rejected", reason=reason, **fields)
 
     def record_abort(self, assoc: Any, reason: str) -> None:
-        """Called by the PDU guard when it aborts: one log line, one audit record (no PHI).
-
-        The audit trail has no separate abort event: an abort is recorded as a rejection of
-        the peer's traffic, `action: "aborted"`, with the stage it happened at.
-        """
+        """Called by the PDU guard when it aborts: one log line, one audit record (no PHI),
+        `association_aborted` with the stage it happened at (negotiation or established)."""
         established = assoc.dul.state_machine.current_state not in NEGOTIATION_STATES
         calling = assoc.requestor.primitive.calling_ae_title if assoc.requestor.primitive else ""
         fields = {
@@ -641,7 +638,7 @@ class StoreSCP:
             "stage": "established" if established else "negotiation",
         }
         log.warning("association_aborted", reason=reason, **fields)
-        self.audit.record("association_rejected", reason=reason, action="aborted", **fields)
+        self.audit.record("association_aborted", reason=reason, action="aborted", **fields)
 
     def handle_released(self, event: Any) -> None:
         self.tracker.close(association_id(event.assoc))

@@ -163,6 +163,8 @@ class Reconciler:
             elif self.spool.requeue_abandoned(run_id):
                 log.warning("run_abandoned_requeued", run_id=run_id, study_uid=study_uid,
                             attempts=attempts, free_for_s=round(now - first_free, 2))
+                self.audit.record("run_requeued", run_id=run_id, study_uid=study_uid,
+                                  reason="abandoned_by_dead_worker", attempts=attempts)
                 done["requeued"].append(run_id)
             self._free_since.pop(run_id, None)
 
@@ -188,6 +190,8 @@ class Reconciler:
             self.spool.unpublish(run_id)
             log.warning("run_message_lost", run_id=run_id,
                         published_s_ago=round(now - published_at, 1))
+            self.audit.record("run_requeued", run_id=run_id, reason="message_lost",
+                              published_s_ago=round(now - published_at, 1))
             done["republish"].append(run_id)
 
     def _note_superseded(self) -> None:

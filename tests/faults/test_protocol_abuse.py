@@ -81,7 +81,7 @@ def _assert_still_serving(node: StoreSCP) -> None:
 
 def _aborts(node: StoreSCP, reason: str) -> list[dict]:
     return [r for r in read_audit(node.audit.path)
-            if r.get("action") == "aborted" and r.get("reason") == reason]
+            if r["event"] == "association_aborted" and r.get("reason") == reason]
 
 
 class _Pusher(threading.Thread):

@@ -106,6 +106,8 @@ def test_abandoned_run_goes_back_to_queued_with_its_attempts(tmp_path: Path) -> 
     assert reconciler.spool.locate(run_id)[0] == "queued"  # type: ignore[index]
     assert reconciler.spool.unpublished_runs() == [run_id]  # the watcher publishes it again
     assert reconciler.spool.run_info(run_id)["attempts"] == 1
+    [event] = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "run_requeued"]
+    assert event["run_id"] == run_id and event["reason"] == "abandoned_by_dead_worker"
 
 
 def test_run_held_by_a_live_worker_is_left_alone(tmp_path: Path) -> None:
@@ -194,6 +196,8 @@ def test_lost_message_is_published_again_but_a_waiting_one_is_not(
         assert reconciler.tick()["republish"] == []  # too early to call anything lost
         clock[0] += 30
         assert reconciler.tick()["republish"] == [lost]
+        requeued = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "run_requeued"]
+        assert [(e["run_id"], e["reason"]) for e in requeued] == [(lost, "message_lost")]
         assert watcher.tick() == [lost]
         assert waiting_run_ids(settings) == {waiting, lost}
         clock[0] += 60
