@@ -490,26 +490,19 @@ def _admission_request_handler(scp: StoreSCP) -> type[RequestHandler]:
         def _tls_handshake(self, context: ssl.SSLContext, host: str,
                            token: int) -> ssl.SSLSocket | None:
             """Handshake here, on this connection's thread, within the ACSE timeout."""
-            raw = cast(socket.socket, self.request)
+            sock = cast(socket.socket, self.request)
             try:
-                raw.settimeout(node.acse_timeout_s)
-                secured = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-                listener.pending.update(token, secured)
+                sock.settimeout(node.acse_timeout_s)
+                sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                listener.pending.update(token, sock)
+                sock.do_handshake()
             except (OSError, ValueError) as error:
                 if not listener.pending.was_evicted(token):  # already logged as evicted
                     listener.record_rejection("tls_handshake_failed", host=host,
                                               detail=describe_tls_error(error))
-                raw.close()
+                sock.close()  # the TLS socket once wrapped (closing it closes the raw one)
                 return None
-            try:
-                secured.do_handshake()
-            except (OSError, ValueError) as error:
-                if not listener.pending.was_evicted(token):  # already logged as evicted
-                    listener.record_rejection("tls_handshake_failed", host=host,
-                                              detail=describe_tls_error(error))
-                secured.close()
-                return None
-            return secured
+            return cast(ssl.SSLSocket, sock)
 
         def _create_association(self) -> Any:
             assoc = super()._create_association()
