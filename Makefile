@@ -6,6 +6,9 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="tests/unit -x"`
 PYTEST_ARGS ?=
+# Independent tests run on two pytest-xdist workers; tests/faults stays on one of them, in order
+# (tests/conftest.py groups it). `make test PYTEST_WORKERS=0` runs everything in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install test demo lint bench train clean
 
@@ -13,7 +16,7 @@ install:
 	bash tools/install.sh
 
 test: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 demo: install
 	$(PYTHON) -m tools.demo
@@ -25,12 +28,12 @@ lint: install
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
 bench: install
-	$(PYTHON) -m tools.bench_receive
-	$(PYTHON) -m tools.bench_e2e
+	$(PYTHON) -m tools.bench.receive
+	$(PYTHON) -m tools.bench.e2e
 
 train: install
-	$(PYTHON) -m tools.train --mias ../shared/data/mias --out build/train/mias-unet-384 --arch unet --size 384 --patch 64 --cv 5 --epochs 40 --min-epochs 20 --val-every 20 --patience 0 --threads 2
-	$(PYTHON) -m tools.export build/train/mias-unet-384 --out models/mias-baseline --name mias-baseline --version 0.2.0 --notes models/mias-baseline/experiments.md --threads 2
+	$(PYTHON) -m tools.model.train --mias ../shared/data/mias --out build/train/mias-unet-384 --arch unet --size 384 --patch 64 --cv 5 --epochs 40 --min-epochs 20 --val-every 20 --patience 0 --threads 2
+	$(PYTHON) -m tools.model.export build/train/mias-unet-384 --out models/mias-baseline --name mias-baseline --version 0.2.0 --notes models/mias-baseline/experiments.md --threads 2
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

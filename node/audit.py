@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from node.logs import get_logger
+from node.settings import Settings
 
 log = get_logger("node.audit")
 
@@ -86,7 +87,6 @@ def read_audit(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def open_audit(settings: Any, source: str) -> AuditLog:
-    """The node's audit log as configured (`audit.path`, default `<spool.dir>/audit.jsonl`)."""
-    path = settings.audit.path or Path(settings.spool.dir) / "audit.jsonl"
-    return AuditLog(path, source)
+def open_audit(settings: Settings, source: str) -> AuditLog:
+    """The node's audit log as configured (`Settings.audit_path`)."""
+    return AuditLog(settings.audit_path, source)

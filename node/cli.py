@@ -18,16 +18,9 @@ from pathlib import Path
 from node.audit import open_audit
 from node.errors import ConfigError, TransientError
 from node.logs import configure_logging, get_logger
+from node.runs import read_record, read_run_info, read_superseded
 from node.settings import Settings, load_settings
-from node.spool import (
-    PUBLISHED_NAME,
-    RECORD_NAME,
-    RUN_NAME,
-    RUN_STATES,
-    SUPERSEDED_NAME,
-    RunStateError,
-    Spool,
-)
+from node.spool import RUN_STATES, RunState, RunStateError, Spool
 
 log = get_logger("node.cli")
 
@@ -147,27 +140,35 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if status == 0 else 1
 
 
-def _run_summary(spool: Spool, state: str, run_id: str) -> dict[str, object]:
-    folder = spool.state_dir(state) / run_id  # type: ignore[arg-type]
+def _run_summary(spool: Spool, state: RunState, run_id: str) -> dict[str, object]:
+    """One line of `runs list`: the claim, overridden by the outcome where the run has one."""
+    folder = spool.state_dir(state) / run_id
+    found: dict[str, object] = {}
+    run = read_run_info(folder)
+    if run is not None:
+        found.update(study_uid=run.study_uid, completion_reason=run.completion_reason,
+                     instance_count=run.instance_count, attempts=run.attempts,
+                     supersedes=list(run.supersedes))
+    record = read_record(folder)
+    if record is not None:
+        known = {"study_uid": record.study_uid, "not_scored": record.not_scored,
+                 "attempts": record.attempts,
+                 "error": str(record.error) if record.error is not None else None}
+        found.update({k: v for k, v in known.items() if v not in (None, "")})
+    superseded = read_superseded(folder)
+    if superseded is not None:
+        found["superseded_by"] = superseded.superseded_by
     info: dict[str, object] = {"run_id": run_id, "state": state}
-    for name, keys in ((RUN_NAME, ("study_uid", "completion_reason", "instance_count",
-                                   "attempts", "supersedes")),
-                       (RECORD_NAME, ("study_uid", "error", "not_scored", "attempts")),
-                       (SUPERSEDED_NAME, ("superseded_by",))):
-        try:
-            data = json.loads((folder / name).read_text())
-        except (OSError, ValueError):
-            continue
-        info.update({k: data[k] for k in keys if data.get(k) not in (None, [], "")})
+    info.update({k: v for k, v in found.items() if v not in (None, [], "")})
     if state == "queued":
-        info["published"] = (folder / PUBLISHED_NAME).exists()
+        info["published"] = spool.published_at(run_id) is not None
     return info
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     spool = Spool(settings.spool.dir)
-    states = args.state or list(RUN_STATES)
+    states: list[RunState] = args.state or list(RUN_STATES)
     for state in states:
         for run_id in spool.runs(state):
             print(json.dumps(_run_summary(spool, state, run_id), sort_keys=True))
@@ -182,7 +183,7 @@ def cmd_runs_retry(args: argparse.Namespace) -> int:
     if located is None:
         print(f"run {args.run_id!r} not found", file=sys.stderr)
         return 1
-    study_uid = spool.run_info(args.run_id).get("study_uid", "")
+    study_uid = _study_uid_of(spool, args.run_id)
     try:
         spool.requeue_run(args.run_id)
     except (RunStateError, FileNotFoundError) as error:
@@ -198,7 +199,7 @@ def cmd_runs_discard(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     configure_logging(args.log_level)
     spool = Spool(settings.spool.dir)
-    study_uid = spool.run_info(args.run_id).get("study_uid", "")
+    study_uid = _study_uid_of(spool, args.run_id)
     try:
         from_state, _ = spool.discard_run(args.run_id, reason=args.reason or "")
     except FileNotFoundError:
@@ -231,6 +232,11 @@ def cmd_runs_purge(args: argparse.Namespace) -> int:
     days = settings.spool.retention_days if args.older_than is None else args.older_than
     print(f"{len(purged)} finished run(s) older than {days:g} days purged", file=sys.stderr)
     return 0
+
+
+def _study_uid_of(spool: Spool, run_id: str) -> str:
+    info = spool.run_info(run_id)
+    return info.study_uid if info is not None else ""
 
 
 def _operator() -> str:

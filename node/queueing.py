@@ -26,7 +26,10 @@ _UNACKED_INDEX_KEY = "unacked_index"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """One place for the contract of DESIGN.md: JSON only, late acks, prefetch 1, no results."""
+    """One place for the Celery contract (docs/ARCHITECTURE.md).
+
+    JSON only, late acks, prefetch 1, no results.
+    """
     broker = settings.broker
     # The visibility timeout must exceed the task time limit, or Redis redelivers a task that is
     # still running (measured: a task longer than the timeout ran three times).

@@ -1,138 +1,179 @@
-"""Chunked C-STORE receive that answers, rather than hangs, when the disk is full or nearly so.
+"""The C-STORE receive path: validate the received file, move it into the spool, answer a status.
 
-With `STORE_RECV_CHUNKED_DATASET`, pynetdicom 3.0.4 writes each incoming data set fragment to a
-temporary file from inside its DUL state machine (`DIMSEServiceProvider.receive_primitive` ->
-`DIMSEMessage.decode_msg` -> `NamedTemporaryFile.write`). A write that fails (ENOSPC, EDQUOT,
-EIO) raises out of `StateMachine.do_action`, which marks the DUL for death and re-raises;
-`DULServiceProvider.run_reactor` calls `do_action` outside its own try block, so the DUL thread
-dies with the exception. Nobody sends a C-STORE-RSP or an A-ABORT, nobody closes the socket, and
-the partial temporary file stays behind: the sender waits for a response that never comes.
+pynetdicom writes each incoming data set to a file under the spool's tmp/ as it arrives (chunked
+receive, node/pynetdicom_internals.py). `StoreReceiver.handle_store` then checks a few header tags
+and the pixel data against the command (node/validate.py), moves the file into incoming/ with one
+manifest line (node/spool.py) and returns the C-STORE status. Nothing else happens on the
+association thread.
 
-`SpoolingDIMSE` replaces the association's DIMSE provider (the library is not edited). When a
-write fails, or when a C-STORE's data set starts while the spool is below its free-space
-watermark, it deletes the temporary file, reads and drops the rest of that message's fragments,
-and hands the C-STORE to the handler marked as refused, so the sender gets 0xA700 (out of
-resources) on an association that stays usable. Nothing of the refused instance stays on disk.
-
-`disk_rejection` is the same watermark at association negotiation: below it a new association
-that proposes storage is rejected as transient (the sender retries later); one that proposes only
-Verification is still admitted, so monitoring can tell a full node from a dead one.
+When the disk fills mid-receive, or a data set starts while the spool is below its free-space
+watermark, the receive is abandoned (`refusal_before_writing`): nothing of the instance stays on
+disk and the sender gets 0xA700 (out of resources) on an association that stays usable. Why
+stock pynetdicom 3.0.4 would instead leave the sender waiting forever: `ChunkedStoreDIMSE` in
+node/pynetdicom_internals.py.
 """
 
 from __future__ import annotations
 
-import errno
-import shutil
-from collections.abc import Iterable
+import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import cast
 
-from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
 
+from node import validate
+from node.audit import AuditLog
+from node.completion import AssociationTracker
 from node.logs import get_logger
+from node.pynetdicom_internals import association_tag, refusal_of
+from node.runs import InstanceEntry
+from node.settings import Settings
+from node.spool import Spool, free_bytes, hash_key
 from node.uids import is_valid_uid
+from node.vocabulary import StoreStatus
 
 log = get_logger("node.receive")
 
-VERIFICATION = "1.2.840.10008.1.1"
-# A-ASSOCIATE-RJ rejected-transient, service-provider (presentation), local-limit-exceeded.
-REJECT_TRANSIENT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-# Attribute set on a C-STORE primitive whose data set was not kept; its value is the reason.
-REFUSAL_ATTRIBUTE = "mammo_refusal"
+HEADER_TAGS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "ImageLaterality",
+    "Laterality",
+    "ViewPosition",
+)
 
 
-def disk_rejection(
-    free_bytes: int, min_free_bytes: int, abstract_syntaxes: Iterable[str]
-) -> tuple[int, int, int] | None:
-    """The A-ASSOCIATE-RJ triple for a spool below its watermark, or None to go on (pure)."""
-    if free_bytes >= min_free_bytes:
-        return None
-    if all(str(syntax) == VERIFICATION for syntax in abstract_syntaxes):
-        return None
-    return REJECT_TRANSIENT_LOCAL_LIMIT
+def association_id(assoc: Association) -> str:
+    """A short id per association for logs and the manifest (set once, on first use)."""
+    return association_tag(assoc, lambda: uuid.uuid4().hex[:12])
 
 
-def free_bytes(directory: Path) -> int:
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return 0  # the spool is unreachable: as good as full
-
-
-def refusal_of(request: Any) -> str | None:
-    """Why the receive of this C-STORE was abandoned (the data set is gone), or None."""
-    value = getattr(request, REFUSAL_ATTRIBUTE, None)
-    return str(value) if value else None
-
-
-def _loggable_uid(value: Any) -> str:
+def _loggable_uid(value: object) -> str:
     return str(value) if is_valid_uid(str(value)) else "(invalid)"
 
 
-def _ends_data_set(primitive: Any) -> bool:
-    """True when this P-DATA carries the last fragment of a message's data set."""
-    for _context_id, data in primitive.presentation_data_value_list:
-        if data and not data[0] & 1 and data[0] & 2:
-            return True
-    return False
+class StoreReceiver:
+    """The listener's C-STORE handler and the receive policy its DIMSE provider asks."""
 
+    def __init__(self, settings: Settings, spool: Spool, tracker: AssociationTracker,
+                 audit: AuditLog) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.tracker = tracker
+        self.audit = audit
 
-class SpoolingDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider with a failing or refused chunked write turned into 0xA700."""
+    # --- asked while a data set arrives (StoreReceivePolicy) -----------------------------------
+    def spool_free_bytes(self) -> int:
+        return free_bytes(self.settings.spool.dir)
 
-    def __init__(self, assoc: Any, spool_dir: Path, min_free_bytes: int) -> None:
-        super().__init__(assoc)
-        self._spool_dir = Path(spool_dir)
-        self._min_free_bytes = min_free_bytes
-        self._refusal: str | None = None  # set while the rest of a message is being dropped
+    def refusal_before_writing(self) -> str | None:
+        if self.spool_free_bytes() < self.settings.spool.min_free_bytes:
+            return "disk_below_watermark"
+        return None
 
-    def receive_primitive(self, primitive: Any) -> None:
-        if self._refusal is not None and self.message is not None:
-            if _ends_data_set(primitive):
-                self._deliver_refused()
-            return
-        writing_before = self.message is not None and self.message._data_set_file is not None
-        try:
-            super().receive_primitive(primitive)
-        except OSError as error:
-            if not isinstance(self.message, C_STORE_RQ):
-                raise
-            self._refuse(errno.errorcode.get(error.errno or 0, type(error).__name__).lower())
-            if _ends_data_set(primitive):
-                self._deliver_refused()
-            return
-        message = self.message
-        started_now = (
-            message is not None and not writing_before and message._data_set_file is not None
-        )
-        if started_now and free_bytes(self._spool_dir) < self._min_free_bytes:
-            self._refuse("disk_below_watermark")
+    def receive_abandoned(self, reason: str, affected_sop_uid: object) -> None:
+        log.warning("instance_receive_abandoned", reason=reason,
+                    sop_uid=_loggable_uid(affected_sop_uid))
 
-    def _refuse(self, reason: str) -> None:
-        """Delete what was written of the current C-STORE; drop the rest of its fragments."""
-        message = self.message
-        assert message is not None
-        handle = message._data_set_file
-        if handle is not None:
+    # --- the handler (evt.EVT_C_STORE) ----------------------------------------------------------
+    def handle_store(self, event: Event) -> int:
+        started = time.monotonic()
+        assoc_id = association_id(event.assoc)
+        request = cast(C_STORE, event.request)  # bound to EVT_C_STORE only
+        path = Path(event.dataset_path)
+        command_sop_uid = str(request.AffectedSOPInstanceUID)
+        command_sop_class = str(request.AffectedSOPClassUID)
+        refusal = refusal_of(request)  # the data set was dropped while receiving (disk)
+        status: StoreStatus
+        entry: InstanceEntry | None
+        if refusal is not None:
+            status, reason, entry = StoreStatus.OUT_OF_RESOURCES, refusal, None
+        else:
+            status, reason, entry = self.admit_instance(path, command_sop_uid, command_sop_class,
+                                                        assoc_id)
+        if status == StoreStatus.SUCCESS and entry is not None:
             try:
-                handle.close()  # flushing the buffer may fail again on a full disk: the fd closes
-            except OSError:
-                pass
-            Path(handle.name).unlink(missing_ok=True)
-        self._refusal = reason
-        log.warning(
-            "instance_receive_abandoned",
-            reason=reason,
-            sop_uid=_loggable_uid(message.command_set.get("AffectedSOPInstanceUID", "")),
+                self.spool.add_instance(path, entry)
+            except OSError as error:
+                status = StoreStatus.OUT_OF_RESOURCES
+                reason = f"write_failed:{error.strerror or error}"
+        if status != StoreStatus.SUCCESS or entry is None:
+            path.unlink(missing_ok=True)
+            loggable_sop_uid = _loggable_uid(command_sop_uid)
+            log.warning(
+                "instance_rejected",
+                association_id=assoc_id,
+                status=status.hex,
+                reason=reason,
+                sop_class_uid=command_sop_class,
+                sop_uid=loggable_sop_uid,
+            )
+            self.audit.record(
+                "instance_rejected",
+                association=assoc_id,
+                sop_class_uid=_loggable_uid(command_sop_class),
+                sop_instance_uid=loggable_sop_uid,
+                status=status.hex,
+                reason=reason,
+            )
+            return status
+        self.tracker.add(assoc_id, hash_key(entry.study_uid))
+        log.info(
+            "instance_received",
+            association_id=assoc_id,
+            study_uid=entry.study_uid,
+            sop_uid=entry.sop_uid,
+            sop_class_uid=entry.sop_class_uid,
+            view=entry.view_key,
+            size_bytes=entry.size_bytes,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
+        self.audit.record(
+            "instance_received",
+            association=assoc_id,
+            sop_class_uid=entry.sop_class_uid,
+            sop_instance_uid=entry.sop_uid,
+            study_uid=entry.study_uid,
+            status=StoreStatus.SUCCESS.hex,
+        )
+        return StoreStatus.SUCCESS
 
-    def _deliver_refused(self) -> None:
-        """Queue the C-STORE for its handler, marked refused, exactly as a complete one would be."""
-        message = self.message
-        assert message is not None and self._refusal is not None
-        request = message.message_to_primitive()
-        setattr(request, REFUSAL_ATTRIBUTE, self._refusal)
-        self.msg_queue.put((message.context_id, request))  # type: ignore[arg-type]
-        self._refusal = None
-        self.message = None
+    def admit_instance(
+        self, path: Path, command_sop_uid: str, command_sop_class: str, assoc_id: str
+    ) -> tuple[StoreStatus, str, InstanceEntry | None]:
+        """Check one received file; (status, reason, manifest entry when accepted)."""
+        if self.spool.free_bytes() < self.settings.spool.min_free_bytes:
+            return StoreStatus.OUT_OF_RESOURCES, "disk_below_watermark", None
+        try:
+            size_bytes = path.stat().st_size
+            header, extent = validate.read_header(path, HEADER_TAGS)
+            transfer_syntax = str(header.file_meta.TransferSyntaxUID)
+        except Exception as error:  # any parse failure of a peer's bytes is "cannot understand"
+            return StoreStatus.CANNOT_UNDERSTAND, f"unreadable_dataset:{type(error).__name__}", None
+        # UIDs, then image attributes against the pixel data received (node/validate.py).
+        rejection = validate.check_instance(header, extent, size_bytes, command_sop_uid,
+                                            command_sop_class)
+        if rejection is not None:
+            return rejection.status, rejection.reason, None
+        uids = {name: str(header.get(name)) for name in validate.UID_KEYWORDS}
+        laterality = str(header.get("ImageLaterality", "") or header.get("Laterality", "") or "")
+        laterality = laterality.strip().upper()
+        entry = InstanceEntry(
+            sop_uid=uids["SOPInstanceUID"],
+            sop_class_uid=uids["SOPClassUID"],
+            series_uid=uids["SeriesInstanceUID"],
+            study_uid=uids["StudyInstanceUID"],
+            transfer_syntax_uid=transfer_syntax,
+            laterality=laterality if laterality in ("R", "L", "B") else "",
+            view=str(header.get("ViewPosition", "") or "").strip().upper()[:16],
+            file=hash_key(uids["SOPInstanceUID"]) + ".dcm",
+            size_bytes=size_bytes,
+            received_at=time.time(),
+            association_id=assoc_id,
+        )
+        return StoreStatus.SUCCESS, "", entry

@@ -5,25 +5,28 @@ syntaxes in one context the peer picks one and objects in the others could not b
 
 With `destinations[].tls` the association runs over TLS 1.2+ and the destination's certificate
 is verified (a failed verification is a failed association: retried, then parked in failed/).
-Every read from the destination is bounded like the listener's (node.scp.GuardedDUL): a PACS
-that stalls mid-PDU or announces a giant PDU gets an A-ABORT, not our memory or our time.
+Every read from the destination is bounded like the listener's (node/wire.py, installed by
+node/pynetdicom_internals.guard_association): a PACS that stalls mid-PDU or announces a giant PDU
+gets an A-ABORT, not our memory or our time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.events import Event
 
 from node.errors import TransientError
 from node.logs import get_logger
-from node.scp import WireLimits, guard_association
+from node.pynetdicom_internals import bound_connect_socket, guard_association
 from node.settings import Destination, Settings
 from node.tls import client_context
+from node.vocabulary import VERIFICATION, is_stored
+from node.wire import WireLimits
 
 log = get_logger("node.scu")
 
@@ -40,7 +43,7 @@ class SendOutcome:
     @property
     def ok(self) -> bool:
         # 0xB000-0xBFFF are warnings: the object was stored (e.g. coercion of elements).
-        return self.status is not None and (self.status == 0 or 0xB000 <= self.status <= 0xBFFF)
+        return is_stored(self.status)
 
 
 def _scu_ae(settings: Settings, destination: Destination) -> AE:
@@ -66,14 +69,12 @@ def _associate(settings: Settings, destination: Destination, ae: AE) -> Associat
         io_timeout_s=destination.timeout_s,
     )
 
-    def report_abort(assoc: Any, reason: str) -> None:
+    def report_abort(assoc: Association, reason: str) -> None:
         log.warning("association_aborted", destination=destination.name, reason=reason)
 
-    def harden(event: Any) -> None:
+    def harden(event: Event) -> None:
         # Runs in the DUL thread right after connect(), which leaves the socket without timeout.
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.settimeout(destination.timeout_s)
+        bound_connect_socket(event.assoc, destination.timeout_s)
         guard_association(event.assoc, limits, report_abort)
 
     return ae.associate(
@@ -88,7 +89,7 @@ def _associate(settings: Settings, destination: Destination, ae: AE) -> Associat
 def echo(settings: Settings, destination: Destination) -> int:
     """C-ECHO the destination; returns the status, raises TransientError if it cannot associate."""
     ae = _scu_ae(settings, destination)
-    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context(VERIFICATION)
     assoc = _associate(settings, destination, ae)
     if not assoc.is_established:
         raise TransientError(f"destination {destination.name}: association not established")

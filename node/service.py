@@ -21,6 +21,7 @@ from node.completion import AssociationTracker, due_studies
 from node.errors import TransientError
 from node.logs import get_logger
 from node.queueing import build_publisher, publish_run, waiting_run_ids
+from node.runs import RunRecord, attempts_exhausted
 from node.scp import StoreSCP
 from node.settings import Settings
 from node.spool import Spool
@@ -53,26 +54,31 @@ class CompletionWatcher:
         self._publish_failures: dict[str, int] = {}
 
     def tick(self) -> list[str]:
-        """Claim due studies and publish unpublished runs; returns the run ids published now."""
+        """Claim due studies and publish unpublished runs; returns the run ids published now.
+
+        The studies come from the spool's in-memory index of incoming/: a tick reads no manifest.
+        """
         now = self.clock()
         for study, reason in due_studies(
             self.spool.incoming_studies(), self.tracker.is_open, now, self.settings.completion
         ):
             run_id = self.spool.claim_study(study.study_key, reason)
             info = self.spool.run_info(run_id)
+            instance_count = info.instance_count if info else len(study.instances)
+            supersedes = list(info.supersedes) if info else []
             log.info(
                 "study_completed",
                 run_id=run_id,
                 study_uid=study.study_uid,
                 reason=reason,
-                instance_count=info.get("instance_count", len(study.instances)),
+                instance_count=instance_count,
                 views=sorted(study.view_keys),
                 waited_s=round(now - study.first_received_at, 2),
-                supersedes=info.get("supersedes", []),
+                supersedes=supersedes,
             )
             self.audit.record("study_queued", run_id=run_id, study_uid=study.study_uid,
-                              reason=reason, instance_count=info.get("instance_count"),
-                              supersedes=info.get("supersedes", []))
+                              reason=reason, instance_count=instance_count,
+                              supersedes=supersedes)
         return self._publish_pending(now)
 
     def _publish_pending(self, now: float) -> list[str]:
@@ -147,18 +153,18 @@ class Reconciler:
             if now - first_free < self.settings.reconcile.abandoned_after_s:
                 continue
             info = self.spool.run_info(run_id)
-            attempts = int(info.get("attempts", 0))
-            study_uid = info.get("study_uid", "")
+            attempts = info.attempts if info else 0
+            study_uid = info.study_uid if info else ""
             if attempts >= self.settings.scoring.max_attempts:
-                error = f"input: gave up after {attempts} attempts that did not finish"
-                record = {"run_id": run_id, "study_uid": study_uid, "state": "failed",
-                          "attempts": attempts, "error": error,
-                          "completion_reason": info.get("completion_reason")}
+                failure = attempts_exhausted(attempts)
+                record = RunRecord(run_id=run_id, study_uid=study_uid, state="failed",
+                                   attempts=attempts, error=failure,
+                                   completion_reason=info.completion_reason if info else None)
                 if self.spool.fail_abandoned(run_id, record):
                     log.warning("run_abandoned_given_up", run_id=run_id, study_uid=study_uid,
                                 attempts=attempts)
                     self.audit.record("study_failed", run_id=run_id, study_uid=study_uid,
-                                      reason=error, attempts=attempts)
+                                      reason=str(failure), attempts=attempts)
                     done["failed"].append(run_id)
             elif self.spool.requeue_abandoned(run_id):
                 log.warning("run_abandoned_requeued", run_id=run_id, study_uid=study_uid,
@@ -197,7 +203,7 @@ class Reconciler:
     def _note_superseded(self) -> None:
         for run_id in self.spool.runs("queued"):
             info = self.spool.run_info(run_id)
-            for earlier in info.get("supersedes", []) or []:
+            for earlier in info.supersedes if info else ():
                 if self.spool.superseded_by(earlier) is None:
                     self.spool.mark_superseded(earlier, run_id)
 
@@ -233,11 +239,12 @@ class NodeService:
 
     def start(self) -> tuple[str, int]:
         removed = self.spool.purge_tmp()
+        incoming = self.spool.index_incoming()  # what arrived before a restart is not forgotten
         address = self.scp.start()
         self._thread = threading.Thread(target=self._watch, name="completion-watcher", daemon=True)
         self._thread.start()
         log.info("node_started", ae_title=self.settings.node.ae_title, host=address[0],
-                 port=address[1], stale_tmp_files_removed=removed)
+                 port=address[1], stale_tmp_files_removed=removed, incoming_studies=incoming)
         self.audit.record("node_started", ae_title=self.settings.node.ae_title, host=address[0],
                           port=address[1], tls=self.settings.node.tls is not None)
         return address

@@ -232,10 +232,13 @@ class ReconcileSection(_Frozen):
     purge_interval_s: float = Field(default=3600.0, gt=0)
 
 
+DEFAULT_AUDIT_NAME = "audit.jsonl"  # in spool.dir, when audit.path is not set
+
+
 class AuditSection(_Frozen):
     """The append-only audit trail (JSON lines, in the spirit of DICOM PS3.15 A.5)."""
 
-    path: Path | None = None  # default: <spool.dir>/audit.jsonl
+    path: Path | None = None  # default: Settings.audit_path
 
 
 class Settings(_Frozen):
@@ -259,6 +262,11 @@ class Settings(_Frozen):
         if duplicates:
             raise ValueError(f"destination names must be unique, repeated: {duplicates}")
         return self
+
+    @property
+    def audit_path(self) -> Path:
+        """The audit trail: `audit.path`, else `<spool.dir>/audit.jsonl` (the one default)."""
+        return self.audit.path or self.spool.dir / DEFAULT_AUDIT_NAME
 
 
 def _format_errors(source: str, error: ValidationError) -> list[str]:
@@ -300,7 +308,6 @@ def load_settings(path: str | Path) -> Settings:
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
     spool_dir = (base / settings.spool.dir).resolve()
     bundle = (base / settings.model.bundle_dir).resolve()
-    audit = (base / settings.audit.path).resolve() if settings.audit.path else spool_dir / "audit.jsonl"
     node = settings.node
     if node.tls is not None:
         node = node.model_copy(update={"tls": _resolve_tls_paths(node.tls, base)})
@@ -308,15 +315,16 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         d.model_copy(update={"tls": _resolve_tls_paths(d.tls, base)}) if d.tls is not None else d
         for d in settings.destinations
     ]
-    return settings.model_copy(
+    resolved = settings.model_copy(
         update={
             "node": node,
             "destinations": destinations,
             "spool": settings.spool.model_copy(update={"dir": spool_dir}),
             "model": settings.model.model_copy(update={"bundle_dir": bundle}),
-            "audit": settings.audit.model_copy(update={"path": audit}),
         }
     )
+    audit = (base / settings.audit.path).resolve() if settings.audit.path else resolved.audit_path
+    return resolved.model_copy(update={"audit": settings.audit.model_copy(update={"path": audit})})
 
 
 def _resolve_tls_paths(tls: _TLS, base: Path) -> _TLS:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import threading
@@ -25,47 +24,47 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Literal
+
+from node.runs import (
+    DISCARDED_NAME,
+    PREVIOUS_RECORD_NAME,
+    PUBLISHED_NAME,
+    RECORD_NAME,
+    SUPERSEDED_NAME,
+    DiscardedNote,
+    InstanceEntry,
+    PublishedNote,
+    RunInfo,
+    RunRecord,
+    SupersededNote,
+    append_manifest,
+    fsync_dir,
+    fsync_file,
+    read_manifest,
+    read_published,
+    read_record,
+    read_run_info,
+    read_superseded,
+    write_discarded,
+    write_published,
+    write_record,
+    write_run_info,
+    write_superseded,
+)
 
 RunState = Literal["queued", "work", "done", "failed", "discarded"]
 RUN_STATES: tuple[RunState, ...] = ("queued", "work", "done", "failed", "discarded")
 FINISHED_STATES: tuple[RunState, ...] = ("done", "failed", "discarded")  # what retention purges
 # Runs whose instances a later run of the same study takes over (see `claim_study`).
 UNION_STATES: tuple[RunState, ...] = ("queued", "work", "done", "failed")
-MANIFEST_NAME = "manifest.jsonl"
-RUN_NAME = "run.json"
-RECORD_NAME = "record.json"
-PUBLISHED_NAME = "published.json"
-SUPERSEDED_NAME = "superseded.json"
-DISCARDED_NAME = "discarded.json"
 LOCK_NAME = "lock"
 
 
 class RunStateError(ValueError):
     """A run is not in a state that allows the operation (e.g. discarding a run being worked on)."""
-
-
-@dataclass(frozen=True)
-class InstanceEntry:
-    """One received instance, as recorded in a study's manifest (no PHI: UIDs and header codes)."""
-
-    sop_uid: str
-    sop_class_uid: str
-    series_uid: str
-    study_uid: str
-    transfer_syntax_uid: str
-    laterality: str  # "R", "L" or "" when the header gives none
-    view: str  # ViewPosition, e.g. "CC", "MLO"; "" when absent
-    file: str  # name inside the study folder
-    size_bytes: int
-    received_at: float  # wall clock, seconds since the epoch
-    association_id: str
-
-    @property
-    def view_key(self) -> str:
-        return f"{self.laterality}-{self.view}"
 
 
 @dataclass(frozen=True)
@@ -88,50 +87,13 @@ def hash_key(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8")).hexdigest()[:32]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def free_bytes(directory: Path) -> int:
+    """Free space for the spool; 0 when it cannot be read (an unreachable spool is as good as
+    full: the listener refuses with "out of resources" rather than failing the C-STORE)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so a reader sees the old or the new content, never half of it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def read_manifest(folder: Path) -> list[InstanceEntry]:
-    """Manifest lines of a study or run folder; a repeated SOP Instance UID keeps its last line."""
-    path = folder / MANIFEST_NAME
-    entries: dict[str, InstanceEntry] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            entry = InstanceEntry(**json.loads(line))
-        except (ValueError, TypeError):
-            continue  # a torn last line after a crash: the instance it described was never acked
-        entries[entry.sop_uid] = entry
-    return list(entries.values())
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 0
 
 
 class Spool:
@@ -140,11 +102,17 @@ class Spool:
     One `serve` process owns incoming/ (a thread lock orders the C-STORE handlers against the
     completion watcher); workers in other processes meet in queued/ and work/ through renames
     and flocks, which are atomic across processes.
+
+    Because incoming/ has a single owner, the spool keeps an index of it in memory (study key ->
+    SOP Instance UID -> entry): `add_instance` adds to it, `claim_study` removes from it, and the
+    completion watcher reads it on every tick instead of parsing every manifest. The index is
+    built from the manifests on first use, so a restarted node recovers what it had received.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._lock = threading.Lock()
+        self._incoming: dict[str, dict[str, InstanceEntry]] | None = None  # None: not built yet
 
     # --- layout -------------------------------------------------------------------------------
     @property
@@ -164,7 +132,7 @@ class Spool:
         return self
 
     def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+        return free_bytes(self.root)
 
     def purge_tmp(self, older_than_s: float = 0.0) -> int:
         """Remove leftovers of C-STOREs that never completed (aborted associations, crashes)."""
@@ -188,32 +156,47 @@ class Spool:
         that was never acknowledged.
         """
         study_key = hash_key(entry.study_uid)
-        _fsync_file(received_path)
+        fsync_file(received_path)
         with self._lock:
             folder = self.incoming_dir / study_key
             folder.mkdir(exist_ok=True)
             target = folder / entry.file
             os.replace(received_path, target)
-            line = json.dumps(asdict(entry), sort_keys=True) + "\n"
-            with open(folder / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
-                manifest.write(line)
-                manifest.flush()
-                os.fsync(manifest.fileno())
-            _fsync_dir(folder)
+            append_manifest(folder, [entry])
+            fsync_dir(folder)
+            if self._incoming is not None:
+                self._incoming.setdefault(study_key, {})[entry.sop_uid] = entry
         return target
 
+    def index_incoming(self) -> int:
+        """(Re)build the index of incoming/ from the manifests on disk; the number of studies."""
+        with self._lock:
+            self._incoming = None
+            return len(self._incoming_index())
+
+    def _incoming_index(self) -> dict[str, dict[str, InstanceEntry]]:
+        """The index, built from disk on first use (the caller holds the lock)."""
+        if self._incoming is None:
+            index = {}
+            for folder in self.incoming_dir.iterdir():
+                entries = read_manifest(folder) if folder.is_dir() else ()
+                if entries:
+                    index[folder.name] = {e.sop_uid: e for e in entries}
+            self._incoming = index
+        return self._incoming
+
     def incoming_studies(self) -> list[IncomingStudy]:
+        """Studies still arriving, by study key (from the index: no file is read)."""
+        with self._lock:
+            index = {key: tuple(by_sop.values()) for key, by_sop in self._incoming_index().items()}
         studies = []
-        for folder in sorted(self.incoming_dir.iterdir()):
-            entries = read_manifest(folder)
-            if not entries:
-                continue
+        for study_key, entries in sorted(index.items()):
             times = [e.received_at for e in entries]
             studies.append(
                 IncomingStudy(
-                    study_key=folder.name,
+                    study_key=study_key,
                     study_uid=entries[0].study_uid,
-                    instances=tuple(entries),
+                    instances=entries,
                     first_received_at=min(times),
                     last_received_at=max(times),
                 )
@@ -234,23 +217,27 @@ class Spool:
         with self._lock:
             source = self.incoming_dir / study_key
             target = self.state_dir("queued") / run_id
-            supersedes = self._take_over_earlier_runs(source, study_key)
-            entries = read_manifest(source)
-            write_json_atomic(
-                source / RUN_NAME,
-                {
-                    "run_id": run_id,
-                    "study_uid": entries[0].study_uid if entries else "",
-                    "study_key": study_key,
-                    "claimed_at": time.time(),
-                    "completion_reason": reason,
-                    "instance_count": len(entries),
-                    "supersedes": supersedes,
-                },
-            )
-            os.rename(source, target)
-            _fsync_dir(self.incoming_dir)
-            _fsync_dir(target.parent)
+            received = tuple(self._incoming_index().get(study_key, {}).values())
+            try:
+                taken, supersedes = self._take_over_earlier_runs(
+                    source, study_key, {e.sop_uid for e in received})
+                entries = received + taken
+                write_run_info(source, RunInfo(
+                    run_id=run_id,
+                    study_uid=entries[0].study_uid if entries else "",
+                    study_key=study_key,
+                    claimed_at=time.time(),
+                    completion_reason=reason,
+                    instance_count=len(entries),
+                    supersedes=supersedes,
+                ))
+                os.rename(source, target)
+            except BaseException:
+                self._incoming = None  # the folder may have changed: rebuild from disk
+                raise
+            self._incoming_index().pop(study_key, None)
+            fsync_dir(self.incoming_dir)
+            fsync_dir(target.parent)
         for earlier in supersedes:
             self.mark_superseded(earlier, run_id)
         return run_id
@@ -263,14 +250,17 @@ class Spool:
             for run_id in self.runs(state):
                 if f"-{study_key[:12]}-" not in run_id:
                     continue
-                info = _read_json(self.state_dir(state) / run_id / RUN_NAME)
-                if info.get("study_key") == study_key:
+                info = read_run_info(self.state_dir(state) / run_id)
+                if info is not None and info.study_key == study_key:
                     found.append((state, run_id))
         return sorted(found, key=lambda item: item[1])
 
-    def _take_over_earlier_runs(self, folder: Path, study_key: str) -> list[str]:
-        """Link the instances of earlier runs of the study into `folder`; ids of those superseded."""
-        present = {e.sop_uid for e in read_manifest(folder)}
+    def _take_over_earlier_runs(self, folder: Path, study_key: str, present: set[str]
+                                ) -> tuple[tuple[InstanceEntry, ...], tuple[str, ...]]:
+        """Link the instances of earlier runs of the study into `folder` (whose manifest has the
+        SOP Instance UIDs `present`): the entries taken, and the ids of the runs superseded."""
+        present = set(present)
+        all_taken: list[InstanceEntry] = []
         superseded = []
         for _, run_id in self.runs_of_study(study_key):
             for _ in range(5):  # a worker may move the run between our look and our link
@@ -278,7 +268,8 @@ class Spool:
                 if located is None:
                     break
                 path = located[1]
-                lines, taken, moved = [], set(), False
+                taken: list[InstanceEntry] = []
+                moved = False
                 for entry in read_manifest(path):
                     if entry.sop_uid in present:
                         continue  # the newer copy of an instance wins
@@ -291,21 +282,17 @@ class Spool:
                         if moved:
                             break  # take it again from where it is now
                         continue  # a file missing from a run that stayed put: take the rest
-                    lines.append(json.dumps(asdict(entry), sort_keys=True) + "\n")
-                    taken.add(entry.sop_uid)
+                    taken.append(entry)
                 if moved:
                     continue
-                if lines:
-                    with open(folder / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
-                        manifest.writelines(lines)
-                        manifest.flush()
-                        os.fsync(manifest.fileno())
-                present |= taken
+                append_manifest(folder, taken)
+                present |= {e.sop_uid for e in taken}
+                all_taken += taken
                 if not (path / SUPERSEDED_NAME).exists():
                     superseded.append(run_id)
                 break
-        _fsync_dir(folder)
-        return superseded
+        fsync_dir(folder)
+        return tuple(all_taken), tuple(superseded)
 
     # --- runs ---------------------------------------------------------------------------------
     def locate(self, run_id: str) -> tuple[RunState, Path] | None:
@@ -323,24 +310,23 @@ class Spool:
             return []
         return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
-    def run_info(self, run_id: str) -> dict[str, Any]:
-        """run.json of a run wherever it is ({} when unknown)."""
+    def run_info(self, run_id: str) -> RunInfo | None:
+        """run.json of a run wherever it is (None when unknown)."""
         located = self.locate(run_id)
-        return _read_json(located[1] / RUN_NAME) if located else {}
+        return read_run_info(located[1]) if located else None
 
     def mark_published(self, run_id: str) -> None:
         located = self.locate(run_id)
         if located and located[0] == "queued":
             try:
-                write_json_atomic(located[1] / PUBLISHED_NAME, {"published_at": time.time()})
+                write_published(located[1], PublishedNote(published_at=time.time()))
             except FileNotFoundError:
                 pass  # a worker took it meanwhile: the message did its job
 
     def published_at(self, run_id: str) -> float | None:
         """When the run's message was published, or None (never, or requeued since)."""
-        data = _read_json(self.state_dir("queued") / run_id / PUBLISHED_NAME)
-        value = data.get("published_at")
-        return float(value) if value is not None else None
+        note = read_published(self.state_dir("queued") / run_id)
+        return note.published_at if note is not None else None
 
     def unpublish(self, run_id: str) -> None:
         """Forget that a queued run was published, so the watcher publishes it again."""
@@ -412,11 +398,11 @@ class Spool:
         source = self.state_dir("work") / run_id
         target = self.state_dir(state) / run_id
         os.rename(source, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         # A later run may have superseded this one while it was being scored.
-        marker = _read_json(target / SUPERSEDED_NAME)
-        if marker.get("superseded_by"):
-            _note_in_record(target, marker["superseded_by"])
+        marker = read_superseded(target)
+        if marker is not None:
+            _note_in_record(target, marker.superseded_by)
         return target
 
     def requeue_abandoned(self, run_id: str) -> bool:
@@ -431,15 +417,15 @@ class Spool:
             target = self.state_dir("queued") / run_id
             (path / PUBLISHED_NAME).unlink(missing_ok=True)
             os.rename(path, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             return True
 
-    def fail_abandoned(self, run_id: str, record: dict[str, Any]) -> bool:
+    def fail_abandoned(self, run_id: str, record: RunRecord) -> bool:
         """work/ -> failed/ with `record` for a run whose lock is free; False if someone holds it."""
         with self.lock_if_free(run_id) as path:
             if path is None:
                 return False
-            write_json_atomic(path / RECORD_NAME, record)
+            write_record(path, record)
             self.finish_run(run_id, "failed")
             return True
 
@@ -451,8 +437,7 @@ class Spool:
                 return
             state, path = located
             try:
-                write_json_atomic(path / SUPERSEDED_NAME,
-                                  {"superseded_by": by_run_id, "at": time.time()})
+                write_superseded(path, SupersededNote(superseded_by=by_run_id, at=time.time()))
                 if state in ("done", "failed", "discarded"):
                     _note_in_record(path, by_run_id)
             except FileNotFoundError:
@@ -464,7 +449,8 @@ class Spool:
         located = self.locate(run_id)
         if located is None:
             return None
-        return _read_json(located[1] / SUPERSEDED_NAME).get("superseded_by")
+        note = read_superseded(located[1])
+        return note.superseded_by if note is not None else None
 
     def requeue_run(self, run_id: str, reset_attempts: bool = True) -> Path:
         """Put a finished run back in queued/ (IT's `runs retry`), unpublished so it is sent again.
@@ -478,22 +464,22 @@ class Spool:
         state, path = located
         if state not in ("failed", "done", "discarded"):
             raise RunStateError(f"run {run_id} is {state}, not failed, done or discarded")
-        superseded_by = _read_json(path / SUPERSEDED_NAME).get("superseded_by")
-        if superseded_by:
-            raise RunStateError(f"run {run_id} is superseded by {superseded_by}: retry that one")
+        superseded = read_superseded(path)
+        if superseded is not None:
+            raise RunStateError(f"run {run_id} is superseded by {superseded.superseded_by}: "
+                                "retry that one")
         target = self.state_dir("queued") / run_id
         (path / PUBLISHED_NAME).unlink(missing_ok=True)
         (path / DISCARDED_NAME).unlink(missing_ok=True)
         if (path / RECORD_NAME).exists():
-            os.replace(path / RECORD_NAME, path / "record.previous.json")
+            os.replace(path / RECORD_NAME, path / PREVIOUS_RECORD_NAME)
         if reset_attempts:
-            info = _read_json(path / RUN_NAME)
-            if info:
-                info["attempts"] = 0
-                info["requeued_at"] = time.time()
-                write_json_atomic(path / RUN_NAME, info)
+            info = read_run_info(path)
+            if info is not None:
+                write_run_info(path, info.model_copy(update={"attempts": 0,
+                                                             "requeued_at": time.time()}))
         os.rename(path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     def discard_run(self, run_id: str, reason: str = "") -> tuple[RunState, Path]:
@@ -507,13 +493,13 @@ class Spool:
             with self.lock_if_free(run_id) as held:
                 if held is None:
                     raise RunStateError(f"run {run_id} is being worked on: try again when it is done")
-                write_json_atomic(held / DISCARDED_NAME,
-                                  {"discarded_at": time.time(), "from": state, "reason": reason})
+                write_discarded(held, DiscardedNote(discarded_at=time.time(), from_state=state,
+                                                    reason=reason))
                 os.rename(held, target)
         elif state in ("queued", "failed"):
             try:
-                write_json_atomic(path / DISCARDED_NAME,
-                                  {"discarded_at": time.time(), "from": state, "reason": reason})
+                write_discarded(path, DiscardedNote(discarded_at=time.time(), from_state=state,
+                                                    reason=reason))
                 os.rename(path, target)
             except FileNotFoundError:
                 moved = self.locate(run_id)
@@ -522,7 +508,7 @@ class Spool:
                 raise RunStateError(f"run {run_id} was taken by a worker meanwhile") from None
         else:
             raise RunStateError(f"run {run_id} is {state}: only queued or failed runs are discarded")
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return state, target
 
     def finished_at(self, state: RunState, run_id: str) -> float:
@@ -536,7 +522,7 @@ class Spool:
         return path.stat().st_mtime
 
     def purge_finished(self, older_than_s: float, now: float | None = None
-                       ) -> list[dict[str, Any]]:
+                       ) -> list[dict[str, str]]:
         """Remove done/, failed/ and discarded/ runs (with their instances) older than the limit.
 
         Never queued/ or work/. Each run is first renamed out of its state folder (atomic), so a
@@ -554,7 +540,7 @@ class Spool:
                 except FileNotFoundError:
                     continue
                 path = self.state_dir(state) / run_id
-                info = _read_json(path / RUN_NAME)
+                info = read_run_info(path)
                 doomed = self.tmp_dir / f"purge-{run_id}"
                 try:
                     os.rename(path, doomed)
@@ -562,23 +548,14 @@ class Spool:
                     continue
                 shutil.rmtree(doomed, ignore_errors=True)
                 purged.append({"run_id": run_id, "state": state,
-                               "study_uid": info.get("study_uid", "")})
+                               "study_uid": info.study_uid if info is not None else ""})
         return purged
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _note_in_record(run_dir: Path, by_run_id: str) -> None:
-    record = _read_json(run_dir / RECORD_NAME)
-    if record and record.get("superseded_by") != by_run_id:
-        record["superseded_by"] = by_run_id
-        write_json_atomic(run_dir / RECORD_NAME, record)
+    record = read_record(run_dir)
+    if record is not None and record.superseded_by != by_run_id:
+        write_record(run_dir, record.model_copy(update={"superseded_by": by_run_id}))
 
 
 def _same_file(handle: IO[str], path: Path) -> bool:

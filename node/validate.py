@@ -25,10 +25,12 @@ from typing import Any
 from pydicom import Dataset, dcmread
 
 from node.uids import is_valid_uid
-
-STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_INVALID_UID = 0xC001
+from node.vocabulary import (
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    NATIVE_TRANSFER_SYNTAXES,
+    RLE_LOSSLESS,
+    StoreStatus,
+)
 
 # A compressed frame may not claim more pixels than this before anyone decodes it. The largest
 # mammography detectors are about 4 800 x 5 800 (28 Mpixel); 100 Mpixel leaves room for any real
@@ -36,10 +38,6 @@ STATUS_INVALID_UID = 0xC001
 MAX_ENCAPSULATED_FRAME_PIXELS = 100_000_000
 MAX_FRAMES = 10_000  # breast tomosynthesis has tens to a few hundred
 HEAD_BYTES = 65_536  # how much of the first compressed fragment `read_header` keeps
-
-NATIVE_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
-JPEG2000_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
-RLE_TRANSFER_SYNTAX = "1.2.840.10008.1.2.5"
 
 # Header elements the checks need (read with `specific_tags`, values of all others skipped).
 HEADER_KEYWORDS = (
@@ -66,7 +64,7 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 class Rejection:
     """Why an instance is refused: the C-STORE status and a short reason for logs and audit."""
 
-    status: int
+    status: StoreStatus
     reason: str
 
 
@@ -113,7 +111,7 @@ def read_header(path: Path, extra_keywords: tuple[str, ...] = ()) -> tuple[Datas
         )
         if "TransferSyntaxUID" not in header.file_meta:
             raise ValueError("no transfer syntax in the file meta information")
-        explicit_vr = str(header.file_meta.TransferSyntaxUID) != "1.2.840.10008.1.2"
+        explicit_vr = str(header.file_meta.TransferSyntaxUID) != IMPLICIT_VR_LITTLE_ENDIAN
         file_size = os.fstat(handle.fileno()).st_size
         if handle.tell() > file_size:  # pydicom skipped an element value that runs past the end
             raise EOFError("data set truncated: an element runs past the end of the file")
@@ -174,13 +172,13 @@ def check_uids(header: Dataset, command_sop_uid: str, command_sop_class: str) ->
     uids = {name: _text(header, name) for name in UID_KEYWORDS}
     bad = [name for name, value in uids.items() if not is_valid_uid(value)]
     if bad:
-        return Rejection(STATUS_INVALID_UID, "invalid_uid:" + ",".join(bad))
+        return Rejection(StoreStatus.INVALID_UID, "invalid_uid:" + ",".join(bad))
     if not is_valid_uid(command_sop_uid):
-        return Rejection(STATUS_INVALID_UID, "invalid_uid:AffectedSOPInstanceUID")
+        return Rejection(StoreStatus.INVALID_UID, "invalid_uid:AffectedSOPInstanceUID")
     if uids["SOPInstanceUID"] != command_sop_uid:
-        return Rejection(STATUS_INVALID_UID, "sop_instance_uid_differs_from_command")
+        return Rejection(StoreStatus.INVALID_UID, "sop_instance_uid_differs_from_command")
     if uids["SOPClassUID"] != command_sop_class:
-        return Rejection(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, "sop_class_differs_from_command")
+        return Rejection(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "sop_class_differs_from_command")
     return None
 
 
@@ -213,17 +211,17 @@ def image_geometry(header: Dataset) -> ImageGeometry | Rejection:
     for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel"):
         value = _integer(header, keyword)
         if value is None:
-            return Rejection(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing_or_invalid:{keyword}")
+            return Rejection(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"missing_or_invalid:{keyword}")
         values[keyword] = value
     frames = _integer(header, "NumberOfFrames") if "NumberOfFrames" in header else 1
     if frames is None or not 1 <= frames <= MAX_FRAMES:
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "invalid_number_of_frames")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "invalid_number_of_frames")
     if values["Rows"] < 1 or values["Columns"] < 1:
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "empty_image")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "empty_image")
     if values["BitsAllocated"] not in (1, 8, 16, 32):
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "invalid_bits_allocated")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "invalid_bits_allocated")
     if values["SamplesPerPixel"] not in (1, 3):
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "invalid_samples_per_pixel")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "invalid_samples_per_pixel")
     return ImageGeometry(
         rows=values["Rows"],
         columns=values["Columns"],
@@ -243,43 +241,43 @@ def check_pixel_data(
 ) -> Rejection | None:
     """The pixel data is all there and agrees with the image attributes (nothing is decoded)."""
     if extent is None:
-        return Rejection(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, "pixel_data_missing")
+        return Rejection(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "pixel_data_missing")
     if transfer_syntax in NATIVE_TRANSFER_SYNTAXES:
         if extent.value_length is None:
-            return Rejection(STATUS_CANNOT_UNDERSTAND, "native_pixel_data_of_undefined_length")
+            return Rejection(StoreStatus.CANNOT_UNDERSTAND, "native_pixel_data_of_undefined_length")
         if extent.value_offset + extent.value_length > file_size:
-            return Rejection(STATUS_CANNOT_UNDERSTAND, "pixel_data_truncated")
+            return Rejection(StoreStatus.CANNOT_UNDERSTAND, "pixel_data_truncated")
         expected = geometry.native_bytes()
         if extent.value_length not in (expected, expected + (expected % 2)):
-            return Rejection(STATUS_CANNOT_UNDERSTAND, "pixel_data_length_differs_from_image_attributes")
+            return Rejection(StoreStatus.CANNOT_UNDERSTAND, "pixel_data_length_differs_from_image_attributes")
         return None
     if extent.value_length is not None:
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "compressed_pixel_data_not_encapsulated")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "compressed_pixel_data_not_encapsulated")
     if extent.items_end is None:
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "encapsulated_pixel_data_truncated_or_malformed")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "encapsulated_pixel_data_truncated_or_malformed")
     if geometry.frame_pixels > max_frame_pixels:
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "image_too_large")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "image_too_large")
     if not extent.first_fragment_head:
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "encapsulated_pixel_data_empty")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "encapsulated_pixel_data_empty")
     return check_codestream(geometry, transfer_syntax, extent.first_fragment_head)
 
 
 def check_codestream(geometry: ImageGeometry, transfer_syntax: str, head: bytes) -> Rejection | None:
     """A compressed frame's own header must describe the image the DICOM attributes describe."""
-    if transfer_syntax == RLE_TRANSFER_SYNTAX:
+    if transfer_syntax == RLE_LOSSLESS:
         if len(head) < 64:
-            return Rejection(STATUS_CANNOT_UNDERSTAND, "rle_header_truncated")
+            return Rejection(StoreStatus.CANNOT_UNDERSTAND, "rle_header_truncated")
         segments = struct.unpack("<L", head[:4])[0]
         if segments != geometry.samples_per_pixel * max(geometry.bits_allocated // 8, 1):
-            return Rejection(STATUS_CANNOT_UNDERSTAND, "rle_segments_differ_from_image_attributes")
+            return Rejection(StoreStatus.CANNOT_UNDERSTAND, "rle_segments_differ_from_image_attributes")
         return None
     claimed = codestream_geometry(head)
     if claimed is None:
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "codestream_header_unreadable")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "codestream_header_unreadable")
     if (claimed.rows, claimed.columns) != (geometry.rows, geometry.columns):
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "codestream_size_differs_from_rows_columns")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "codestream_size_differs_from_rows_columns")
     if claimed.components != geometry.samples_per_pixel:
-        return Rejection(STATUS_CANNOT_UNDERSTAND, "codestream_components_differ_from_samples")
+        return Rejection(StoreStatus.CANNOT_UNDERSTAND, "codestream_components_differ_from_samples")
     return None
 
 

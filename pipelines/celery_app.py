@@ -6,7 +6,7 @@ The config file comes from the environment (`MAMMO_NODE_CONFIG`), set by `mammo-
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.signals import worker_process_init
@@ -16,46 +16,58 @@ from node.queueing import SCORE_TASK_NAME, celery_config
 from node.settings import Settings, load_settings
 from node.spool import Spool
 
+if TYPE_CHECKING:
+    from pipelines.model import ModelRunner
+
 log = get_logger("pipelines.worker")
 
 CONFIG_ENV = "MAMMO_NODE_CONFIG"
 
 app = Celery("mammo-node-worker")
-_state: dict[str, Any] = {}
+
+
+class _Process:
+    """What one worker process loads once: its settings and its model."""
+
+    settings: Settings | None = None
+    runner: ModelRunner | None = None
 
 
 def configure(settings: Settings) -> Celery:
     app.conf.update(celery_config(settings))
-    _state["settings"] = settings
+    _Process.settings = settings
     return app
 
 
 def _settings() -> Settings:
-    if "settings" not in _state:
+    if _Process.settings is None:
         configure(load_settings(os.environ[CONFIG_ENV]))
-    return _state["settings"]
+    assert _Process.settings is not None
+    return _Process.settings
 
 
-def _runner() -> Any:
+def _runner() -> ModelRunner:
     """The model of this process, loaded on first use and kept (one load per worker process)."""
-    if "runner" not in _state:
+    if _Process.runner is None:
         from pipelines.model import load_bundle
 
         settings = _settings()
-        _state["runner"] = load_bundle(settings.model.bundle_dir, settings.model.device)
-        identity = _state["runner"].identity
-        log.info("model_loaded", model=identity.name, version=identity.version,
-                 device=str(_state["runner"].device), pid=os.getpid())
-    return _state["runner"]
+        runner = load_bundle(settings.model.bundle_dir, settings.model.device)
+        log.info("model_loaded", model=runner.identity.name, version=runner.identity.version,
+                 device=str(runner.device), pid=os.getpid())
+        _Process.runner = runner
+    return _Process.runner
 
 
-@worker_process_init.connect
+# Celery ships no type hints: its decorators are untyped.
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _load_model_in_child(**_: Any) -> None:
     configure_logging(os.environ.get("MAMMO_NODE_LOG_LEVEL", "INFO"))
     _runner()
 
 
-@app.task(name=SCORE_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=SCORE_TASK_NAME, bind=True, acks_late=True,  # type: ignore[untyped-decorator]
+          reject_on_worker_lost=True)
 def score_study(self: Any, run_id: str) -> None:
     """Celery entry point: message carries the run id only. Results are ignored by design."""
     from pipelines.scoring import process_run

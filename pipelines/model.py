@@ -120,8 +120,8 @@ def heatmap_to_image_grid(heatmap: np.ndarray | torch.Tensor, rows: int, cols: i
 class ModelRunner:
     """A loaded bundle. Not thread-safe; one per worker process."""
 
-    def __init__(self, bundle_dir: Path, metadata: dict[str, Any], module: Any,
-                 device: torch.device) -> None:
+    def __init__(self, bundle_dir: Path, metadata: dict[str, Any],
+                 module: torch.jit.ScriptModule, device: torch.device) -> None:
         self.bundle_dir = bundle_dir
         self.metadata = metadata
         self.module = module
@@ -185,7 +185,9 @@ def load_bundle(bundle_dir: str | Path, device: str = "auto") -> ModelRunner:
     if torch_device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     try:
-        module = torch.jit.load(str(model_path), map_location=torch_device).eval()
+        # torch.jit.load has no annotations; it returns the ScriptModule saved by tools/model/export.py.
+        module: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]
+            str(model_path), map_location=torch_device).eval()
     except Exception as error:  # TorchScript raises RuntimeError and friends for a bad file
         raise ModelError(f"{model_path}: not a loadable TorchScript model: {error}") from None
     runner = ModelRunner(bundle_dir, metadata, module, torch_device)

@@ -12,7 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureType, Resize, ScaleIntensityRangePercentiles
+from monai.transforms.compose import Compose
+from monai.transforms.intensity.array import ScaleIntensityRangePercentiles
+from monai.transforms.spatial.array import Resize
+from monai.transforms.utility.array import EnsureType
 
 
 def input_size(metadata: dict[str, Any]) -> tuple[int, int]:
@@ -44,6 +47,9 @@ def build_preprocess(metadata: dict[str, Any]) -> Callable[[np.ndarray], torch.T
         array = np.asarray(image, dtype=np.float32)
         if array.ndim != 2:
             raise ValueError(f"expected a 2-D image, got shape {array.shape}")
-        return transform(array[None])
+        tensor = transform(array[None])
+        if not isinstance(tensor, torch.Tensor):  # EnsureType(data_type="tensor") guarantees it
+            raise TypeError(f"preprocessing gave {type(tensor).__name__}, not a tensor")
+        return tensor
 
     return preprocess

@@ -1,8 +1,9 @@
 """One run, end to end inside a worker: load, score, write, send, record.
 
 `process_run` is plain Python (the Celery task is a thin wrapper around it), so tests can drive it
-directly. Errors follow DESIGN.md: InputError fails the run without retry; a destination that
-stays unreachable after the configured attempts parks the run in failed/ with the reason.
+directly. Errors follow docs/ARCHITECTURE.md (*Errors*): InputError fails the run without retry;
+a destination that stays unreachable after the configured attempts parks the run in failed/ with
+the reason.
 
 It is idempotent, which is half of the exactly-once argument (docs/RELIABILITY.md): a run that
 is not in queued/ or abandoned in work/ is not ours (a duplicate message does nothing), and the
@@ -15,12 +16,12 @@ sleep while it holds a run, just before inference: the fault tests use it to kil
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydicom import Dataset
@@ -28,16 +29,27 @@ from pydicom import Dataset
 from node.audit import AuditLog, open_audit
 from node.errors import InputError
 from node.logs import get_logger
+from node.runs import (
+    FailureKind,
+    InputDescription,
+    InstanceEntry,
+    ModelRef,
+    OutputFile,
+    RunFailure,
+    RunInfo,
+    RunRecord,
+    Scores,
+    SendResult,
+    attempts_exhausted,
+    read_manifest,
+    read_run_info,
+    read_superseded,
+    write_record,
+    write_run_info,
+)
 from node.scu import SendOutcome, send_files
 from node.settings import Settings
-from node.spool import (
-    RECORD_NAME,
-    RUN_NAME,
-    SUPERSEDED_NAME,
-    Spool,
-    read_manifest,
-    write_json_atomic,
-)
+from node.spool import Spool
 from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult, ViewScore
 from pipelines.seg import build_seg
 from pipelines.sr import build_sr
@@ -58,17 +70,34 @@ class Predictor(Protocol):
     def predict(self, images: list[np.ndarray]) -> list[Any]: ...
 
 
-def _load_views(run_dir: Path) -> tuple[list[LoadedView], list[Skipped]]:
-    selected, skipped = select_views(run_dir)
-    loaded = []
+@dataclass
+class _Progress:
+    """What a run has produced so far. Kept when a later step fails, so the record shows how far
+    it got (the inputs of a study that failed to decode, the outputs of one that failed to send)."""
+
+    timings_s: dict[str, float]
+    inputs: tuple[InputDescription, ...] | None = None
+    scores: Scores | None = None
+    missing_views: tuple[str, ...] | None = None
+    outputs: tuple[OutputFile, ...] | None = None
+    sends: tuple[SendResult, ...] | None = None
+    not_scored: str | None = None
+    undecodable: list[Skipped] = field(default_factory=list)
+
+
+def _load_views(run_dir: Path, manifest: Sequence[InstanceEntry]
+                ) -> tuple[list[LoadedView], list[Skipped], list[Skipped]]:
+    """The decoded views; the instances skipped (all of them); those skipped as undecodable."""
+    selected, skipped = select_views(run_dir, manifest)
+    loaded, undecodable = [], []
     for view in selected:
         try:
             loaded.append(decode_view(view))
         except InputError as error:
-            skipped.append(Skipped(view.entry.sop_uid, f"not_decoded:{error}"))
+            undecodable.append(Skipped(view.entry.sop_uid, f"not_decoded:{error}"))
             log.warning("view_not_decoded", sop_uid=view.entry.sop_uid, view=view.entry.view_key,
                         reason=str(error)[:200])
-    return loaded, skipped
+    return loaded, skipped + undecodable, undecodable
 
 
 def score_views(
@@ -112,18 +141,18 @@ def write_outputs(
     heatmaps: list[np.ndarray],
     identity: ModelIdentity,
     out_dir: Path,
-) -> list[dict[str, str]]:
+) -> tuple[OutputFile, ...]:
     """Build the SR and one SEG per scored image; files under out_dir, described for the record."""
     out_dir.mkdir(exist_ok=True)
-    outputs: list[dict[str, str]] = []
+    outputs: list[OutputFile] = []
     cfg = settings.outputs
 
-    def _save(kind: str, name: str, dataset: Dataset) -> None:
+    def _save(kind: Literal["sr", "seg"], name: str, dataset: Dataset) -> None:
         path = out_dir / name
         dataset.save_as(path, enforce_file_format=True)
-        outputs.append({"kind": kind, "file": f"{OUTPUTS_DIR}/{name}",
-                        "sop_uid": str(dataset.SOPInstanceUID),
-                        "series_uid": str(dataset.SeriesInstanceUID)})
+        outputs.append(OutputFile(kind=kind, file=f"{OUTPUTS_DIR}/{name}",
+                                  sop_uid=str(dataset.SOPInstanceUID),
+                                  series_uid=str(dataset.SeriesInstanceUID)))
 
     headers = [v.header for v in views]
     segs: list[Dataset] = []
@@ -137,11 +166,14 @@ def write_outputs(
         spec = OutputSpec(cfg.sr.series_number, cfg.sr.series_description, cfg.uid_root)
         # The SR lists the run's SEGs as evidence, so a viewer can go from the scores to the maps.
         _save("sr", "sr.dcm", build_sr(headers, result, identity, spec, seg_refs=segs))
-    return outputs
+    return tuple(outputs)
 
 
 def send_outputs(settings: Settings, files: list[Path]) -> tuple[list[dict[str, Any]], str | None]:
-    """Send to every destination with retries and backoff; (per-object log, failure reason)."""
+    """Send to every destination with retries and backoff; (per-object log, failure reason).
+
+    Each log item has the fields of `node.runs.SendResult`.
+    """
     sends: list[dict[str, Any]] = []
     failures = []
     for destination in settings.destinations:
@@ -184,173 +216,173 @@ def process_run(settings: Settings, spool: Spool, run_id: str, predictor: Predic
             log.info("run_skipped_duplicate_delivery", run_id=run_id)
             return None
         audit = open_audit(settings, "worker")
-        superseded_by = _superseded_by(run_dir)
-        if superseded_by:
-            return _skip_superseded(spool, run_id, run_dir, superseded_by)
-        return _process_held_run(settings, spool, run_id, run_dir, predictor, audit)
+        superseded = read_superseded(run_dir)
+        info = read_run_info(run_dir)
+        if info is None:
+            raise FileNotFoundError(f"run {run_id}: run.json is missing or unreadable")
+        if superseded is not None:
+            return _skip_superseded(spool, info, run_dir, superseded.superseded_by)
+        return _process_held_run(settings, spool, info, run_dir, predictor, audit)
 
 
-def _superseded_by(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / SUPERSEDED_NAME).read_text()).get("superseded_by")
-    except (OSError, ValueError):
-        return None
-
-
-def _skip_superseded(spool: Spool, run_id: str, run_dir: Path, superseded_by: str) -> str:
+def _skip_superseded(spool: Spool, info: RunInfo, run_dir: Path, superseded_by: str) -> str:
     """A later run of the study took over these instances before we started: nothing to score."""
-    run_info = json.loads((run_dir / RUN_NAME).read_text())
-    record = {"run_id": run_id, "study_uid": run_info.get("study_uid", ""), "state": "done",
-              "completion_reason": run_info.get("completion_reason"),
-              "superseded_by": superseded_by, "outputs": [], "sends": [],
-              "not_scored": f"superseded by run {superseded_by} before scoring"}
-    write_json_atomic(run_dir / RECORD_NAME, record)
-    spool.finish_run(run_id, "done")
-    log.info("run_superseded", run_id=run_id, study_uid=record["study_uid"],
+    record = RunRecord(run_id=info.run_id, study_uid=info.study_uid, state="done",
+                       completion_reason=info.completion_reason, superseded_by=superseded_by,
+                       outputs=(), sends=(),
+                       not_scored=f"superseded by run {superseded_by} before scoring")
+    write_record(run_dir, record)
+    spool.finish_run(info.run_id, "done")
+    log.info("run_superseded", run_id=info.run_id, study_uid=record.study_uid,
              superseded_by=superseded_by)
     return "done"
 
 
 def _process_held_run(
-    settings: Settings, spool: Spool, run_id: str, run_dir: Path, predictor: Predictor,
+    settings: Settings, spool: Spool, info: RunInfo, run_dir: Path, predictor: Predictor,
     audit: AuditLog,
 ) -> str:
     started = time.time()
-    run_info = json.loads((run_dir / RUN_NAME).read_text())
-    record: dict[str, Any] = {
-        "run_id": run_id,
-        "study_uid": run_info.get("study_uid", ""),
-        "completion_reason": run_info.get("completion_reason"),
-        "model": {"name": predictor.identity.name, "version": predictor.identity.version},
-        "attempts": int(run_info.get("attempts", 0)) + 1,
-        "timings_s": _waiting_times(run_dir, run_info, started),
-    }
-    if run_info.get("supersedes"):
-        record["supersedes"] = run_info["supersedes"]
-    run_info["attempts"] = record["attempts"]
-    write_json_atomic(run_dir / RUN_NAME, run_info)
-    state, error = "done", None
+    attempts = info.attempts + 1
+    write_run_info(run_dir, info.model_copy(update={"attempts": attempts}))
+    manifest = read_manifest(run_dir)  # the one read of this run's manifest
+    progress = _Progress(timings_s=_waiting_times(manifest, info, started))
+    failure: RunFailure | None
     try:
-        if record["attempts"] > settings.scoring.max_attempts:
+        if attempts > settings.scoring.max_attempts:
             # Earlier attempts died mid-run (the worker was killed): a poison study must not
             # take the worker down forever.
-            raise InputError(f"gave up after {record['attempts'] - 1} attempts that did not finish")
-        error = _score_write_send(settings, run_dir, predictor, record, audit)
-    except InputError as failure:
-        error = f"input: {failure}"
-    except Exception as failure:  # a bug must park the run, not lose it
-        log.exception("run_crashed", run_id=run_id)
-        error = f"internal: {type(failure).__name__}: {failure}"[:500]
-    if error:
-        state = "failed"
-        record["error"] = error
-    record["state"] = state
-    record["timings_s"]["total"] = round(time.time() - started, 3)
-    write_json_atomic(run_dir / RECORD_NAME, record)
-    spool.finish_run(run_id, state)  # type: ignore[arg-type]
-    if state == "failed":
-        audit.record("study_failed", run_id=run_id, study_uid=record["study_uid"], reason=error,
-                     attempts=record["attempts"])
-    scores = record.get("scores", {})
+            failure = attempts_exhausted(attempts - 1)
+        else:
+            failure = _score_write_send(settings, info, run_dir, manifest, predictor, progress,
+                                        audit)
+    except InputError as error:
+        failure = RunFailure(kind=FailureKind.INPUT, message=str(error))
+    except Exception as error:  # a bug must park the run, not lose it
+        log.exception("run_crashed", run_id=info.run_id)
+        text = f"{type(error).__name__}: {error}"
+        failure = RunFailure(kind=FailureKind.INTERNAL,
+                             message=text[:500 - len(f"{FailureKind.INTERNAL}: ")])
+    state: Literal["done", "failed"] = "failed" if failure else "done"
+    progress.timings_s["total"] = round(time.time() - started, 3)
+    record = RunRecord(
+        run_id=info.run_id,
+        study_uid=info.study_uid,
+        state=state,
+        completion_reason=info.completion_reason,
+        model=ModelRef(name=predictor.identity.name, version=predictor.identity.version),
+        attempts=attempts,
+        timings_s=progress.timings_s,
+        supersedes=info.supersedes or None,
+        error=failure,
+        not_scored=progress.not_scored,
+        inputs=progress.inputs,
+        scores=progress.scores,
+        missing_views=progress.missing_views,
+        outputs=progress.outputs,
+        sends=progress.sends,
+    )
+    write_record(run_dir, record)
+    spool.finish_run(info.run_id, state)
+    reason = str(failure) if failure else None
+    if failure:
+        audit.record("study_failed", run_id=info.run_id, study_uid=info.study_uid, reason=reason,
+                     attempts=attempts)
     log.info(
         "study_processed",
-        run_id=run_id,
-        study_uid=record["study_uid"],
+        run_id=info.run_id,
+        study_uid=info.study_uid,
         state=state,
-        reason=error,
-        views_scored=len(scores.get("views", {})),
-        missing_views=record.get("missing_views", []),
-        exam_score=scores.get("exam"),
-        outputs=len(record.get("outputs", [])),
+        reason=reason,
+        views_scored=len(record.scores.views) if record.scores else 0,
+        missing_views=list(record.missing_views or ()),
+        exam_score=record.scores.exam if record.scores else None,
+        outputs=len(record.outputs or ()),
         model_version=predictor.identity.version,
-        timings_s=record["timings_s"],
+        timings_s=dict(progress.timings_s),
     )
     return state
 
 
-def _waiting_times(run_dir: Path, run_info: dict[str, Any], started: float) -> dict[str, float]:
+def _waiting_times(manifest: Sequence[InstanceEntry], info: RunInfo, started: float
+                   ) -> dict[str, float]:
     """Seconds from the last instance to the claim (completion) and from the claim to here."""
-    claimed_at = float(run_info.get("claimed_at", started))
-    received = [e.received_at for e in read_manifest(run_dir)]
-    waits = {"queue": round(started - claimed_at, 3)}
-    if received:
-        waits = {"completion": round(claimed_at - max(received), 3), **waits}
+    waits = {"queue": round(started - info.claimed_at, 3)}
+    if manifest:
+        waits = {"completion": round(info.claimed_at - max(e.received_at for e in manifest), 3),
+                 **waits}
     return waits
 
 
 def _score_write_send(
-    settings: Settings, run_dir: Path, predictor: Predictor, record: dict[str, Any],
-    audit: AuditLog,
-) -> str | None:
-    timings = record["timings_s"]
+    settings: Settings, info: RunInfo, run_dir: Path, manifest: Sequence[InstanceEntry],
+    predictor: Predictor, progress: _Progress, audit: AuditLog,
+) -> RunFailure | None:
+    """The run's work, step by step into `progress`; the send failure, if any (InputError when
+    the study cannot be scored)."""
+    timings = progress.timings_s
     t0 = time.perf_counter()
-    views, skipped = _load_views(run_dir)
+    views, skipped, undecodable = _load_views(run_dir, manifest)
     timings["decode"] = round(time.perf_counter() - t0, 3)
-    record["inputs"] = _describe_inputs(run_dir, views, skipped)
+    progress.inputs = _describe_inputs(manifest, views, skipped)
     if not views:
         reasons = sorted({s.reason for s in skipped}) or ["no instances"]
-        if any(r.startswith("not_decoded") for r in reasons) or not skipped:
+        if undecodable or not skipped:
             raise InputError("no scorable view: " + "; ".join(reasons)[:400])
         # Only objects we accept but do not score (tomosynthesis, other views): nothing to send,
         # and nothing went wrong.
-        record["not_scored"] = "no scorable view: " + "; ".join(reasons)[:400]
-        record["outputs"], record["sends"], record["missing_views"] = [], [], []
+        progress.not_scored = "no scorable view: " + "; ".join(reasons)[:400]
+        progress.outputs, progress.sends, progress.missing_views = (), (), ()
         return None
     pause_s = float(os.environ.get(TEST_PAUSE_ENV, "0") or 0)
     if pause_s > 0:
-        log.warning("test_pause_before_inference", run_id=record["run_id"], pause_s=pause_s)
+        log.warning("test_pause_before_inference", run_id=info.run_id, pause_s=pause_s)
         time.sleep(pause_s)
-    result, heatmaps = score_views(views, predictor, record["study_uid"])
+    result, heatmaps = score_views(views, predictor, info.study_uid)
     for key, value in predictor.last_timings_s.items():
         timings[key] = round(value, 3)
-    record["scores"] = {
-        "views": {s.view_key: round(s.probability, 6) for s in result.views},
-        "breasts": {k: round(v, 6) for k, v in result.breast_scores.items()},
-        "exam": round(result.exam_score, 6),
-        "operating_point": predictor.identity.operating_point,
-        "suspicious": result.exam_score >= predictor.identity.operating_point,
-    }
-    record["missing_views"] = list(result.missing_views)
-    audit.record("study_scored", run_id=record["run_id"], study_uid=record["study_uid"],
-                 views_scored=len(result.views), exam_score=record["scores"]["exam"],
+    progress.scores = Scores(
+        views={s.view_key: round(s.probability, 6) for s in result.views},
+        breasts={k: round(v, 6) for k, v in result.breast_scores.items()},
+        exam=round(result.exam_score, 6),
+        operating_point=predictor.identity.operating_point,
+        suspicious=result.exam_score >= predictor.identity.operating_point,
+    )
+    progress.missing_views = result.missing_views
+    audit.record("study_scored", run_id=info.run_id, study_uid=info.study_uid,
+                 views_scored=len(result.views), exam_score=progress.scores.exam,
                  model=predictor.identity.name, model_version=predictor.identity.version)
     t0 = time.perf_counter()
-    outputs = write_outputs(settings, views, result, heatmaps, predictor.identity,
-                            run_dir / OUTPUTS_DIR)
+    progress.outputs = write_outputs(settings, views, result, heatmaps, predictor.identity,
+                                     run_dir / OUTPUTS_DIR)
     timings["write"] = round(time.perf_counter() - t0, 3)
-    record["outputs"] = outputs
     t0 = time.perf_counter()
-    sends, failure = send_outputs(settings, [run_dir / o["file"] for o in outputs])
+    sends, failure = send_outputs(settings, [run_dir / o.file for o in progress.outputs])
     timings["send"] = round(time.perf_counter() - t0, 3)
-    record["sends"] = sends
-    _audit_sends(audit, record, sends)
-    return f"send: {failure}" if failure else None
+    progress.sends = tuple(SendResult.model_validate(s) for s in sends)
+    _audit_sends(audit, info, progress.sends)
+    return RunFailure(kind=FailureKind.SEND, message=failure) if failure else None
 
 
-def _audit_sends(audit: AuditLog, record: dict[str, Any], sends: list[dict[str, Any]]) -> None:
+def _audit_sends(audit: AuditLog, info: RunInfo, sends: Sequence[SendResult]) -> None:
     """One audit event per destination: everything stored, or what was not."""
-    for destination in dict.fromkeys(s["destination"] for s in sends):
-        mine = [s for s in sends if s["destination"] == destination]
-        failed = [s for s in mine if not s["ok"]]
-        fields = {"run_id": record["run_id"], "study_uid": record["study_uid"],
-                  "destination": destination, "objects": len(mine),
-                  "sop_uids": [s["sop_uid"] for s in mine]}
+    for destination in dict.fromkeys(s.destination for s in sends):
+        mine = [s for s in sends if s.destination == destination]
+        failed = [s for s in mine if not s.ok]
+        fields: dict[str, Any] = {"run_id": info.run_id, "study_uid": info.study_uid,
+                                  "destination": destination, "objects": len(mine),
+                                  "sop_uids": [s.sop_uid for s in mine]}
         if failed:
             audit.record("results_send_failed", **fields, not_stored=len(failed),
-                         statuses=sorted({str(s["status"]) for s in failed}))
+                         statuses=sorted({str(s.status) for s in failed}))
         else:
             audit.record("results_sent", **fields)
 
 
-def _describe_inputs(run_dir: Path, views: list[LoadedView], skipped: list[Skipped]) -> list[dict]:
+def _describe_inputs(manifest: Sequence[InstanceEntry], views: list[LoadedView],
+                     skipped: list[Skipped]) -> tuple[InputDescription, ...]:
     reasons = {s.sop_uid: s.reason for s in skipped}
     scored = {v.entry.sop_uid for v in views}
-    described = []
-    for entry in read_manifest(run_dir):
-        item = asdict(entry)
-        item.pop("association_id", None)
-        item["scored"] = entry.sop_uid in scored
-        if entry.sop_uid in reasons:
-            item["reason"] = reasons[entry.sop_uid]
-        described.append(item)
-    return described
+    return tuple(InputDescription.of(entry, scored=entry.sop_uid in scored,
+                                     reason=reasons.get(entry.sop_uid))
+                 for entry in manifest)

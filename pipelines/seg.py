@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import JPEG2000Lossless
 
 from node.uids import derive_uid
+from node.vocabulary import SEGMENTATION_TRANSFER_SYNTAX
 from pipelines.results import ModelIdentity, OutputSpec
 
 SEGMENT_LABEL = "Suspicion heatmap"
@@ -84,7 +85,7 @@ def build_seg(
         device_serial_number="0",
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=MAX_FRACTIONAL_VALUE,
-        transfer_syntax_uid=JPEG2000Lossless,
+        transfer_syntax_uid=SEGMENTATION_TRANSFER_SYNTAX,
         pixel_measures=(hd.PixelMeasuresSequence(pixel_spacing=spacing,
                                                  slice_thickness=_thickness_mm(source))
                         if spacing else None),
@@ -105,30 +106,32 @@ def _fill_from_source(seg: Dataset, source: Dataset) -> None:
         seg.BodyPartExamined = source.BodyPartExamined
 
 
-def _pixel_measures_complete(ds: Dataset) -> bool:
-    """Whether highdicom 0.28's reader will accept the SEG: it requires SliceThickness in Pixel
-    Measures, which DICOM leaves optional and we can only write when the source had a Body Part
-    Thickness."""
+def _highdicom_can_read(ds: Dataset) -> bool:
+    """Whether highdicom 0.28's reader accepts the SEG: it requires Slice Thickness in Pixel
+    Measures whenever the sequence is present. That is highdicom's strictness, not a fault of
+    ours: PS3.3 C.7.6.16.2.1 makes Slice Thickness conditional for a SEG on a Frame of Reference,
+    which a SEG of a projection image does not have (dciodvfy accepts it), and no true thickness
+    exists to write when the source had no Body Part Thickness."""
     shared = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
     measures = shared[0].get("PixelMeasuresSequence") or [Dataset()]
     return "SliceThickness" in measures[0] and "PixelSpacing" in measures[0]
 
 
-def read_seg_heatmap(ds: Dataset) -> np.ndarray:
+def read_seg_heatmap(ds: Dataset) -> npt.NDArray[np.float32]:
     """The fractional heatmap of one of our SEGs, float32 in [0, 1] on the source grid.
 
     Read through highdicom (which checks the SEG's structure and maps the frame to its source
-    image) whenever it can parse the object; the pydicom path is only for SEGs of sources without
-    a Body Part Thickness, see `_pixel_measures_complete`.
+    image) whenever it can parse the object; pydicom reads the one frame only for SEGs that
+    highdicom refuses although they conform, see `_highdicom_can_read`.
     """
-    if _pixel_measures_complete(ds):
+    if _highdicom_can_read(ds):
         seg = hd.seg.Segmentation.from_dataset(ds, copy=True)
         [(_, _, source_uid)] = seg.get_source_image_uids()
         pixels = seg.get_pixels_by_source_instance(
             [source_uid], segment_numbers=[1], rescale_fractional=True, dtype=np.float32
         )
-        return np.asarray(pixels[0, :, :, 0])
+        return np.asarray(pixels[0, :, :, 0], dtype=np.float32)
     frames = ds.pixel_array.astype(np.float32)
     if frames.ndim == 3:
         frames = frames[0]
-    return frames / float(ds.MaximumFractionalValue)
+    return np.asarray(frames / np.float32(ds.MaximumFractionalValue), dtype=np.float32)

@@ -31,15 +31,17 @@ named "Finding": highdicom fills Finding (121071) itself, and its reader would d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TypedDict
 
 import highdicom as hd
-from highdicom.sr import CodedConcept
+from highdicom.sr import CodedConcept, ValueTypeValues
+from highdicom.sr.utils import find_content_items
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import SegmentationStorage
+from pydicom.sr.coding import Code
 
 from node.uids import derive_uid
+from node.vocabulary import SEGMENTATION
 from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult
 
 SCHEME = "99MAMMONODE"
@@ -61,7 +63,7 @@ VIEW_POSITION_CODES = {
 LATERALITY_CODES = {"R": codes.SCT.Right, "L": codes.SCT.Left}
 BOTH_BREASTS = CodedConcept("51440002", "SCT", "Right and left")
 BREAST = codes.SCT.Breast
-SEGMENTATION_SOP_CLASS_UIDS = frozenset({str(SegmentationStorage)})
+SEGMENTATION_SOP_CLASS_UIDS = frozenset({str(SEGMENTATION)})
 
 
 def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
@@ -195,74 +197,74 @@ def build_sr(
     return sr
 
 
-def _concept(item: Dataset) -> tuple[str, str]:
-    code = item.ConceptNameCodeSequence[0]
-    return str(code.CodeValue), str(code.CodingSchemeDesignator)
+class SRScores(TypedDict):
+    """What one of our SRs says, as `read_sr_scores` reads it back."""
+
+    views: dict[str, float | None]  # view key ("R-CC") -> probability
+    views_by_sop_uid: dict[str, float | None]  # source SOP Instance UID -> probability
+    breasts: dict[str, float | None]  # "R" | "L" -> probability
+    exam: float | None
+    qualitative: dict[str, str | None]  # tracking id -> "Suspicious" | "Not suspicious"
+    model: dict[str, str]  # {"name", "version"}
+    missing_views: list[str]  # view keys, in screening order
+    seg_sop_uids: list[str]  # the SEGs listed as evidence
 
 
-def _walk(items: Sequence[Dataset]) -> Any:
-    for item in items:
-        yield item
-        if "ContentSequence" in item:
-            yield from _walk(item.ContentSequence)
+def _text_values(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: Code) -> list[str]:
+    """TEXT items of that name anywhere in a group (the algorithm identification of TID 4019
+    sits under the measurement, and highdicom has no accessor for it)."""
+    return [str(item.TextValue)
+            for item in find_content_items(group[0], name=name, value_type=ValueTypeValues.TEXT,
+                                           recursive=True)]
 
 
-def _referenced_sop_uids(items: Sequence[Dataset]) -> list[str]:
-    return [str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-            for item in _walk(items) if item.get("ValueType") == "IMAGE"]
+def _coded_meaning(value: object) -> str:
+    """The meaning of a qualitative evaluation's coded value."""
+    return str(value.meaning) if isinstance(value, CodedConcept) else str(value)
 
 
-def _evidence_sop_uids(ds: Dataset, sop_class_uids: frozenset[str]) -> list[str]:
-    return [str(sop.ReferencedSOPInstanceUID)
-            for keyword in ("CurrentRequestedProcedureEvidenceSequence",
-                            "PertinentOtherEvidenceSequence")
-            for study in ds.get(keyword, [])
-            for series in study.ReferencedSeriesSequence
-            for sop in series.ReferencedSOPSequence
-            if str(sop.ReferencedSOPClassUID) in sop_class_uids]
-
-
-def read_sr_scores(ds: Dataset) -> dict[str, Any]:
+def read_sr_scores(ds: Dataset) -> SRScores:
     """Scores from one of our SRs, for the tests and the demo to compare with what was scored.
 
-    Keys: `views` {view key: p}, `views_by_sop_uid` {source sop_uid: p} (unambiguous when a view
-    was imaged twice), `breasts` {"R"/"L": p}, `exam` p, `qualitative` {tracking id: "Suspicious" |
-    "Not suspicious"}, `model` {name, version}, `missing_views` [view keys in screening order],
-    `seg_sop_uids` [the SEGs listed as evidence].
+    Read through highdicom's TID 1500 reader, which also checks that the document is a
+    Comprehensive 3D SR holding a Measurement Report. `views_by_sop_uid` is unambiguous when a
+    view was imaged twice; `missing_views` come from the exam group's evaluations.
     """
-    out: dict[str, Any] = {"views": {}, "views_by_sop_uid": {}, "breasts": {}, "exam": None,
-                           "qualitative": {}, "model": {}, "missing_views": [],
-                           "seg_sop_uids": _evidence_sop_uids(ds, SEGMENTATION_SOP_CLASS_UIDS)}
-    for group in _walk(ds.ContentSequence):
-        if _concept(group) != ("125007", "DCM") or "ContentSequence" not in group:
-            continue  # not a Measurement Group
-        tracking, probability, evaluation = "", None, None
-        images = _referenced_sop_uids(group.ContentSequence)
-        for item in _walk(group.ContentSequence):
-            concept = _concept(item)
-            if concept == ("112039", "DCM"):
-                tracking = str(item.TextValue)
-            elif concept == (ABNORMALITY_SCORE.value, SCHEME) and item.ValueType == "NUM":
-                probability = float(item.MeasuredValueSequence[0].NumericValue)
-            elif concept == (SUSPICION_AT_OPERATING_POINT.value, SCHEME):
-                evaluation = str(item.ConceptCodeSequence[0].CodeMeaning)
-            elif concept == (MISSING_VIEW.value, SCHEME):
-                meaning = str(item.ConceptCodeSequence[0].CodeMeaning)
-                out["missing_views"].append(meaning.removeprefix("Missing "))
-            elif concept == ("111001", "DCM"):
-                out["model"]["name"] = str(item.TextValue)
-            elif concept == ("111003", "DCM"):
-                out["model"]["version"] = str(item.TextValue)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+    report = sr.content
+    if not isinstance(report, hd.sr.MeasurementReport):
+        raise ValueError("not a TID 1500 Measurement Report")
+    scores = SRScores(
+        views={}, views_by_sop_uid={}, breasts={}, exam=None, qualitative={}, model={},
+        missing_views=[],
+        seg_sop_uids=[str(sop_uid) for _, _, sop_uid, sop_class_uid in sr.get_evidence()
+                      if sop_class_uid in SEGMENTATION_SOP_CLASS_UIDS],
+    )
+    missing: set[str] = set()
+    for group in report.get_image_measurement_groups():
+        tracking = group.tracking_identifier or ""
+        measurements = group.get_measurements(name=ABNORMALITY_SCORE)
+        probability = float(measurements[0].value) if measurements else None
+        images = [str(image.referenced_sop_instance_uid)
+                  for measurement in measurements for image in measurement.referenced_images]
+        evaluations = group.get_qualitative_evaluations(name=SUSPICION_AT_OPERATING_POINT)
+        scores["qualitative"][tracking] = (_coded_meaning(evaluations[0].value)
+                                           if evaluations else None)
+        missing.update(_coded_meaning(evaluation.value).removeprefix("Missing ")
+                       for evaluation in group.get_qualitative_evaluations(name=MISSING_VIEW))
+        for key, name in (("name", codes.DCM.AlgorithmName),
+                          ("version", codes.DCM.AlgorithmVersion)):
+            for value in _text_values(group, name):
+                scores["model"][key] = value
         kind, _, key = tracking.partition(" ")
         if kind == "view":
-            out["views"][key] = probability
+            scores["views"][key] = probability
             for sop_uid in images:
-                out["views_by_sop_uid"][sop_uid] = probability
+                scores["views_by_sop_uid"][sop_uid] = probability
         elif kind == "breast":
-            out["breasts"][key] = probability
+            scores["breasts"][key] = probability
         elif kind == "exam":
-            out["exam"] = probability
-        out["qualitative"][tracking] = evaluation
+            scores["exam"] = probability
     order = {key: index for index, key in enumerate(SCREENING_VIEWS)}
-    out["missing_views"] = sorted(set(out["missing_views"]), key=lambda k: order.get(k, 99))
-    return out
+    scores["missing_views"] = sorted(missing, key=lambda k: order.get(k, len(order)))
+    return scores

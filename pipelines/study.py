@@ -1,46 +1,39 @@
 """Loading a run: pick the views to score, decode them and bring them to one orientation.
 
 The model sees every breast with the chest wall on the left (as a left breast is displayed) and
-the lateral side up on CC views; heatmaps are flipped back with the same flips, so they overlay
-the source image exactly.
+the lateral side up on CC views; the rule is pipelines/orientation.py's, shared with training and
+evaluation. Heatmaps are flipped back with the same flips, so they overlay the source image
+exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from pydicom import Dataset, dcmread
 from pydicom.encaps import generate_fragmented_frames
 
 from node import validate
 from node.errors import InputError
-from node.scp import MG_FOR_PRESENTATION, MG_FOR_PROCESSING
-from node.spool import InstanceEntry, read_manifest
+from node.runs import InstanceEntry, read_manifest
 from node.validate import MAX_ENCAPSULATED_FRAME_PIXELS
+from node.vocabulary import (
+    JPEG_LS_TRANSFER_SYNTAXES,
+    MG_FOR_PRESENTATION,
+    MG_FOR_PROCESSING,
+    NATIVE_TRANSFER_SYNTAXES,
+    SCORABLE_SOP_CLASSES,
+)
+from pipelines.orientation import Orientation, orientation_from_tags
 from pipelines.results import SCREENING_VIEWS
 
-SCORABLE_SOP_CLASSES = (MG_FOR_PRESENTATION, MG_FOR_PROCESSING)
-JPEG_LS_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
 # Rows x Columns above this is a lying header, not a mammogram: refused before any decoder
 # allocates for it (node/validate.py documents the figure; the listener applies it too).
 MAX_PIXELS = MAX_ENCAPSULATED_FRAME_PIXELS
-
-
-@dataclass(frozen=True)
-class Orientation:
-    """Flips that take the stored image to the model's convention (each is its own inverse)."""
-
-    flip_columns: bool  # mirror left-right
-    flip_rows: bool  # mirror top-bottom
-
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        if self.flip_columns:
-            array = array[:, ::-1]
-        if self.flip_rows:
-            array = array[::-1, :]
-        return np.ascontiguousarray(array)
 
 
 @dataclass(frozen=True)
@@ -63,40 +56,20 @@ class LoadedView:
     path: Path
     header: Dataset
     orientation: Orientation
-    pixels: np.ndarray  # float32, oriented, MONOCHROME2 sense
+    pixels: npt.NDArray[np.float32]  # oriented, MONOCHROME2 sense
 
 
-def orientation_for(laterality: str, view: str, patient_orientation: list[str] | None) -> Orientation:
-    """Derive the flips from PatientOrientation (row, column directions), else from laterality.
-
-    Row direction "P" means the image runs towards the chest wall from left to right, i.e. the
-    chest wall is on the right: mirror it. Column direction "H" means the image is upside down.
-    On CC views the lateral side belongs at the top: for a right breast that is column direction
-    "L", for a left breast "R".
-    """
-    row_dir = col_dir = ""
-    if patient_orientation and len(patient_orientation) == 2:
-        row_dir, col_dir = (str(v).upper() for v in patient_orientation)
-    if row_dir[:1] in ("A", "P"):
-        flip_columns = row_dir.startswith("P")
-    else:
-        flip_columns = laterality == "R"
-    flip_rows = col_dir.startswith("H")
-    if view == "CC" and col_dir[:1] in ("L", "R"):
-        lateral_down = (laterality == "R" and col_dir.startswith("R")) or (
-            laterality == "L" and col_dir.startswith("L")
-        )
-        flip_rows = flip_rows or lateral_down
-    return Orientation(flip_columns=flip_columns, flip_rows=flip_rows)
-
-
-def select_views(run_dir: Path) -> tuple[list[SelectedView], list[Skipped]]:
+def select_views(run_dir: Path, manifest: Sequence[InstanceEntry] | None = None
+                 ) -> tuple[list[SelectedView], list[Skipped]]:
     """One image per screening view (R-CC, L-CC, R-MLO, L-MLO); everything else is skipped.
 
     For Presentation is preferred over For Processing of the same view; among repeats the last
-    received wins (a retake replaces the image it repeats).
+    received wins (a retake replaces the image it repeats). `manifest` is the run's manifest
+    when the caller has read it already (the worker reads it once per run); else it is read here.
     """
-    entries = sorted(read_manifest(run_dir), key=lambda e: e.received_at)
+    if manifest is None:
+        manifest = read_manifest(run_dir)
+    entries = sorted(manifest, key=lambda e: e.received_at)
     chosen: dict[str, InstanceEntry] = {}
     skipped: list[Skipped] = []
     for entry in entries:
@@ -136,7 +109,7 @@ def _check_pixel_data_before_decoding(ds: Dataset) -> None:
     if "PixelData" not in ds:
         raise InputError("no pixel data")
     transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    if transfer_syntax in validate.NATIVE_TRANSFER_SYNTAXES:
+    if transfer_syntax in NATIVE_TRANSFER_SYNTAXES:
         expected, actual = geometry.native_bytes(), len(ds.PixelData)
         if actual not in (expected, expected + expected % 2):
             raise InputError(f"pixel data length {actual} differs from the {expected} bytes that "
@@ -166,16 +139,16 @@ def decode_view(selected: SelectedView) -> LoadedView:
     try:
         if str(ds.file_meta.TransferSyntaxUID) in JPEG_LS_TRANSFER_SYNTAXES:
             ds.pixel_array_options(decoding_plugin="pyjpegls")  # ~3x faster than the default
-        pixels = ds.pixel_array
+        decoded = ds.pixel_array
     except Exception as error:
         raise InputError(f"undecodable pixel data: {type(error).__name__}: {error}"[:300]) from error
-    if pixels.shape != (rows, cols):
-        raise InputError(f"pixel data shape {pixels.shape} differs from Rows x Columns")
-    pixels = pixels.astype(np.float32)
+    if decoded.shape != (rows, cols):
+        raise InputError(f"pixel data shape {decoded.shape} differs from Rows x Columns")
+    pixels = decoded.astype(np.float32)
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         bits = int(ds.get("BitsStored", 16) or 16)
-        pixels = float(2**bits - 1) - pixels
-    orientation = orientation_for(
+        pixels = np.float32(2**bits - 1) - pixels
+    orientation = orientation_from_tags(
         selected.entry.laterality, selected.entry.view, list(ds.get("PatientOrientation", []) or [])
     )
     del ds.PixelData  # keep the header only; pixels live in `pixels`

@@ -1,11 +1,11 @@
-"""Shared fixtures: real Redis and Orthanc on free loopback ports (see tools/stack.py).
+"""Shared fixtures: real Redis and Orthanc on free loopback ports (see tools/stack/services.py).
 
 Binaries (redis-server, Orthanc, dcmtk, dciodvfy) are installed by `make test`
 (tools/install.sh), so a missing one fails the test with a clear message instead of skipping.
 Mark a test that calls them directly with ``@pytest.mark.requires_bin("storescu", ...)``, or
 ask for the ``echoscu``/``storescu``/``storescp``/``dciodvfy`` fixtures, which return the path.
 
-Every service a test starts through tools/stack.py is stopped when the test ends, pass or
+Every service a test starts through tools/stack/services.py is stopped when the test ends, pass or
 fail. A module- or session-scoped fixture that owns a service sets ``service.persist = True``
 so the per-test safety net leaves it running; all services stop at session end regardless.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tools import stack
+from tools.stack import services
 
 INSTALL_HINT = "install the Debian packages with `make install` (tools/install.sh)"
 
@@ -41,11 +41,25 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# The fault suite shares one stack per package and measures the node's memory and recovery
+# under a known load: under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) all of it
+# goes to one worker, in order, while the other worker takes the independent tests.
+SERIAL_GROUP = "faults"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    faults_dir = Path(__file__).parent / "faults"
+    for item in items:
+        if faults_dir in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
+
+
 def require_binary(name: str) -> str:
     """Path of ``name`` (PATH or /usr/sbin); fails the test when it is not installed."""
     try:
-        return stack.find_binary(name)
-    except stack.ServiceError:
+        return services.find_binary(name)
+    except services.ServiceError:
         pass
     package = BINARY_PACKAGES.get(name, "?")
     pytest.fail(
@@ -63,9 +77,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(autouse=True)
 def _stop_leaked_services() -> Iterator[None]:
     """Safety net: stop services this test started and left running, even on failure."""
-    before = {id(svc) for svc in stack.running_services()}
+    before = {id(svc) for svc in services.running_services()}
     yield
-    for svc in reversed(stack.running_services()):
+    for svc in reversed(services.running_services()):
         if id(svc) not in before and not svc.persist:
             svc.stop()
 
@@ -73,7 +87,7 @@ def _stop_leaked_services() -> Iterator[None]:
 @pytest.fixture(scope="session", autouse=True)
 def _stop_all_services_at_exit() -> Iterator[None]:
     yield
-    stack.stop_all()
+    services.stop_all()
 
 
 @pytest.fixture
@@ -97,13 +111,13 @@ def dciodvfy() -> str:
 
 
 @pytest.fixture
-def redis_factory(tmp_path: Path) -> Iterator[Callable[..., stack.RedisService]]:
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., services.RedisService]]:
     """``make(**kwargs)`` -> a started RedisService (own dir, password); all stopped after."""
     require_binary("redis-server")
-    started: list[stack.RedisService] = []
+    started: list[services.RedisService] = []
 
-    def make(**kwargs: Any) -> stack.RedisService:
-        service = stack.RedisService(tmp_path / f"redis{len(started)}", **kwargs)
+    def make(**kwargs: Any) -> services.RedisService:
+        service = services.RedisService(tmp_path / f"redis{len(started)}", **kwargs)
         started.append(service)
         return service.start()
 
@@ -113,26 +127,26 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., stack.RedisService]]
 
 
 @pytest.fixture
-def redis_service(redis_factory: Callable[..., stack.RedisService]) -> stack.RedisService:
+def redis_service(redis_factory: Callable[..., services.RedisService]) -> services.RedisService:
     """A private redis-server on 127.0.0.1 with a password (``.url`` is the broker URL)."""
     return redis_factory()
 
 
 @pytest.fixture
-def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., stack.OrthancService]]:
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., services.OrthancService]]:
     """``make(ae_title="ORTHANC", modalities={name: [AET, host, port]}, **kwargs)``.
 
     Returns a started OrthancService in its own folder under tmp_path; all are stopped after.
     """
     require_binary("Orthanc")
-    started: list[stack.OrthancService] = []
+    started: list[services.OrthancService] = []
 
     def make(
         ae_title: str = "ORTHANC",
         modalities: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> stack.OrthancService:
-        service = stack.OrthancService(
+    ) -> services.OrthancService:
+        service = services.OrthancService(
             tmp_path / f"orthanc{len(started)}",
             ae_title=ae_title,
             modalities=modalities,

@@ -18,8 +18,8 @@ from pathlib import Path
 from pydicom import dcmread
 
 from pipelines.sr import read_sr_scores
-from tools.make_study import make_study
-from tools.node_stack import NodeStack
+from tools.stack.make_study import make_study
+from tools.stack.node_stack import NodeStack
 
 
 def _print_scores(scores: dict, operating_point: float | None) -> None:

@@ -2,7 +2,7 @@
 `node.max_associations` at once (beyond: rejected-transient, local-limit-exceeded). Every refusal
 is one log line and one audit record; a burst of 200 associations is served and nothing hangs.
 
-Requests are packed by hand (tests/faults/dicom_wire.py) so the exact A-ASSOCIATE-RJ
+Requests are packed by hand (tests/support/dicom_wire.py) so the exact A-ASSOCIATE-RJ
 (result, source, reason) is checked, and so 200 clients cost 200 blocked threads, not 200
 polling reactors.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from node.audit import read_audit
 from node.scp import StoreSCP
-from tests.faults.dicom_wire import (
+from tests.support.dicom_wire import (
     A_ASSOCIATE_AC,
     A_ASSOCIATE_RJ,
     Pdu,
@@ -26,13 +26,13 @@ from tests.faults.dicom_wire import (
     connect,
     echo_on,
     echoscu,
-    listener_settings,
     read_pdu,
     release,
     running_listener,
     wait_closed,
     wait_until,
 )
+from tests.support.settings import make_settings
 
 pytestmark = [pytest.mark.requires_bin("echoscu"), pytest.mark.timeout(300)]
 
@@ -42,8 +42,8 @@ REJECTED_TRANSIENT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 
 def _listener(tmp_path: Path, max_associations: int, **node: object) -> Iterator[StoreSCP]:
-    settings = listener_settings(
-        tmp_path,
+    settings = make_settings(
+        tmp_path, listener=True,
         node={"max_associations": max_associations, "network_timeout_s": 60,
               "acse_timeout_s": 60, **node},
         allowed_callers=[{"ae_title": "STORESCU", "host": "127.0.0.1"},

@@ -14,15 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
 from node.audit import read_audit
 from node.service import NodeService
 from node.settings import load_settings
-from tools.make_study import make_study
-from tools.stack import find_binary, free_port
+from tests.support.settings import write_config
+from tools.stack.make_study import make_study
+from tools.stack.services import find_binary
 
 pytestmark = [
     pytest.mark.integration,
@@ -38,17 +38,8 @@ PHI = ("CANARY^AUDIT", "AUDIT-ID-31337", "ACC-AUDIT-4242", "Canary Audit Hospita
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeService]:
-    config = {
-        "node": {"ae_title": "MAMMO_NODE", "bind_address": "127.0.0.1", "port": free_port(),
-                 "network_timeout_s": 20},
-        "allowed_callers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
-        "spool": {"dir": "spool", "min_free_bytes": 0},
-        "completion": {"quiet_period_s": 600, "deadline_s": 900},
-        "broker": {"url": f"redis://127.0.0.1:{free_port()}/0", "publish_timeout_s": 0.5},
-        "audit": {"path": "audit/node-audit.jsonl"},
-    }
-    config_path = tmp_path / "node.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_config(tmp_path / "node.yaml", listener=True, node={"network_timeout_s": 20},
+                               audit={"path": "audit/node-audit.jsonl"})
     service = NodeService(load_settings(config_path))
     service.scp.start()
     yield service

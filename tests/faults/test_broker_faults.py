@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import (
+from tests.support.fault_stack import (
     PAUSE_ENV,
     PAUSE_S,
     assert_delivered_exactly_once,
@@ -25,7 +25,7 @@ from tests.faults.conftest import (
     send,
     wait_for_log,
 )
-from tools.node_stack import NodeStack
+from tools.stack.node_stack import NodeStack
 
 pytestmark = [
     pytest.mark.integration,

@@ -30,9 +30,9 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from node.service import NodeService
-from node.settings import parse_settings
-from tools.make_study import make_study
-from tools.stack import find_binary, free_port
+from tests.support.settings import make_settings
+from tools.stack.make_study import make_study
+from tools.stack.services import find_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_bin("storescu", "echoscu")]
 
@@ -61,14 +61,8 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 def _node(spool_dir: Path, min_free_bytes: int) -> NodeService:
-    settings = parse_settings({
-        "node": {"ae_title": "MAMMO_NODE", "bind_address": "127.0.0.1", "port": free_port(),
-                 "network_timeout_s": 20},
-        "allowed_callers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
-        "spool": {"dir": str(spool_dir), "min_free_bytes": min_free_bytes},
-        "completion": {"quiet_period_s": 600, "deadline_s": 900},
-        "broker": {"url": f"redis://127.0.0.1:{free_port()}/0", "publish_timeout_s": 0.5},
-    })
+    settings = make_settings(spool_dir, listener=True, node={"network_timeout_s": 20},
+                             spool={"dir": str(spool_dir), "min_free_bytes": min_free_bytes})
     service = NodeService(settings)
     service.scp.start()
     return service

@@ -29,11 +29,10 @@ from pynetdicom.dsutils import split_dataset
 
 from node.errors import InputError
 from node.service import NodeService
-from node.settings import parse_settings
 from pipelines.study import decode_view, select_views
-from tests.spooled import spool_run
-from tools.make_study import make_study
-from tools.stack import free_port
+from tests.support.settings import make_settings
+from tests.support.spooled import spool_run
+from tools.stack.make_study import make_study
 
 pytestmark = [
     pytest.mark.integration,
@@ -48,15 +47,12 @@ J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeService]:
     root = tmp_path_factory.mktemp("hostile")
-    settings = parse_settings({
-        "node": {"ae_title": "MAMMO_NODE", "bind_address": "127.0.0.1", "port": free_port(),
-                 "network_timeout_s": 20},
-        "allowed_callers": [{"ae_title": "HOSTILE", "host": "127.0.0.1"},
-                            {"ae_title": "ECHOSCU", "host": "127.0.0.1"}],
-        "spool": {"dir": str(root / "spool"), "min_free_bytes": 0},
-        "completion": {"quiet_period_s": 0.01, "deadline_s": 0.02},
-        "broker": {"url": f"redis://127.0.0.1:{free_port()}/0", "publish_timeout_s": 0.5},
-    })
+    settings = make_settings(
+        root, listener=True, node={"network_timeout_s": 20},
+        allowed_callers=[{"ae_title": "HOSTILE", "host": "127.0.0.1"},
+                         {"ae_title": "ECHOSCU", "host": "127.0.0.1"}],
+        completion={"quiet_period_s": 0.01, "deadline_s": 0.02},
+    )
     service = NodeService(settings)
     service.scp.start()
     yield service

@@ -17,7 +17,7 @@ import pytest
 from pydicom import dcmread
 
 from pipelines.sr import read_sr_scores
-from tests.faults.conftest import (
+from tests.support.fault_stack import (
     assert_delivered_exactly_once,
     new_study,
     pacs_objects,
@@ -25,7 +25,7 @@ from tests.faults.conftest import (
     send,
     wait_settled,
 )
-from tools.node_stack import NodeStack
+from tools.stack.node_stack import NodeStack
 
 pytestmark = [
     pytest.mark.integration,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import assert_delivered_exactly_once, new_study, runs_of, send
-from tools.node_stack import NodeStack
+from tests.support.fault_stack import assert_delivered_exactly_once, new_study, runs_of, send
+from tools.stack.node_stack import NodeStack
 
 pytestmark = [
     pytest.mark.integration,

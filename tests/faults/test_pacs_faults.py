@@ -24,7 +24,7 @@ import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from node.audit import read_audit
-from tests.faults.conftest import (
+from tests.support.fault_stack import (
     assert_delivered_exactly_once,
     log_events,
     new_study,
@@ -32,8 +32,8 @@ from tests.faults.conftest import (
     send,
     wait_for_log,
 )
-from tools.node_stack import SEG_SOP_CLASS, SR_SOP_CLASS, NodeStack
-from tools.stack import find_binary
+from tools.stack.node_stack import SEG_SOP_CLASS, SR_SOP_CLASS, NodeStack
+from tools.stack.services import find_binary
 
 pytestmark = [
     pytest.mark.integration,

@@ -23,8 +23,8 @@ import pytest
 import redis
 from pydicom import dcmread
 
-from tools.make_study import make_study
-from tools.node_stack import NodeStack
+from tools.stack.make_study import make_study
+from tools.stack.node_stack import NodeStack
 
 pytestmark = [
     pytest.mark.integration,

@@ -1,7 +1,7 @@
 """Hostile bytes on the listener: every one ends in an A-ABORT or a closed connection, early, with
 bounded memory, and the node answers C-ECHO afterwards.
 
-The PDUs are packed by hand (tests/faults/dicom_wire.py): no toolkit sends these. The listener
+The PDUs are packed by hand (tests/support/dicom_wire.py): no toolkit sends these. The listener
 runs in this process, so the memory figures are this process's VmRSS/VmHWM, read from /proc;
 the attacking side sends from one preallocated buffer, so it adds nothing that grows.
 """
@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from node.audit import read_audit
 from node.scp import StoreSCP
 from node.scu import echo
-from tests.faults.dicom_wire import (
+from tests.support.dicom_wire import (
     A_ABORT,
     A_ASSOCIATE_AC,
     EXPLICIT_VR_LE,
@@ -35,7 +35,6 @@ from tests.faults.dicom_wire import (
     c_store_rq,
     connect,
     echoscu,
-    listener_settings,
     p_data,
     peak_rss_bytes,
     read_pdu,
@@ -45,6 +44,7 @@ from tests.faults.dicom_wire import (
     wait_closed,
     wait_until,
 )
+from tests.support.settings import make_settings
 
 pytestmark = [pytest.mark.requires_bin("echoscu"), pytest.mark.timeout(120)]
 
@@ -59,8 +59,8 @@ RSS_BOUND_BYTES = 32 * MIB
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
-    settings = listener_settings(
-        tmp_path_factory.mktemp("abuse"),
+    settings = make_settings(
+        tmp_path_factory.mktemp("abuse"), listener=True,
         node={"max_pdu_bytes": MAX_PDU_BYTES, "max_message_bytes": MAX_MESSAGE_BYTES,
               "network_timeout_s": NETWORK_TIMEOUT_S, "acse_timeout_s": ACSE_TIMEOUT_S},
     )
@@ -284,8 +284,8 @@ def test_a_hostile_pacs_can_neither_flood_nor_stall_the_sender(tmp_path: Path, a
     else:
         pacs = _HostilePacs(struct.pack(">BBL", 0x04, 0, 100) + b"\x00" * 10, push=False)
     pacs.start()
-    settings = listener_settings(
-        tmp_path, node={"max_pdu_bytes": MAX_PDU_BYTES},
+    settings = make_settings(
+        tmp_path, listener=True, node={"max_pdu_bytes": MAX_PDU_BYTES},
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
                        "port": pacs.port, "timeout_s": 2}])
     reset_peak_rss()

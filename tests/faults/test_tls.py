@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 from pydicom import dcmread
 from pynetdicom import AE
 
@@ -26,11 +25,12 @@ from node.audit import read_audit
 from node.errors import TransientError
 from node.scp import StoreSCP
 from node.scu import echo, send_files
-from node.settings import Settings, load_settings, parse_settings
+from node.settings import Settings, load_settings
 from node.tls import client_context
-from tests.faults.dicom_wire import connect, listener_settings, running_listener, wait_closed
-from tools.make_study import make_study
-from tools.stack import find_binary, free_port
+from tests.support.dicom_wire import connect, running_listener, wait_closed
+from tests.support.settings import make_settings, write_config
+from tools.stack.make_study import make_study
+from tools.stack.services import find_binary, free_port
 
 pytestmark = [pytest.mark.requires_bin("echoscu", "storescp"), pytest.mark.timeout(180)]
 
@@ -87,8 +87,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def node(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
-    settings = listener_settings(
-        tmp_path_factory.mktemp("tls-node"),
+    settings = make_settings(
+        tmp_path_factory.mktemp("tls-node"), listener=True,
         node={"acse_timeout_s": ACSE_TIMEOUT_S,
               "tls": {"cert_file": str(pki.server[0]), "key_file": str(pki.server[1]),
                       "ca_file": str(pki.ca), "require_client_cert": True}},
@@ -236,15 +236,14 @@ def tls_pacs(tmp_path: Path, pki: Pki, request: pytest.FixtureRequest
 
 
 def _sender_settings(tmp_path: Path, port: int, pki: Pki) -> Settings:
-    return parse_settings({
-        "allowed_callers": [{"ae_title": "STORESCU"}],
-        "destinations": [{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
-                          "port": port, "timeout_s": 5,
-                          "tls": {"ca_file": str(pki.ca), "cert_file": str(pki.client[0]),
-                                  "key_file": str(pki.client[1])}}],
-        "spool": {"dir": str(tmp_path / "spool")},
-        "send": {"attempts": 2, "backoff_s": 0.1, "backoff_max_s": 0.2},
-    })
+    return make_settings(
+        tmp_path,
+        destinations=[{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
+                       "port": port, "timeout_s": 5,
+                       "tls": {"ca_file": str(pki.ca), "cert_file": str(pki.client[0]),
+                               "key_file": str(pki.client[1])}}],
+        send={"attempts": 2, "backoff_s": 0.1, "backoff_max_s": 0.2},
+    )
 
 
 def test_sending_to_a_tls_pacs_verifies_it_and_delivers(tmp_path: Path, pki: Pki,
@@ -285,17 +284,13 @@ def test_a_tls_pacs_with_an_untrusted_certificate_gets_nothing(
 
 
 def test_tls_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
-    config = {
-        "allowed_callers": [{"ae_title": "STORESCU"}],
-        "node": {"tls": {"cert_file": "tls/node.crt", "key_file": "tls/node.key",
-                         "ca_file": "tls/ca.crt", "require_client_cert": True}},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.1", "port": 2762,
-                          "tls": {"ca_file": "tls/pacs-ca.crt"}}],
-        "spool": {"dir": "spool"},
-    }
-    path = tmp_path / "etc" / "node.yaml"
-    path.parent.mkdir()
-    path.write_text(yaml.safe_dump(config))
+    path = write_config(
+        tmp_path / "etc" / "node.yaml",
+        node={"tls": {"cert_file": "tls/node.crt", "key_file": "tls/node.key",
+                      "ca_file": "tls/ca.crt", "require_client_cert": True}},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.1", "port": 2762,
+                       "tls": {"ca_file": "tls/pacs-ca.crt"}}],
+    )
     settings = load_settings(path)
     assert settings.node.tls is not None and settings.destinations[0].tls is not None
     assert settings.node.tls.cert_file == tmp_path / "etc" / "tls" / "node.crt"

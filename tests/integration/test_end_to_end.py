@@ -24,10 +24,10 @@ from pydicom import dcmread
 
 from pipelines.seg import read_seg_heatmap
 from pipelines.sr import read_sr_scores
-from tests.dciodvfy import run_dciodvfy
-from tools.make_study import make_study
-from tools.node_stack import DEFAULT_BUNDLE, PACS_MODALITY_NAME, SEG_SOP_CLASS, NodeStack
-from tools.stack import free_port
+from tests.support.dciodvfy import run_dciodvfy
+from tools.stack.make_study import make_study
+from tools.stack.node_stack import DEFAULT_BUNDLE, PACS_MODALITY_NAME, SEG_SOP_CLASS, NodeStack
+from tools.stack.services import free_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -79,7 +79,7 @@ def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp
     # The SR: re-read with highdicom and with our reader; the scores are the run's scores.
     [sr_id] = ids["sr"]
     sr_path, sr = _fetch(stack, sr_id, tmp_path)
-    hd.sr.srread(sr_path)
+    evidence = hd.sr.srread(sr_path).get_evidence(current_procedure_only=True)
     scores = read_sr_scores(sr)
     assert scores["views"] == pytest.approx(record["scores"]["views"], abs=1e-6)
     assert scores["breasts"] == pytest.approx(record["scores"]["breasts"], abs=1e-6)
@@ -88,12 +88,7 @@ def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp
     assert scores["missing_views"] == []
     assert sr.StudyInstanceUID == study_uid
     assert set(scores["views_by_sop_uid"]) == set(sources)  # each score names its image
-    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
-    referenced = {
-        str(sop.ReferencedSOPInstanceUID): str(sop.ReferencedSOPClassUID)
-        for series in evidence.ReferencedSeriesSequence
-        for sop in series.ReferencedSOPSequence
-    }
+    referenced = {str(sop_uid): str(sop_class) for _, _, sop_uid, sop_class in evidence}
     assert {uid for uid, cls in referenced.items() if cls != SEG_SOP_CLASS} == set(sources)
     assert sorted(scores["seg_sop_uids"]) == sorted(
         uid for uid, cls in referenced.items() if cls == SEG_SOP_CLASS)
@@ -104,8 +99,7 @@ def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp
     for seg_id in ids["seg"]:
         seg_path, seg = _fetch(stack, seg_id, tmp_path)
         seg_uids.add(str(seg.SOPInstanceUID))
-        source_uid = str(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
-                         .ReferencedSOPInstanceUID)
+        [(_, _, source_uid)] = hd.seg.segread(seg_path).get_source_image_uids()
         seen_sources.add(source_uid)
         assert (seg.Rows, seg.Columns) == (ROWS, COLS)
         heatmap = read_seg_heatmap(seg)

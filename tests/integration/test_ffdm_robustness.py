@@ -20,8 +20,9 @@ from pipelines.model import ModelRunner, load_bundle
 from pipelines.results import SCREENING_VIEWS
 from pipelines.scoring import score_views
 from pipelines.study import decode_view, select_views
-from tests.spooled import spool_datasets
-from tools.make_study import StudySpec, build_view_dataset, encode_dataset, render_breast, replace_pixels
+from tests.support.spooled import spool_datasets
+from tests.support.study_pixels import replace_pixels
+from tools.stack.make_study import StudySpec, build_view_dataset, encode_dataset, render_breast
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "models" / "mias-baseline"

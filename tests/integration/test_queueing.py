@@ -12,10 +12,11 @@ import redis
 
 from node.completion import AssociationTracker
 from node.queueing import build_publisher
+from node.runs import InstanceEntry
 from node.service import CompletionWatcher
-from node.settings import parse_settings
-from node.spool import InstanceEntry, Spool, hash_key
-from tools.stack import RedisService, free_port
+from node.spool import Spool, hash_key
+from tests.support.settings import make_settings
+from tools.stack.services import RedisService, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_bin("redis-server")]
 
@@ -23,12 +24,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.requires_bin("redis-server")]
 def _watcher(tmp_path: Path, port: int, monkeypatch: pytest.MonkeyPatch, password: str,
              clock: list[float]) -> CompletionWatcher:
     monkeypatch.setenv("MAMMO_BROKER_PASSWORD", password)
-    settings = parse_settings({
-        "allowed_callers": [{"ae_title": "STORESCU"}],
-        "spool": {"dir": str(tmp_path / "spool")},
-        "completion": {"quiet_period_s": 30, "deadline_s": 300},
-        "broker": {"url": f"redis://127.0.0.1:{port}/0", "publish_timeout_s": 1},
-    })
+    settings = make_settings(tmp_path, completion={"quiet_period_s": 30, "deadline_s": 300},
+                             broker={"url": f"redis://127.0.0.1:{port}/0", "publish_timeout_s": 1})
     spool = Spool(settings.spool.dir).ensure()
     return CompletionWatcher(settings, spool, AssociationTracker(), build_publisher(settings),
                              clock=lambda: clock[0])

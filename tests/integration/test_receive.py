@@ -18,31 +18,21 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.service import NodeService
-from node.settings import Settings, parse_settings
 from node.spool import hash_key
-from tools.make_study import make_study
-from tools.stack import find_binary, free_port
+from tests.support.settings import make_settings
+from tools.stack.make_study import make_study
+from tools.stack.services import find_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_bin("storescu", "echoscu")]
 
 
-def _settings(tmp_path: Path, **overrides: object) -> Settings:
-    data: dict = {
-        "node": {"ae_title": "MAMMO_NODE", "bind_address": "127.0.0.1", "port": free_port(),
-                 "network_timeout_s": 10},
-        "allowed_callers": [{"ae_title": "STORESCU", "host": "127.0.0.1"},
-                            {"ae_title": "PINNED", "host": "127.0.0.2"}],
-        "spool": {"dir": str(tmp_path / "spool"), "min_free_bytes": 0},
-        "completion": {"quiet_period_s": 600, "deadline_s": 900},
-        "broker": {"url": f"redis://127.0.0.1:{free_port()}/0", "publish_timeout_s": 0.5},
-    }
-    data.update(overrides)
-    return parse_settings(data)
-
-
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeService]:
-    service = NodeService(_settings(tmp_path))
+    service = NodeService(make_settings(
+        tmp_path, listener=True,
+        allowed_callers=[{"ae_title": "STORESCU", "host": "127.0.0.1"},
+                         {"ae_title": "PINNED", "host": "127.0.0.2"}],
+    ))
     service.scp.start()  # the listener only: tests drive the watcher by hand
     yield service
     service.scp.stop()
@@ -175,7 +165,8 @@ def test_bad_instances_get_a_precise_status_and_leave_nothing(node: NodeService,
         for keyword, value in change.items():
             setattr(ds, keyword, value)
         ds.save_as(received, enforce_file_format=True)
-    got, reason, entry = node.scp._admit_instance(received, command_sop_uid, command_sop_class, "a")
+    got, reason, entry = node.scp.receiver.admit_instance(received, command_sop_uid,
+                                                          command_sop_class, "a")
     assert got == status, reason
     assert entry is None and reason
     assert node.spool.incoming_studies() == []

@@ -5,7 +5,7 @@ pixel values, same orientation (the right breast is mirrored chest wall left on 
 preprocessing, same model, and the heatmap back on the source grid with the same flips undone.
 The DICOM goes through the worker's own functions (pipelines.study select/decode/orient and
 pipelines.scoring.score_views, as process_run calls them); the PNG through
-tools.evaluate.score_record. 8-bit and 16-bit, a left and a right breast, CC and MLO.
+tools.model.evaluate.score_record. 8-bit and 16-bit, a left and a right breast, CC and MLO.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from PIL import Image
 from pipelines.model import ModelRunner, load_bundle
 from pipelines.scoring import score_views
 from pipelines.study import decode_view, select_views
-from tests.spooled import spool_datasets
-from tools.dataset import Record
-from tools.evaluate import score_record
-from tools.make_study import StudySpec, build_view_dataset, encode_dataset, render_breast, replace_pixels
+from tests.support.spooled import spool_datasets
+from tests.support.study_pixels import replace_pixels
+from tools.model.dataset import Record
+from tools.model.evaluate import score_record
+from tools.stack.make_study import StudySpec, build_view_dataset, encode_dataset, render_breast
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "mias-baseline"
 ROWS, COLS = 560, 448  # not square and not the model size, so resizing and flips both matter

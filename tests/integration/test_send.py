@@ -13,25 +13,27 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node.settings import Settings, parse_settings
-from node.spool import RECORD_NAME, RUN_NAME, InstanceEntry, Spool, hash_key, write_json_atomic
+from node.runs import RECORD_NAME, InstanceEntry, read_run_info, write_run_info
+from node.settings import Settings
+from node.spool import Spool, hash_key
 from pipelines.model import ViewPrediction
 from pipelines.results import ModelIdentity
 from pipelines.scoring import process_run, send_outputs
-from tools.make_study import make_study
-from tools.stack import find_binary, free_port
+from tests.support.settings import make_settings
+from tools.stack.make_study import make_study
+from tools.stack.services import find_binary, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.requires_bin("storescp")]
 
 
-def _settings(tmp_path: Path, port: int, attempts: int = 2) -> Settings:
-    return parse_settings({
-        "allowed_callers": [{"ae_title": "STORESCU"}],
-        "destinations": [{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
-                          "port": port, "timeout_s": 5}],
-        "spool": {"dir": str(tmp_path / "spool")},
-        "send": {"attempts": attempts, "backoff_s": 0.1, "backoff_max_s": 0.2},
-    })
+def _sender_settings(tmp_path: Path, port: int, attempts: int = 2) -> Settings:
+    """One archive on `port`, quick retries."""
+    return make_settings(
+        tmp_path,
+        destinations=[{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
+                       "port": port, "timeout_s": 5}],
+        send={"attempts": attempts, "backoff_s": 0.1, "backoff_max_s": 0.2},
+    )
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ def test_every_object_reaches_the_destination(tmp_path: Path, storescp: tuple[in
     files = make_study(tmp_path / "objs", views=["R-CC", "L-CC"], rows=64, cols=48, seed=41)
     files += make_study(tmp_path / "j2k", views=["R-MLO"], rows=64, cols=48, seed=41,
                         transfer_syntax="j2k")
-    sends, failure = send_outputs(_settings(tmp_path, port), files)
+    sends, failure = send_outputs(_sender_settings(tmp_path, port), files)
     assert failure is None
     assert [s["ok"] for s in sends] == [True, True, True]
     received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir()}
@@ -69,7 +71,7 @@ def test_unreachable_destination_fails_with_the_reason_after_the_last_attempt(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=42)
-    sends, failure = send_outputs(_settings(tmp_path, free_port(), attempts=3), files)
+    sends, failure = send_outputs(_sender_settings(tmp_path, free_port(), attempts=3), files)
     captured = capsys.readouterr()
     retries = [line for line in (captured.out + captured.err).splitlines()
                if "send_retry_scheduled" in line]
@@ -107,7 +109,7 @@ def _queued_run(tmp_path: Path, settings: Settings) -> tuple[Spool, str]:
 
 
 def test_run_whose_results_cannot_be_delivered_is_parked_in_failed(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, free_port(), attempts=2)
+    settings = _sender_settings(tmp_path, free_port(), attempts=2)
     spool, run_id = _queued_run(tmp_path, settings)
     assert process_run(settings, spool, run_id, _Fixed()) == "failed"
     record = json.loads((spool.state_dir("failed") / run_id / RECORD_NAME).read_text())
@@ -117,12 +119,12 @@ def test_run_whose_results_cannot_be_delivered_is_parked_in_failed(tmp_path: Pat
 
 
 def test_run_that_keeps_killing_workers_is_given_up(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, free_port())
+    settings = _sender_settings(tmp_path, free_port())
     spool, run_id = _queued_run(tmp_path, settings)
-    run_path = spool.state_dir("queued") / run_id / RUN_NAME
-    info = json.loads(run_path.read_text())
-    info["attempts"] = settings.scoring.max_attempts  # that many deliveries died mid-run
-    write_json_atomic(run_path, info)
+    run_dir = spool.state_dir("queued") / run_id
+    info = read_run_info(run_dir)
+    assert info is not None  # that many deliveries died mid-run:
+    write_run_info(run_dir, info.model_copy(update={"attempts": settings.scoring.max_attempts}))
     assert process_run(settings, spool, run_id, _Fixed()) == "failed"
     record = json.loads((spool.state_dir("failed") / run_id / RECORD_NAME).read_text())
     assert record["error"] == f"input: gave up after {settings.scoring.max_attempts} attempts " \

@@ -1,4 +1,4 @@
-"""The local service launcher (tools/stack.py) brings up real Redis and Orthanc and stops them."""
+"""The local service launcher (tools/stack/services.py) brings up real Redis and Orthanc and stops them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tools import stack
+from tools.stack import services
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ def port_open(port: int) -> bool:
         return False
 
 
-def test_redis_requires_its_password(redis_service: stack.RedisService) -> None:
+def test_redis_requires_its_password(redis_service: services.RedisService) -> None:
     assert redis.Redis.from_url(redis_service.url).ping() is True
     assert redis_service.ping() == "+PONG"
     assert redis_service.ping(password="").startswith("-NOAUTH")
@@ -94,7 +94,7 @@ def test_redis_with_appendonly_keeps_data_across_restart(redis_factory) -> None:
 def test_orthanc_upload_echo_store_and_clean_stop(
     orthanc_factory, tmp_path: Path, echoscu: str, storescu: str, storescp: str
 ) -> None:
-    node_port = stack.free_port()
+    node_port = services.free_port()
     orthanc = orthanc_factory(modalities={"MAMMO_NODE": ["MAMMO_NODE", "127.0.0.1", node_port]})
     assert orthanc.system()["DicomAet"] == "ORTHANC"
     assert orthanc.instances() == []
@@ -151,7 +151,7 @@ def test_orthanc_upload_echo_store_and_clean_stop(
     assert pydicom.dcmread(stored).SOPInstanceUID == source.SOPInstanceUID
 
     # A store to a modality that is down is an error, not a hang
-    with pytest.raises(stack.OrthancError):
+    with pytest.raises(services.OrthancError):
         orthanc.store_to_modality("MAMMO_NODE", instance_id, timeout_s=60)
 
     dicom_port, http_port = orthanc.dicom_port, orthanc.http_port
@@ -161,13 +161,13 @@ def test_orthanc_upload_echo_store_and_clean_stop(
 
 
 def test_orthanc_start_failure_reports_the_log(tmp_path: Path) -> None:
-    stack.find_binary("Orthanc")
+    services.find_binary("Orthanc")
     with socket.socket() as busy:
         busy.bind(("", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        service = stack.OrthancService(tmp_path / "o", dicom_port=taken)
-        with pytest.raises(stack.ServiceError, match="exited with status") as failure:
+        service = services.OrthancService(tmp_path / "o", dicom_port=taken)
+        with pytest.raises(services.ServiceError, match="exited with status") as failure:
             service.start()
     assert "Orthanc version" in str(failure.value)
     assert not service.running

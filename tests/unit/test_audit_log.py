@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from node.audit import AuditLog, open_audit, read_audit
-from node.settings import parse_settings
+from tests.support.settings import make_settings
 
 
 def _write_many(path: str, source: str, count: int) -> None:
@@ -62,7 +62,6 @@ def test_a_failing_write_does_not_raise(tmp_path: Path) -> None:
 
 
 def test_default_path_is_in_the_spool_and_config_can_move_it(tmp_path: Path) -> None:
-    base = {"allowed_callers": [{"ae_title": "MOD"}], "spool": {"dir": str(tmp_path / "spool")}}
-    assert open_audit(parse_settings(base), "cli").path == tmp_path / "spool" / "audit.jsonl"
-    moved = parse_settings({**base, "audit": {"path": str(tmp_path / "elsewhere.jsonl")}})
+    assert open_audit(make_settings(tmp_path), "cli").path == tmp_path / "spool" / "audit.jsonl"
+    moved = make_settings(tmp_path, audit={"path": str(tmp_path / "elsewhere.jsonl")})
     assert open_audit(moved, "cli").path == tmp_path / "elsewhere.jsonl"

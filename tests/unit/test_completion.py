@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from node.completion import AssociationTracker, completion_reason
+from node.runs import InstanceEntry
 from node.settings import CompletionSection
-from node.spool import IncomingStudy, InstanceEntry
+from node.spool import IncomingStudy
 
 RULE = CompletionSection(quiet_period_s=30, deadline_s=300)
 

@@ -1,4 +1,4 @@
-"""tools/dataset.py: manifests, orientation, grouped folds and splits (MIAS parts skip without it)."""
+"""tools/model/dataset.py: manifests, orientation, grouped folds and splits (MIAS parts skip without it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.dataset import (
+from tools.model.dataset import (
     Lesion,
     Record,
     grouped_folds,

@@ -1,6 +1,6 @@
-"""tools/evaluate.py on a tiny synthetic manifest scored by the shipped bundle.
+"""tools/model/evaluate.py on a tiny synthetic manifest scored by the shipped bundle.
 
-The report must say what tools.metrics says about scores computed independently of the tool
+The report must say what tools.model.metrics says about scores computed independently of the tool
 (runner.predict on the oriented pixels), with one table row per image and per breast.
 """
 
@@ -16,9 +16,16 @@ import pytest
 from PIL import Image
 
 from pipelines.model import ModelRunner, load_bundle
-from tools import evaluate, metrics
-from tools.dataset import Lesion, Record, load_pixels, read_manifest, to_model_orientation, write_manifest
-from tools.make_study import render_breast
+from tools.model import evaluate, metrics
+from tools.model.dataset import (
+    Lesion,
+    Record,
+    load_pixels,
+    read_manifest,
+    to_model_orientation,
+    write_manifest,
+)
+from tools.stack.make_study import render_breast
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "mias-baseline"
 ROWS, COLS = 288, 224
@@ -172,7 +179,7 @@ def test_breast_rows_take_the_max_over_views() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_precomputed_predictions_are_reported_as_given(manifest: Path, tmp_path: Path) -> None:
-    """tools/train.py's predictions.jsonl: a null score (a validation image) is left out, a
+    """tools/model/train.py's predictions.jsonl: a null score (a validation image) is left out, a
     given hit is taken as is, otherwise the hit is judged from the given peak."""
     records = read_manifest(manifest)
     scores = np.random.default_rng(3).uniform(0, 1, len(records))

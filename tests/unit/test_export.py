@@ -1,4 +1,4 @@
-"""tools/export.py: a trained folder becomes a bundle the worker loads, with an honest card."""
+"""tools/model/export.py: a trained folder becomes a bundle the worker loads, with an honest card."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 
 from pipelines.model import REQUIRED_KEYS, load_bundle
 from pipelines.preprocess import build_preprocess
-from tools.dataset import write_synthetic
-from tools.export import export, load_trained, main
-from tools.train import main as train_main
+from tests.support.synthetic_dataset import write_synthetic
+from tools.model.export import export, load_trained, main
+from tools.model.train import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_metadata_carries_validation_operating_points_metrics_and_command(
     assert low <= m["normal_vs_abnormal_auc"] <= high and len(m["fold_aucs"]) == 2
     assert "grouped by woman" in m["split"]
     t = metadata["training"]
-    assert t["command"].startswith("python -m tools.train ") and "--cv 2" in t["command"]
-    assert t["export_command"].startswith("python -m tools.export ")
+    assert t["command"].startswith("python -m tools.model.train ") and "--cv 2" in t["command"]
+    assert t["export_command"].startswith("python -m tools.model.export ")
     assert t["arch_config"]["arch"] == "unet" and t["inference"]["threads"] == 1
     assert t["inference"]["image_1024x832_ms"] > 0
 
@@ -77,7 +77,7 @@ def test_metadata_carries_validation_operating_points_metrics_and_command(
 def test_model_card(bundle: Path) -> None:
     card = (bundle / "README.md").read_text()
     for text in ("Research use only, not for diagnosis", "Suckling", "200 µm", "MLO",
-                 "python -m tools.train ", "python -m tools.export ", "## Ideas tried",
+                 "python -m tools.model.train ", "python -m tools.model.export ", "## Ideas tried",
                  "95 % CI", "balanced", "high_sensitivity"):
         assert text in card, text
 

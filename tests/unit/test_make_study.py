@@ -14,8 +14,8 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 
-from tests.dciodvfy import run_dciodvfy
-from tools.make_study import TRANSFER_SYNTAXES, main, make_study
+from tests.support.dciodvfy import run_dciodvfy
+from tools.stack.make_study import TRANSFER_SYNTAXES, main, make_study
 
 pytestmark = pytest.mark.requires_bin("dciodvfy")
 

@@ -1,4 +1,4 @@
-"""tools/metrics.py on small cases worked out by hand."""
+"""tools/model/metrics.py on small cases worked out by hand."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from tools.dataset import Lesion
-from tools.metrics import (
+from tools.model.dataset import Lesion
+from tools.model.metrics import (
     auc,
     bootstrap_auc_ci,
     calibration_bins,

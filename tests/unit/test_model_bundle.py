@@ -36,8 +36,8 @@ def test_committed_bundle_is_a_trained_model_with_measured_metrics(runner) -> No
     card = (BUNDLE / "README.md").read_text()
     assert "Research use only" in card and "Suckling" in card
     training = metadata["training"]  # rebuilt by the issue-3 tools, with the exact commands
-    assert training["command"].startswith("python -m tools.train ")
-    assert training["export_command"].startswith("python -m tools.export ")
+    assert training["command"].startswith("python -m tools.model.train ")
+    assert training["export_command"].startswith("python -m tools.model.export ")
     assert training["command"] in card and training["arch_config"]["size"] == \
         metadata["input"]["height"]
     assert set(metadata["operating_points"]) == {"balanced", "high_sensitivity"}
@@ -45,7 +45,7 @@ def test_committed_bundle_is_a_trained_model_with_measured_metrics(runner) -> No
 
 def test_shipped_metrics_are_recomputed_from_the_shipped_out_of_fold_predictions(runner) -> None:
     """The card's numbers are not typed in: they follow from predictions.jsonl, woman-grouped folds."""
-    from tools.metrics import auc, operating_points
+    from tools.model.metrics import auc, operating_points
 
     metadata = runner.metadata
     rows = [json.loads(line) for line in (BUNDLE / "predictions.jsonl").read_text().splitlines()]

@@ -21,37 +21,42 @@ from node.audit import read_audit
 from node.completion import AssociationTracker
 from node.errors import TransientError
 from node.queueing import build_publisher, publish_run, waiting_run_ids
-from node.service import CompletionWatcher, Reconciler, purge_expired
-from node.settings import Settings, parse_settings
-from node.spool import (
+from node.runs import (
+    PREVIOUS_RECORD_NAME,
     PUBLISHED_NAME,
     RECORD_NAME,
     RUN_NAME,
+    FailureKind,
     InstanceEntry,
-    RunStateError,
-    Spool,
-    hash_key,
+    RunFailure,
+    RunRecord,
     read_manifest,
-    write_json_atomic,
+    read_record,
+    read_run_info,
+    write_record,
+    write_run_info,
 )
+from node.service import CompletionWatcher, Reconciler, purge_expired
+from node.settings import Settings
+from node.spool import RunStateError, Spool, hash_key
 from pipelines.results import ModelIdentity
 from pipelines.scoring import process_run
-from tools.stack import RedisService, free_port
+from tests.support.settings import make_settings
+from tools.stack.services import RedisService, free_port
 
 STUDY_UID = "1.2.826.0.1.3680043.10.1.77"
 
 
-def _settings(tmp_path: Path, broker_port: int | None = None, **reconcile: float) -> Settings:
-    return parse_settings({
-        "allowed_callers": [{"ae_title": "STORESCU"}],
-        "spool": {"dir": str(tmp_path / "spool")},
-        "broker": {"url": f"redis://127.0.0.1:{broker_port or free_port()}/0",
-                   "publish_timeout_s": 1},
-        "scoring": {"max_attempts": 2},
-        "reconcile": {"interval_s": 1, "republish_after_s": 30, "abandoned_after_s": 5,
-                      **reconcile},
-        "audit": {"path": str(tmp_path / "audit.jsonl")},
-    })
+def _reconciler_settings(tmp_path: Path, broker_port: int | None = None,
+                         **reconcile: float) -> Settings:
+    """Two attempts per run, short reconcile periods, a broker on `broker_port` (none by default)."""
+    return make_settings(
+        tmp_path,
+        broker={"url": f"redis://127.0.0.1:{broker_port or free_port()}/0", "publish_timeout_s": 1},
+        scoring={"max_attempts": 2},
+        reconcile={"interval_s": 1, "republish_after_s": 30, "abandoned_after_s": 5, **reconcile},
+        audit={"path": str(tmp_path / "audit.jsonl")},
+    )
 
 
 def _receive(spool: Spool, view_key: str, study_uid: str = STUDY_UID) -> str:
@@ -71,16 +76,27 @@ def _queued_run(spool: Spool, *views: str) -> str:
     return spool.claim_study(hash_key(STUDY_UID), "quiet_period")
 
 
+def _set_attempts(run_dir: Path, attempts: int) -> None:
+    info = read_run_info(run_dir)
+    assert info is not None
+    write_run_info(run_dir, info.model_copy(update={"attempts": attempts}))
+
+
+def _finish_held(spool: Spool, run_id: str, state: str, failure: RunFailure | None = None) -> None:
+    """Write a minimal record for a run this test holds and move it to done/ or failed/."""
+    finished = "done" if state == "done" else "failed"
+    write_record(spool.state_dir("work") / run_id,
+                 RunRecord(run_id=run_id, study_uid=STUDY_UID, state=finished, error=failure))
+    spool.finish_run(run_id, finished)
+
+
 def _hold_and_die(root: str, run_id: str) -> None:
     with Spool(Path(root)).hold_run(run_id):
         os._exit(9)  # a worker killed mid-run: its flock dies with it
 
 
 def _abandon(spool: Spool, run_id: str, attempts: int) -> None:
-    path = spool.state_dir("queued") / run_id / RUN_NAME
-    info = json.loads(path.read_text())
-    info["attempts"] = attempts
-    write_json_atomic(path, info)
+    _set_attempts(spool.state_dir("queued") / run_id, attempts)
     child = multiprocessing.get_context("fork").Process(target=_hold_and_die,
                                                        args=(str(spool.root), run_id))
     child.start()
@@ -94,7 +110,7 @@ def _reconciler(settings: Settings, clock: list[float]) -> Reconciler:
 
 
 def test_abandoned_run_goes_back_to_queued_with_its_attempts(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = _reconciler_settings(tmp_path)
     clock = [1000.0]
     reconciler = _reconciler(settings, clock)
     run_id = _queued_run(reconciler.spool)
@@ -105,13 +121,14 @@ def test_abandoned_run_goes_back_to_queued_with_its_attempts(tmp_path: Path) -> 
     assert reconciler.tick()["requeued"] == [run_id]
     assert reconciler.spool.locate(run_id)[0] == "queued"  # type: ignore[index]
     assert reconciler.spool.unpublished_runs() == [run_id]  # the watcher publishes it again
-    assert reconciler.spool.run_info(run_id)["attempts"] == 1
+    info = reconciler.spool.run_info(run_id)
+    assert info is not None and info.attempts == 1
     [event] = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "run_requeued"]
     assert event["run_id"] == run_id and event["reason"] == "abandoned_by_dead_worker"
 
 
 def test_run_held_by_a_live_worker_is_left_alone(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = _reconciler_settings(tmp_path)
     clock = [1000.0]
     reconciler = _reconciler(settings, clock)
     run_id = _queued_run(reconciler.spool)
@@ -125,7 +142,7 @@ def test_run_held_by_a_live_worker_is_left_alone(tmp_path: Path) -> None:
 
 def test_run_that_keeps_killing_workers_is_parked_in_failed_and_stays_there(tmp_path: Path
                                                                             ) -> None:
-    settings = _settings(tmp_path)
+    settings = _reconciler_settings(tmp_path)
     clock = [1000.0]
     reconciler = _reconciler(settings, clock)
     run_id = _queued_run(reconciler.spool)
@@ -137,6 +154,9 @@ def test_run_that_keeps_killing_workers_is_parked_in_failed_and_stays_there(tmp_
     assert state == "failed"
     record = json.loads((path / RECORD_NAME).read_text())
     assert record["error"] == "input: gave up after 2 attempts that did not finish"
+    typed = read_record(path)
+    assert typed is not None and typed.error == RunFailure(
+        kind=FailureKind.INPUT, message="gave up after 2 attempts that did not finish")
     clock[0] += 600
     assert reconciler.tick() == {"requeued": [], "failed": [], "republish": []}
     with reconciler.spool.hold_run(run_id) as held:  # a late message for it: no-op
@@ -159,7 +179,7 @@ def test_run_moved_back_while_a_worker_reaches_for_it_is_not_taken_twice(tmp_pat
 
 
 def test_broker_down_leaves_published_runs_alone(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, republish_after_s=1)
+    settings = _reconciler_settings(tmp_path, republish_after_s=1)
     clock = [time.time() + 100]
     reconciler = _reconciler(settings, clock)
     run_id = _queued_run(reconciler.spool)
@@ -177,7 +197,7 @@ def test_lost_message_is_published_again_but_a_waiting_one_is_not(
 ) -> None:
     with RedisService(tmp_path / "redis") as redis_service:
         monkeypatch.setenv("MAMMO_BROKER_PASSWORD", redis_service.password)
-        settings = _settings(tmp_path, broker_port=redis_service.port, republish_after_s=30)
+        settings = _reconciler_settings(tmp_path, broker_port=redis_service.port, republish_after_s=30)
         clock = [time.time()]
         spool = Spool(settings.spool.dir).ensure()
         watcher = CompletionWatcher(settings, spool, AssociationTracker(),
@@ -219,9 +239,7 @@ def test_late_instance_starts_a_run_on_the_union_that_supersedes_the_first(tmp_p
     spool = Spool(tmp_path / "spool").ensure()
     first = _queued_run(spool, "R-CC", "L-CC", "R-MLO")
     with spool.hold_run(first):
-        write_json_atomic(spool.state_dir("work") / first / RECORD_NAME,
-                          {"run_id": first, "state": "done"})
-        spool.finish_run(first, "done")
+        _finish_held(spool, first, "done")
     late_sop = _receive(spool, "L-MLO")
     second = spool.claim_study(hash_key(STUDY_UID), "quiet_period")
     second_dir = spool.state_dir("queued") / second
@@ -249,7 +267,7 @@ class _MustNotScore:
 
 
 def test_superseded_run_that_was_still_queued_is_not_scored(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = _reconciler_settings(tmp_path)
     spool = Spool(settings.spool.dir).ensure()
     first = _queued_run(spool, "R-CC")
     _receive(spool, "L-CC")
@@ -282,13 +300,12 @@ def _finished(spool: Spool, state: str) -> str:
     with spool.hold_run(run_id):
         if state == "work":
             return run_id
-        write_json_atomic(spool.state_dir("work") / run_id / RECORD_NAME, {"state": state})
-        spool.finish_run(run_id, "done" if state == "done" else "failed")
+        _finish_held(spool, run_id, state)
     return run_id
 
 
 def test_retention_purges_finished_runs_only_and_audits_them(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = _reconciler_settings(tmp_path)
     spool = Spool(settings.spool.dir).ensure()
     runs = {state: _finished(spool, state) for state in ("queued", "done", "failed")}
     spool.discard_run(_finished(spool, "queued"), reason="test")
@@ -320,33 +337,29 @@ def test_retry_resets_attempts_and_unpublishes(tmp_path: Path) -> None:
     spool.mark_published(run_id)
     with spool.hold_run(run_id) as held:
         assert held is not None
-        info = json.loads((held / RUN_NAME).read_text())
-        info["attempts"] = 3
-        write_json_atomic(held / RUN_NAME, info)
-        write_json_atomic(held / RECORD_NAME, {"state": "failed", "error": "send: x"})
-        spool.finish_run(run_id, "failed")
+        _set_attempts(held, 3)
+        _finish_held(spool, run_id, "failed", RunFailure(kind=FailureKind.SEND, message="x"))
     spool.requeue_run(run_id)
     path = spool.state_dir("queued") / run_id
     assert json.loads((path / RUN_NAME).read_text())["attempts"] == 0
     assert not (path / PUBLISHED_NAME).exists() and not (path / RECORD_NAME).exists()
-    assert json.loads((path / "record.previous.json").read_text())["error"] == "send: x"
+    assert json.loads((path / PREVIOUS_RECORD_NAME).read_text())["error"] == "send: x"
 
 
 def test_supersede_notes_lost_in_a_crash_are_written_by_the_reconciler(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = _reconciler_settings(tmp_path)
     clock = [1000.0]
     reconciler = _reconciler(settings, clock)
     spool = reconciler.spool
     first = _queued_run(spool, "R-CC")
     with spool.hold_run(first):
-        write_json_atomic(spool.state_dir("work") / first / RECORD_NAME, {"state": "done"})
-        spool.finish_run(first, "done")
+        _finish_held(spool, first, "done")
     _receive(spool, "L-CC")
     second = spool.claim_study(hash_key(STUDY_UID), "quiet_period")
     # As if `serve` died right after the claim, before the notes in the earlier run:
     first_dir = spool.state_dir("done") / first
     (first_dir / "superseded.json").unlink()
-    write_json_atomic(first_dir / RECORD_NAME, {"state": "done"})
+    write_record(first_dir, RunRecord(run_id=first, study_uid=STUDY_UID, state="done"))
     assert spool.superseded_by(first) is None
     reconciler.tick()
     assert spool.superseded_by(first) == second

@@ -11,11 +11,21 @@ from pathlib import Path
 
 import pytest
 import structlog
-import yaml
 
 from node.audit import read_audit
 from node.cli import main
-from node.spool import RECORD_NAME, RUN_NAME, InstanceEntry, Spool, hash_key, write_json_atomic
+from node.runs import (
+    RECORD_NAME,
+    FailureKind,
+    InstanceEntry,
+    RunFailure,
+    RunRecord,
+    read_run_info,
+    write_record,
+    write_run_info,
+)
+from node.spool import Spool, hash_key
+from tests.support.settings import write_config
 
 
 @pytest.fixture(autouse=True)
@@ -32,12 +42,7 @@ def _keep_logging_as_it_was() -> Iterator[None]:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    path = tmp_path / "node.yaml"
-    path.write_text(yaml.safe_dump({
-        "allowed_callers": [{"ae_title": "STORESCU"}],
-        "spool": {"dir": "spool", "retention_days": 7},
-    }))
-    return path
+    return write_config(tmp_path / "node.yaml", spool={"retention_days": 7})
 
 
 def _spool(config: Path) -> Spool:
@@ -56,11 +61,11 @@ def _run(spool: Spool, study_uid: str, state: str = "queued", attempts: int = 0)
         return run_id
     with spool.hold_run(run_id) as held:
         assert held is not None
-        info = json.loads((held / RUN_NAME).read_text())
-        info["attempts"] = attempts
-        write_json_atomic(held / RUN_NAME, info)
-        write_json_atomic(held / RECORD_NAME, {"run_id": run_id, "study_uid": study_uid,
-                                               "state": state, "error": "send: pacs: down"})
+        info = read_run_info(held)
+        assert info is not None
+        write_run_info(held, info.model_copy(update={"attempts": attempts}))
+        write_record(held, RunRecord(run_id=run_id, study_uid=study_uid, state=state,  # type: ignore[arg-type]
+                                     error=RunFailure(kind=FailureKind.SEND, message="pacs: down")))
         spool.finish_run(run_id, state)  # type: ignore[arg-type]
     return run_id
 
@@ -99,7 +104,8 @@ def test_retry_puts_a_failed_run_back_with_attempts_reset_and_audits_it(
     run_id = _run(spool, "1.2.3.4", "failed", attempts=3)
     assert main(["runs", "retry", run_id, "--config", str(config)]) == 0
     assert spool.locate(run_id)[0] == "queued"  # type: ignore[index]
-    assert spool.run_info(run_id)["attempts"] == 0
+    info = spool.run_info(run_id)
+    assert info is not None and info.attempts == 0
     assert spool.unpublished_runs() == [run_id]  # the node will publish it
     [event] = [e for e in _audit(config) if e["event"] == "run_retried"]
     assert event["run_id"] == run_id and event["study_uid"] == "1.2.3.4"

@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 
+from node.runs import FailureKind, InstanceEntry, read_record
+from node.spool import Spool, hash_key
 from pipelines.results import ModelIdentity
-from pipelines.scoring import score_views
+from pipelines.scoring import process_run, score_views
 from pipelines.study import decode_view, select_views
-from tests.spooled import spool_run
-from tools.make_study import make_study
+from tests.support.settings import make_settings
+from tests.support.spooled import spool_run
+from tools.stack.make_study import make_study
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,46 @@ def test_missing_views_are_named(tmp_path: Path) -> None:
     result, _ = score_views(views, _ImageAsHeatmap([0.5]), "1.2.3")
     assert result.missing_views == ("R-CC", "R-MLO", "L-MLO")
     assert result.breast_scores == {"L": 0.5}
+
+
+def _claimed_run(spool: Spool, paths: list[Path]) -> str:
+    """The study received into the spool and claimed, as the node would hand it to a worker."""
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        received = spool.tmp_dir / "received.part"
+        received.write_bytes(path.read_bytes())
+        spool.add_instance(received, InstanceEntry(
+            str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
+            str(ds.StudyInstanceUID), str(ds.file_meta.TransferSyntaxUID),
+            str(ds.ImageLaterality), str(ds.ViewPosition),
+            hash_key(str(ds.SOPInstanceUID)) + ".dcm", path.stat().st_size, 1.0, "a"))
+    [study] = spool.incoming_studies()
+    return spool.claim_study(study.study_key, "quiet_period")
+
+
+class _Crashing(_ImageAsHeatmap):
+    def predict(self, images: list[np.ndarray]) -> list[_Prediction]:
+        raise RuntimeError("model exploded")
+
+
+def test_a_run_fails_with_a_typed_kind_the_record_keeps(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    spool = Spool(settings.spool.dir).ensure()
+    crashing = _claimed_run(spool, make_study(tmp_path / "a", views=["R-CC"], rows=64, cols=48,
+                                              seed=12))
+    assert process_run(settings, spool, crashing, _Crashing([0.5])) == "failed"
+    record = read_record(spool.state_dir("failed") / crashing)
+    assert record is not None and record.error is not None
+    assert record.error.kind is FailureKind.INTERNAL
+    assert str(record.error) == "internal: RuntimeError: model exploded"
+    assert record.inputs is not None and record.scores is None  # how far it got
+
+    paths = make_study(tmp_path / "b", views=["L-CC"], rows=64, cols=48, seed=13)
+    undecodable = _claimed_run(spool, paths)
+    for path in (spool.state_dir("queued") / undecodable).glob("*.dcm"):
+        path.write_bytes(path.read_bytes()[:400])  # cut inside the header: unreadable
+    assert process_run(settings, spool, undecodable, _ImageAsHeatmap([0.5])) == "failed"
+    record = read_record(spool.state_dir("failed") / undecodable)
+    assert record is not None and record.error is not None
+    assert record.error.kind is FailureKind.INPUT
+    assert record.error.message.startswith("no scorable view: not_decoded:")

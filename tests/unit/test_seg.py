@@ -13,8 +13,8 @@ from pydicom.uid import JPEG2000Lossless
 
 from pipelines.results import ModelIdentity, OutputSpec
 from pipelines.seg import build_seg, read_seg_heatmap
-from tests.dciodvfy import assert_dciodvfy_clean, to_bytes
-from tools.make_study import FULL_COLS, FULL_ROWS, make_study
+from tests.support.dciodvfy import assert_dciodvfy_clean, to_bytes
+from tools.stack.make_study import FULL_COLS, FULL_ROWS, make_study
 
 pytestmark = pytest.mark.requires_bin("dciodvfy")
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from node.errors import ConfigError
 from node.settings import load_settings, parse_settings
+from tools.stack.node_stack import merge_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "node.example.yaml"
@@ -50,12 +51,7 @@ def test_settings_are_frozen() -> None:
     ],
 )
 def test_bad_values_name_the_key(patch: dict, expected: str) -> None:
-    data = _example()
-    for section, values in patch.items():
-        if isinstance(values, dict):
-            data[section] = {**data.get(section, {}), **values}
-        else:
-            data[section] = values
+    data = merge_config(_example(), patch)
     with pytest.raises(ConfigError) as error:
         parse_settings(data, "node.yaml")
     assert f"node.yaml: {expected}" in str(error.value)

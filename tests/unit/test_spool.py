@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from node.spool import InstanceEntry, Spool, hash_key, read_manifest
+import node.spool
+from node.completion import AssociationTracker
+from node.queueing import build_publisher
+from node.runs import InstanceEntry, read_manifest
+from node.service import CompletionWatcher
+from node.spool import Spool, free_bytes, hash_key
+from tests.support.settings import make_settings
 
 
 def _entry(sop_uid: str, study_uid: str = "1.2.3", view: str = "CC", lat: str = "R") -> InstanceEntry:
@@ -129,3 +135,54 @@ def test_failed_run_can_be_requeued(spool: Spool) -> None:
 def test_purge_tmp_removes_abandoned_receives(spool: Spool) -> None:
     (spool.tmp_dir / "tmpabc.dcm").write_bytes(b"partial")
     assert spool.purge_tmp() == 1
+
+
+def _count_manifest_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    reads: list[Path] = []
+    real = node.spool.read_manifest
+
+    def counting(folder: Path) -> tuple[InstanceEntry, ...]:
+        reads.append(folder)
+        return real(folder)
+
+    monkeypatch.setattr(node.spool, "read_manifest", counting)
+    return reads
+
+
+def test_the_watcher_reads_no_manifest_per_tick(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = make_settings(tmp_path, completion={"quiet_period_s": 600, "deadline_s": 900})
+    spool = Spool(settings.spool.dir).ensure()
+    _receive(spool, _entry("1.2.3.1"))
+    reads = _count_manifest_reads(monkeypatch)
+    watcher = CompletionWatcher(settings, spool, AssociationTracker(), build_publisher(settings))
+    for index in range(2, 7):
+        assert watcher.tick() == []  # nothing due yet
+        _receive(spool, _entry(f"1.2.3.{index}", view="MLO"))
+    assert len(reads) == 1, "the index is built from disk once, then kept by add_instance"
+    [study] = spool.incoming_studies()
+    assert len(study.instances) == 6 and study.view_keys == {"R-CC", "R-MLO"}
+    run_id = spool.claim_study(study.study_key, "deadline")
+    assert spool.incoming_studies() == []
+    info = spool.run_info(run_id)
+    assert info is not None and info.instance_count == 6
+
+
+def test_the_index_is_rebuilt_from_disk_after_a_restart(tmp_path: Path) -> None:
+    before = Spool(tmp_path / "spool").ensure()
+    _receive(before, _entry("1.2.3.4"))
+    _receive(before, _entry("1.2.4.1", study_uid="1.2.4", lat="L"))
+    assert len(before.incoming_studies()) == 2
+    (before.incoming_dir / "empty-folder-of-a-crash").mkdir()  # no manifest: not a study
+    after = Spool(tmp_path / "spool").ensure()  # the node restarted
+    assert after.index_incoming() == 2
+    assert after.incoming_studies() == before.incoming_studies()
+    _receive(after, _entry("1.2.3.5", view="MLO"))
+    by_uid = {s.study_uid: s for s in after.incoming_studies()}
+    assert {e.sop_uid for e in by_uid["1.2.3"].instances} == {"1.2.3.4", "1.2.3.5"}
+
+
+def test_free_bytes_of_an_unreachable_spool_is_zero(tmp_path: Path) -> None:
+    assert free_bytes(tmp_path) > 0
+    assert free_bytes(tmp_path / "missing") == 0  # as good as full: the listener refuses
+    assert Spool(tmp_path / "missing").free_bytes() == 0

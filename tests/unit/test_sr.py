@@ -8,6 +8,8 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from highdicom.sr import ValueTypeValues
+from highdicom.sr.utils import find_content_items
 from pydicom import Dataset, dcmread
 
 from pipelines.results import ModelIdentity, OutputSpec, StudyResult, ViewScore
@@ -23,8 +25,8 @@ from pipelines.sr import (
     build_sr,
     read_sr_scores,
 )
-from tests.dciodvfy import assert_dciodvfy_clean, to_bytes
-from tools.make_study import make_study
+from tests.support.dciodvfy import assert_dciodvfy_clean, to_bytes
+from tools.stack.make_study import make_study
 
 pytestmark = pytest.mark.requires_bin("dciodvfy")
 
@@ -64,16 +66,8 @@ def _result(sources: list[Dataset], missing: tuple[str, ...] = ()) -> StudyResul
 
 def _group_texts(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> dict[str, str]:
     """{concept code value: text} of the TEXT items anywhere in a group (algorithm id lives there)."""
-    found: dict[str, str] = {}
-
-    def walk(items: list[Dataset]) -> None:
-        for item in items:
-            if item.ValueType == "TEXT":
-                found[item.ConceptNameCodeSequence[0].CodeValue] = item.TextValue
-            walk(item.get("ContentSequence", []))
-
-    walk(group[0].ContentSequence)
-    return found
+    items = find_content_items(group[0], value_type=ValueTypeValues.TEXT, recursive=True)
+    return {item.name.value: item.value for item in items}
 
 
 def test_round_trip_keeps_every_score(sources: list[Dataset], tmp_path: Path) -> None:
@@ -139,8 +133,9 @@ def test_joins_the_source_study_as_an_unverified_device_report(sources: list[Dat
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
     assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"  # Imaging Measurement Report
     assert sr.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurement Report"
-    observer_types = [item.ConceptCodeSequence[0].CodeMeaning for item in sr.ContentSequence
-                      if item.ConceptNameCodeSequence[0].CodeValue == "121005"]
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    observer_types = [context.observer_type.meaning for context in report.get_observer_contexts()]
     assert observer_types == ["Device"]
     assert [item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence] == [
         SCHEME]

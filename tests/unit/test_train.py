@@ -1,4 +1,4 @@
-"""tools/train.py: tiny real training runs on a synthetic data set (no real data needed)."""
+"""tools/model/train.py: tiny real training runs on a synthetic data set (no real data needed)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from pipelines.model import load_bundle
-from tools import nets
-from tools.dataset import write_synthetic
-from tools.export import export
-from tools.train import load_init, main, model_config, parse_args
+from tests.support.synthetic_dataset import write_synthetic
+from tools.model import nets
+from tools.model.export import export
+from tools.model.train import load_init, main, model_config, parse_args
 
 TINY = ["--size", "64", "--batch-size", "8", "--threads", "1", "--device", "cpu",
         "--min-epochs", "1", "--val-every", "1", "--patience", "20"]

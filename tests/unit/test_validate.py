@@ -15,16 +15,13 @@ from pydicom.encaps import encapsulate, generate_fragmented_frames
 from pydicom.tag import Tag
 
 from node import validate
-from node.receive import REJECT_TRANSIENT_LOCAL_LIMIT, VERIFICATION, disk_rejection
 from node.validate import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    STATUS_INVALID_UID,
     CodestreamGeometry,
     PixelDataExtent,
     Rejection,
 )
-from tools.make_study import make_study
+from node.vocabulary import StoreStatus
+from tools.stack.make_study import make_study
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on hostile values
 
@@ -76,51 +73,51 @@ def test_hostile_uids_are_invalid_uid(keyword: str, value: str) -> None:
     command = value if keyword == "SOPInstanceUID" else SOP_UID
     rejection = _check(header, command_sop_uid=command)
     assert rejection is not None
-    assert rejection.status == STATUS_INVALID_UID
+    assert rejection.status == StoreStatus.INVALID_UID
     assert rejection.reason == f"invalid_uid:{keyword}"
 
 
 def test_a_uid_with_an_undecodable_value_is_invalid() -> None:
     rejection = _check(_header(StudyInstanceUID=b"1.2\xff\xfe"))
-    assert rejection == Rejection(STATUS_INVALID_UID, "invalid_uid:StudyInstanceUID")
+    assert rejection == Rejection(StoreStatus.INVALID_UID, "invalid_uid:StudyInstanceUID")
 
 
 def test_a_multi_valued_uid_is_invalid() -> None:
     rejection = _check(_header(StudyInstanceUID=["1.2.3", "1.2.4"]))
-    assert rejection == Rejection(STATUS_INVALID_UID, "invalid_uid:StudyInstanceUID")
+    assert rejection == Rejection(StoreStatus.INVALID_UID, "invalid_uid:StudyInstanceUID")
 
 
 def test_a_missing_uid_is_invalid() -> None:
     rejection = _check(_header(SeriesInstanceUID=None))
-    assert rejection == Rejection(STATUS_INVALID_UID, "invalid_uid:SeriesInstanceUID")
+    assert rejection == Rejection(StoreStatus.INVALID_UID, "invalid_uid:SeriesInstanceUID")
 
 
 def test_sop_instance_uid_must_match_the_command() -> None:
     rejection = _check(_header(), command_sop_uid="1.2.3.4")
-    assert rejection == Rejection(STATUS_INVALID_UID, "sop_instance_uid_differs_from_command")
+    assert rejection == Rejection(StoreStatus.INVALID_UID, "sop_instance_uid_differs_from_command")
 
 
 def test_an_invalid_command_uid_is_refused_even_if_the_dataset_repeats_it() -> None:
     rejection = _check(_header(), command_sop_uid="../x")
-    assert rejection is not None and rejection.status == STATUS_INVALID_UID
+    assert rejection is not None and rejection.status == StoreStatus.INVALID_UID
 
 
 def test_sop_class_must_match_the_command() -> None:
     rejection = _check(_header(), command_sop_class="1.2.840.10008.5.1.4.1.1.1.2.1")
-    assert rejection == Rejection(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    assert rejection == Rejection(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                   "sop_class_differs_from_command")
 
 
 @pytest.mark.parametrize("keyword", ["Rows", "Columns", "BitsAllocated", "SamplesPerPixel"])
 def test_missing_image_attributes_do_not_match_the_sop_class(keyword: str) -> None:
     rejection = _check(_header(**{keyword: None}))
-    assert rejection == Rejection(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    assert rejection == Rejection(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                   f"missing_or_invalid:{keyword}")
 
 
 def test_missing_pixel_data_does_not_match_the_sop_class() -> None:
     rejection = _check(_header(), extent=None)
-    assert rejection == Rejection(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, "pixel_data_missing")
+    assert rejection == Rejection(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "pixel_data_missing")
 
 
 @pytest.mark.parametrize(
@@ -139,12 +136,12 @@ def test_missing_pixel_data_does_not_match_the_sop_class() -> None:
     ],
 )
 def test_image_attributes_must_agree_with_the_native_pixel_data(changes: dict, reason: str) -> None:
-    assert _check(_header(**changes)) == Rejection(STATUS_CANNOT_UNDERSTAND, reason)
+    assert _check(_header(**changes)) == Rejection(StoreStatus.CANNOT_UNDERSTAND, reason)
 
 
 def test_native_pixel_data_running_past_the_end_of_the_file_is_truncated() -> None:
     rejection = _check(_header(), size=FILE_SIZE - 1)
-    assert rejection == Rejection(STATUS_CANNOT_UNDERSTAND, "pixel_data_truncated")
+    assert rejection == Rejection(StoreStatus.CANNOT_UNDERSTAND, "pixel_data_truncated")
 
 
 def test_a_trailing_pad_byte_is_allowed() -> None:
@@ -179,26 +176,26 @@ def test_a_j2k_codestream_of_the_right_size_passes() -> None:
 
 def test_a_j2k_codestream_claiming_a_huge_image_is_refused_before_decoding() -> None:
     rejection = _check(_j2k_header(), extent=_encapsulated(_siz(60000, 60000)), size=5000)
-    assert rejection == Rejection(STATUS_CANNOT_UNDERSTAND, "codestream_size_differs_from_rows_columns")
+    assert rejection == Rejection(StoreStatus.CANNOT_UNDERSTAND, "codestream_size_differs_from_rows_columns")
 
 
 def test_rows_and_columns_beyond_the_cap_are_refused_for_compressed_data() -> None:
     header = _j2k_header(Rows=20000, Columns=20000)  # 400 Mpixel, and the codestream agrees
     rejection = _check(header, extent=_encapsulated(_siz(20000, 20000)), size=5000)
-    assert rejection == Rejection(STATUS_CANNOT_UNDERSTAND, "image_too_large")
+    assert rejection == Rejection(StoreStatus.CANNOT_UNDERSTAND, "image_too_large")
 
 
 def test_encapsulated_items_running_past_the_end_of_the_file_are_refused() -> None:
     extent = PixelDataExtent(element_offset=1000, value_offset=1012, value_length=None,
                              items_end=None, first_fragment_head=_siz(64, 48))
     rejection = _check(_j2k_header(), extent=extent, size=5000)
-    assert rejection == Rejection(STATUS_CANNOT_UNDERSTAND,
+    assert rejection == Rejection(StoreStatus.CANNOT_UNDERSTAND,
                                   "encapsulated_pixel_data_truncated_or_malformed")
 
 
 def test_compressed_syntax_with_native_pixel_data_is_refused() -> None:
     rejection = _check(_j2k_header(), extent=NATIVE_EXTENT)
-    assert rejection == Rejection(STATUS_CANNOT_UNDERSTAND, "compressed_pixel_data_not_encapsulated")
+    assert rejection == Rejection(StoreStatus.CANNOT_UNDERSTAND, "compressed_pixel_data_not_encapsulated")
 
 
 def test_codestream_geometry_reads_jpeg_and_jpeg_ls_frame_headers() -> None:
@@ -235,7 +232,7 @@ def test_truncated_files_are_refused(tmp_path: Path, syntax: str) -> None:
     _truncate(path, size - 7)
     header, extent = validate.read_header(path)
     rejection = validate.check_instance(header, extent, size - 7, str(header.SOPInstanceUID), MG)
-    assert rejection is not None and rejection.status == STATUS_CANNOT_UNDERSTAND
+    assert rejection is not None and rejection.status == StoreStatus.CANNOT_UNDERSTAND
 
 
 def test_a_file_cut_inside_the_header_cannot_be_read(tmp_path: Path) -> None:
@@ -254,7 +251,7 @@ def test_a_complete_data_set_without_pixel_data_has_no_extent(tmp_path: Path) ->
     assert extent is None
     rejection = validate.check_instance(header, extent, path.stat().st_size,
                                         str(header.SOPInstanceUID), MG)
-    assert rejection == Rejection(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, "pixel_data_missing")
+    assert rejection == Rejection(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "pixel_data_missing")
 
 
 def test_the_codestream_of_a_real_j2k_file_is_read(tmp_path: Path) -> None:
@@ -270,7 +267,7 @@ def test_the_codestream_of_a_real_j2k_file_is_read(tmp_path: Path) -> None:
     header, extent = validate.read_header(path)
     rejection = validate.check_instance(header, extent, path.stat().st_size,
                                         str(header.SOPInstanceUID), MG)
-    assert rejection == Rejection(STATUS_CANNOT_UNDERSTAND, "codestream_size_differs_from_rows_columns")
+    assert rejection == Rejection(StoreStatus.CANNOT_UNDERSTAND, "codestream_size_differs_from_rows_columns")
 
 
 def test_a_frame_split_into_tiny_fragments_is_read_across_them(tmp_path: Path) -> None:
@@ -290,11 +287,3 @@ def test_garbage_after_the_preamble_cannot_be_read(tmp_path: Path) -> None:
     path.write_bytes(b"\x00" * 128 + b"DICM" + bytes(range(256)) * 8)
     with pytest.raises(Exception):  # noqa: B017 - any parse error becomes 0xC000 in the handler
         validate.read_header(path)
-
-
-# --- the disk watermark at association negotiation ---------------------------------------------
-def test_disk_rejection_below_the_watermark_is_transient_for_storage_only() -> None:
-    assert disk_rejection(10, 100, [MG, VERIFICATION]) == REJECT_TRANSIENT_LOCAL_LIMIT
-    assert REJECT_TRANSIENT_LOCAL_LIMIT == (0x02, 0x03, 0x02)
-    assert disk_rejection(10, 100, [VERIFICATION]) is None  # a C-ECHO still gets through
-    assert disk_rejection(100, 100, [MG]) is None

@@ -10,13 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.spool import InstanceEntry, hash_key
-from pipelines.study import (
-    MG_FOR_PRESENTATION,
-    MG_FOR_PROCESSING,
-    orientation_for,
-    select_views,
+from node.runs import InstanceEntry
+from node.spool import hash_key
+from node.vocabulary import MG_FOR_PRESENTATION, MG_FOR_PROCESSING
+from pipelines.orientation import (
+    Orientation,
+    chest_wall_on_right_from_pixels,
+    orientation_for_chest_wall,
+    orientation_from_tags,
 )
+from pipelines.study import select_views
+from tools.stack.make_study import PATIENT_ORIENTATION, render_breast
 
 
 @pytest.mark.parametrize(
@@ -35,16 +39,30 @@ from pipelines.study import (
 )
 def test_orientation_from_tags(laterality: str, view: str, patient_orientation: list[str] | None,
                                flip_columns: bool, flip_rows: bool) -> None:
-    orientation = orientation_for(laterality, view, patient_orientation)
+    orientation = orientation_from_tags(laterality, view, patient_orientation)
     assert (orientation.flip_columns, orientation.flip_rows) == (flip_columns, flip_rows)
 
 
 def test_orientation_is_its_own_inverse() -> None:
     image = np.arange(12, dtype=np.float32).reshape(3, 4)
-    orientation = orientation_for("R", "CC", ["P", "R"])
+    orientation = orientation_from_tags("R", "CC", ["P", "R"])
     flipped = orientation.apply(image)
     assert flipped[0, 0] == image[-1, -1]
     assert np.array_equal(orientation.apply(flipped), image)
+    assert orientation.map_point(0.0, 1.0, image.shape) == (3.0, 1.0)
+    assert flipped[1, 3] == image[1, 0]  # the point moved with its pixel
+
+
+@pytest.mark.parametrize("view_key", sorted(PATIENT_ORIENTATION))
+def test_tags_and_chest_wall_side_give_one_rule(view_key: str) -> None:
+    """The worker (DICOM tags) and training/evaluation (a record's chest-wall side, or the
+    pixels when nobody recorded it) reach the same flips for a standard view."""
+    laterality, view = view_key.split("-")
+    from_tags = orientation_from_tags(laterality, view, list(PATIENT_ORIENTATION[view_key]))
+    pixels = render_breast(96, 80, view_key, np.random.default_rng(0), lesion=False).astype(np.float32)
+    from_pixels = orientation_for_chest_wall(chest_wall_on_right_from_pixels(pixels))
+    assert from_tags == from_pixels == orientation_for_chest_wall(laterality == "R")
+    assert from_tags == Orientation(flip_columns=laterality == "R", flip_rows=False)
 
 
 def _write_manifest(folder: Path, rows: list[tuple[str, str, str, str]]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from tools.stack import find_binary
+from tools.stack.services import find_binary
 
 
 def run_dciodvfy(path: Path) -> tuple[list[str], list[str]]:

@@ -7,25 +7,41 @@ by `stop()` (or the context manager), whatever happened.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tools.stack import OrthancService, RedisService, find_binary, free_port
+from node.runs import read_record
+from node.vocabulary import COMPREHENSIVE_3D_SR, SEGMENTATION
+from tools.stack.services import OrthancService, RedisService, find_binary, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUNDLE = ROOT / "models" / "mias-baseline"
 NODE_AE_TITLE = "MAMMO_NODE"
 PACS_MODALITY_NAME = "MAMMO_NODE"  # how Orthanc knows the node, as in docker-compose.yml
-SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_SOP_CLASS = str(COMPREHENSIVE_3D_SR)
+SEG_SOP_CLASS = str(SEGMENTATION)
+
+
+def merge_config(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in: mappings key by key, anything else (a list, a number)
+    replaced. So an override names only the keys it changes (`{"node": {"port": 1}}` keeps the
+    rest of `node`), here for the stack and in tests/support/settings.py for every test config."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 class NodeStack:
@@ -86,12 +102,7 @@ class NodeStack:
             "model": {"bundle_dir": str(self.bundle_dir), "device": "auto"},
             "send": {"attempts": self.send_attempts, "backoff_s": 0.5, "backoff_max_s": 5},
         }
-        for section, values in self.config_overrides.items():
-            if isinstance(values, dict):
-                config[section] = {**config.get(section, {}), **values}
-            else:
-                config[section] = values
-        return config
+        return merge_config(config, self.config_overrides)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -275,10 +286,9 @@ class NodeStack:
         if not folder.is_dir():
             return []
         for run in sorted(folder.iterdir()):
-            try:
-                records.append(json.loads((run / "record.json").read_text()))
-            except (OSError, ValueError):
-                continue
+            record = read_record(run)
+            if record is not None:
+                records.append(record.model_dump(mode="json"))  # as in record.json
         return records
 
     def wait_for_record(self, study_uid: str, timeout_s: float = 180.0) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Turn a tools/train.py output folder into a model bundle the worker loads.
+"""Turn a tools/model/train.py output folder into a model bundle the worker loads.
 
-    python -m tools.export build/train/unet --out models/mias-baseline [--notes experiments.md]
+    python -m tools.model.export build/train/unet --out models/mias-baseline [--notes experiments.md]
 
 Writes model.ts (TorchScript, traced; forward(x (B,1,H,W)) -> (probability (B,), heatmap
 (B,1,H,W))), metadata.json (input size, intensity normalisation, orientation, output meaning,
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tools import nets
-from tools.train import input_metadata
+from tools.model import nets
+from tools.model.train import input_metadata
 
 FORMAT_VERSION = 1
 MIAS_DATA = ("mini-MIAS (Mammographic Image Analysis Society): scanned-film MLO mammograms, "
@@ -250,7 +250,7 @@ report (ROC with CI, metrics and confusion matrices at both operating points, ca
 per-image and per-breast tables, heatmap gallery) is
 
 ```
-python -m tools.evaluate --bundle models/{metadata['name']} --mias ../shared/data/mias \
+python -m tools.model.evaluate --bundle models/{metadata['name']} --mias ../shared/data/mias \
     --predictions models/{metadata['name']}/predictions.jsonl --bootstrap-seed {t['seed']} --out build/report
 ```
 
@@ -291,13 +291,13 @@ def export(folder: Path, out: Path, name: str, version: str, notes_path: Path | 
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / "model.ts"
     traced.save(str(model_path))
-    command = "python -m tools.export " + shlex.join(argv)
+    command = "python -m tools.model.export " + shlex.join(argv)
     metadata = build_metadata(config, trained, name, version, file_sha256(model_path), command)
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     metadata["training"]["inference"] = measure_inference(out, threads)
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     (out / "README.md").write_text(model_card(metadata, notes), encoding="utf-8")
-    if (folder / "predictions.jsonl").is_file():  # the out-of-fold scores, for tools/evaluate
+    if (folder / "predictions.jsonl").is_file():  # the out-of-fold scores, for tools/model/evaluate
         shutil.copyfile(folder / "predictions.jsonl", out / "predictions.jsonl")
     runner = load_bundle(out, "cpu")  # the worker's checks, on the final files
     assert runner.metadata["model_sha256"] == metadata["model_sha256"]
@@ -307,7 +307,7 @@ def export(folder: Path, out: Path, name: str, version: str, notes_path: Path | 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trained", type=Path, help="tools/train.py output folder")
+    parser.add_argument("trained", type=Path, help="tools/model/train.py output folder")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     parser.add_argument("--name", default="mias-baseline")
     parser.add_argument("--version", default="0.2.0")

@@ -2,14 +2,14 @@
 
 Each image is scored exactly as the worker scores a DICOM view (`score_record`): the bundle is
 loaded with `pipelines.model.load_bundle`, the pixels are turned chest wall left with
-`tools.dataset.to_model_orientation` (the PNG twin of `pipelines.study.orientation_for`), the
+`tools.model.dataset.record_orientation` (the worker's rule, pipelines/orientation.py), the
 runner preprocesses with the bundle's own `build_preprocess`, and the heatmap comes back on the
 stored image's grid with the same flips undone. Alternatively `--predictions` takes precomputed
-scores (the out-of-fold predictions `tools/train.py` writes), so the cross-validated metrics of a
+scores (the out-of-fold predictions `tools/model/train.py` writes), so the cross-validated metrics of a
 shipped model can be reported without retraining it: scores from the model that was trained on
 every image would flatter it.
 
-    python -m tools.evaluate --bundle models/mias-baseline (--manifest M.jsonl | --mias DIR)
+    python -m tools.model.evaluate --bundle models/mias-baseline (--manifest M.jsonl | --mias DIR)
         [--fold K --folds 5 --seed 0 | --split test --seed 0] [--predictions oof.jsonl]
         --out REPORT_DIR
 
@@ -33,16 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from tools import metrics
-from tools.dataset import (
+from tools.model import metrics
+from tools.model.dataset import (
     Lesion,
     Record,
     grouped_folds,
     load_pixels,
     mias_records,
     read_manifest,
+    record_orientation,
     split_70_15_15,
-    to_model_orientation,
 )
 
 GALLERY_SIZE = 4  # images per gallery category
@@ -72,14 +72,14 @@ class Outcome:
 def score_pixels(runner: Any, pixels: np.ndarray, record: Record) -> Any:
     """Score stored pixels as the worker does; the heatmap is returned on the stored grid.
 
-    `to_model_orientation` only mirrors (per the record), and a mirror is its own inverse, so
-    applying it to the heatmap takes it back to the stored orientation, as
-    `pipelines.scoring.score_views` does with `Orientation.apply`.
+    The flips are mirrors, each its own inverse, so the record's `Orientation` applied to the
+    heatmap takes it back to the stored orientation, as `pipelines.scoring.score_views` does.
     """
     from pipelines.model import ViewPrediction
 
-    prediction = runner.predict([to_model_orientation(pixels, record)])[0]
-    heatmap = to_model_orientation(np.asarray(prediction.heatmap, dtype=np.float32), record)
+    orientation = record_orientation(record)
+    prediction = runner.predict([orientation.apply(pixels)])[0]
+    heatmap = orientation.apply(np.asarray(prediction.heatmap, dtype=np.float32))
     return ViewPrediction(probability=float(prediction.probability), heatmap=heatmap)
 
 
@@ -126,7 +126,7 @@ def score_with_bundle(runner: Any, records: Sequence[Record]) -> list[Outcome]:
 
 
 def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
-    """JSON lines, one per image, as tools/train.py writes predictions.jsonl: {"id", "score"
+    """JSON lines, one per image, as tools/model/train.py writes predictions.jsonl: {"id", "score"
     (null: not a test image of any fold), optional "label", "fold", "hit", "peak_xy": [x, y] in
     stored pixels (or "heatmap_peak")}; later lines win for a repeated id."""
     predictions = {}
@@ -233,7 +233,7 @@ def _auc_block(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
 
 def compute_metrics(outcomes: Sequence[Outcome], operating_points: dict[str, float],
                     seed: int = 0) -> dict[str, Any]:
-    """Everything the report shows, computed with tools.metrics (numbers, not yet JSON-clean)."""
+    """Everything the report shows, computed with tools.model.metrics (numbers, not yet JSON-clean)."""
     labels = np.array([o.record.label for o in outcomes], dtype=int)
     scores = np.array([o.score for o in outcomes], dtype=np.float64)
     groups = np.array([o.record.group for o in outcomes])
@@ -611,7 +611,7 @@ def evaluate(
     else:
         outcomes = outcomes_from_predictions(records, predictions, fold)
         scores_from = ("precomputed predictions (--predictions), e.g. the out-of-fold scores of "
-                       "tools/train.py; images without a score in the file are left out")
+                       "tools/model/train.py; images without a score in the file are left out")
     if not outcomes:
         raise ValueError("no images to evaluate")
 
@@ -687,10 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="fold/split and bootstrap seed")
     parser.add_argument("--bootstrap-seed", type=int,
-                        help="bootstrap seed when it differs from --seed (tools/train.py uses its "
+                        help="bootstrap seed when it differs from --seed (tools/model/train.py uses its "
                              "own --seed: pass it to reproduce its confidence intervals)")
     parser.add_argument("--predictions", type=Path,
-                        help="precomputed scores: tools/train.py's predictions.jsonl "
+                        help="precomputed scores: tools/model/train.py's predictions.jsonl "
                              "({id, score, [label], [fold], [hit], [peak_xy]} per line)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--out", type=Path, required=True, help="report folder")
@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         selection = ("images scored in " + args.predictions.name
                      + ("" if args.fold is None else f", fold {args.fold} of the file"))
-    command = "python -m tools.evaluate " + " ".join(
+    command = "python -m tools.model.evaluate " + " ".join(
         sys.argv[1:] if argv is None else list(argv))
     report = evaluate(args.bundle, records, args.out, predictions=predictions,
                       data_source=data_source, selection=selection, command=command.strip(),

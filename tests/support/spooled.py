@@ -10,7 +10,8 @@ from typing import IO
 
 from pydicom import Dataset, dcmread
 
-from node.spool import InstanceEntry, hash_key
+from node.runs import InstanceEntry
+from node.spool import hash_key
 
 
 def _manifest_line(manifest: IO[str], run_dir: Path, name: str, association: str) -> None:

@@ -5,7 +5,7 @@ or relative to the manifest's folder. Folds and splits are grouped by `group` (o
 woman's two breasts never sit on both sides of a split, and stratified by the group's worst label
 (malignant / benign only / normal).
 
-    python -m tools.dataset mias ../shared/data/mias --out manifest.jsonl
+    python -m tools.model.dataset mias ../shared/data/mias --out manifest.jsonl
 
 No torch import here: EVAL and the tests use this module without loading a network.
 """
@@ -21,6 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipelines.orientation import (
+    Orientation,
+    chest_wall_on_right_from_pixels,
+    orientation_for_chest_wall,
+)
 
 MIAS_SIZE = 1024
 MIAS_SPACING_MM = 0.2
@@ -153,39 +159,24 @@ def load_pixels(record: Record) -> np.ndarray:
     return pixels
 
 
-def chest_wall_on_right(pixels: np.ndarray) -> bool:
-    """The chest wall side carries more tissue: compare the two halves over the middle rows.
-
-    The middle rows skip the film labels in the corners; on mini-MIAS this agrees with the
-    left/right pairing of Info.txt on all but a few films filled edge to edge by a large breast.
-    """
-    rows, cols = pixels.shape
-    middle = pixels[rows // 4: 3 * rows // 4]
-    return bool(middle[:, cols // 2:].mean() > middle[:, : cols // 2].mean())
+def record_orientation(record: Record) -> Orientation:
+    """The flips that take the record's stored image to the bundle convention (chest wall left):
+    pipelines/orientation.py's rule, the one the worker applies to a DICOM view, fed with the
+    record's `chest_wall` and `flip_rows` instead of DICOM tags."""
+    return orientation_for_chest_wall(record.chest_wall == "right", record.flip_rows)
 
 
 def to_model_orientation(pixels: np.ndarray, record: Record) -> np.ndarray:
-    """Chest wall on the left (the bundle convention, as pipelines/study.py does for DICOM):
-    mirror columns when the record's chest wall is on the right; flip rows only when the record
-    says so (`flip_rows`)."""
-    out = pixels
-    if record.chest_wall == "right":
-        out = out[:, ::-1]
-    if record.flip_rows:
-        out = out[::-1, :]
-    return np.ascontiguousarray(out)
+    """The record's pixels turned chest wall left (`record_orientation`)."""
+    return record_orientation(record).apply(pixels)
 
 
 def lesions_in_model_orientation(record: Record, shape: tuple[int, int]) -> tuple[Lesion, ...]:
-    """The record's lesion circles mirrored like `to_model_orientation` mirrors its pixels;
+    """The record's lesion circles moved like `to_model_orientation` moves its pixels;
     `shape` is the stored image's (rows, cols)."""
-    rows, cols = shape
-    out = []
-    for lesion in record.lesions:
-        x = cols - 1 - lesion.x if record.chest_wall == "right" else lesion.x
-        y = rows - 1 - lesion.y if record.flip_rows else lesion.y
-        out.append(Lesion(float(x), float(y), lesion.r))
-    return tuple(out)
+    orientation = record_orientation(record)
+    return tuple(Lesion(*orientation.map_point(lesion.x, lesion.y, shape), lesion.r)
+                 for lesion in record.lesions)
 
 
 # ----------------------------------------------------------------------------- MIAS
@@ -213,7 +204,7 @@ def _parse_mias_info(path: Path) -> dict[str, dict[str, Any]]:
 
 def mias_records(mias_dir: str | Path) -> list[Record]:
     """mini-MIAS as records: pairs mdb001/mdb002 form one group (woman); the chest wall side
-    comes from the pixels (`chest_wall_on_right`); laterality from the reference number (odd =
+    comes from the pixels (`chest_wall_on_right_from_pixels`); laterality from the reference number (odd =
     right breast: on 319 of the 322 films the chest wall is then on the right, the display
     convention the worker assumes for a right breast; the pairing, not the pixels, is the truth)."""
     mias_dir = Path(mias_dir).resolve()
@@ -223,7 +214,7 @@ def mias_records(mias_dir: str | Path) -> list[Record]:
         case = cases[ref]
         image = mias_dir / f"{ref}.png"
         probe = Record(ref, image, "", "L", "MLO", 0, 0, "left")
-        right = chest_wall_on_right(load_pixels(probe))
+        right = chest_wall_on_right_from_pixels(load_pixels(probe))
         number = int(ref[3:])
         records.append(Record(
             id=ref, image=image, group=f"mias-{(number + 1) // 2:03d}",
@@ -302,49 +293,6 @@ def split_70_15_15(records: Sequence[Record],
     """(train, val, test) record indices: 70/15/15 % of the groups of each stratum."""
     train, val, test = split_groups(records, (0.70, 0.15, 0.15), seed)
     return train, val, test
-
-
-# ----------------------------------------------------------------------------- synthetic
-
-def write_synthetic(folder: str | Path, women: int = 16, size: int = 128,
-                    seed: int = 0) -> Path:
-    """A tiny learnable data set for smoke tests (no real data): 8-bit PNGs of a bright
-    half-disc "breast" on dark film, two images per woman; every other woman has one bright
-    blob "lesion" in her left image (every fourth malignant). Returns the manifest path."""
-    from PIL import Image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
-    records = []
-    for woman in range(women):
-        for side in ("L", "R"):
-            breast = xx < 0.7 * size - 0.3 * np.abs(yy - size / 2)
-            pixels = np.where(breast, 100.0, 5.0) + rng.normal(0, 8, (size, size))
-            abnormal = woman % 2 == 0 and side == "L"
-            lesions: tuple[Lesion, ...] = ()
-            if abnormal:
-                cx, cy = rng.uniform(0.15, 0.45) * size, rng.uniform(0.25, 0.75) * size
-                sigma = size / 20
-                pixels += 120 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
-                lesions = (Lesion(float(cx), float(cy), float(2 * sigma)),)
-            image = np.clip(pixels, 0, 255).astype(np.uint8)
-            if side == "R":  # stored with the chest wall on the right, as a right MLO
-                image = np.ascontiguousarray(image[:, ::-1])
-                lesions = tuple(Lesion(size - 1 - le.x, le.y, le.r) for le in lesions)
-            path = folder / f"syn{woman:03d}{side}.png"
-            Image.fromarray(image).save(path)
-            records.append(Record(
-                id=f"syn{woman:03d}{side}", image=path, group=f"syn-{woman:03d}",
-                laterality=side, view="MLO", label=int(abnormal),
-                malignant=int(abnormal and woman % 4 == 0),
-                chest_wall="right" if side == "R" else "left", lesions=lesions,
-                pixel_spacing_mm=0.2,
-            ))
-    manifest = folder / "manifest.jsonl"
-    write_manifest(manifest, records)
-    return manifest
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -4,7 +4,7 @@ Runs the same topology as `make demo` (Redis, Orthanc, node, one worker on loopb
 4-view studies with storescu one after the other, and reads each run's record for the stages:
 completion, queue, decode, preprocess, inference, heatmap, write, send.
 
-    .venv/bin/python -m tools.bench_e2e [--studies 3] [--rows 4096 --cols 3328] [--bundle DIR]
+    .venv/bin/python -m tools.bench.e2e [--studies 3] [--rows 4096 --cols 3328] [--bundle DIR]
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from tools.make_study import make_study
-from tools.node_stack import NodeStack
+from tools.stack.make_study import make_study
+from tools.stack.node_stack import NodeStack
 
 STAGES = ("completion", "queue", "decode", "preprocess", "inference", "heatmap", "write", "send")
 

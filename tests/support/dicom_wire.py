@@ -14,13 +14,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from node.completion import AssociationTracker
 from node.scp import StoreSCP
-from node.settings import Settings, parse_settings
+from node.settings import Settings
 from node.spool import Spool
-from tools.stack import find_binary, free_port
+from tools.stack.services import find_binary
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -209,19 +208,6 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 
 # --- a node under test: the listener alone, in this process, on a free port -------------------
-def listener_settings(tmp_path: Path, node: dict[str, Any] | None = None,
-                      **sections: Any) -> Settings:
-    data: dict[str, Any] = {
-        "node": {"ae_title": "MAMMO_NODE", "bind_address": "127.0.0.1", "port": free_port(),
-                 "network_timeout_s": 10, "acse_timeout_s": 10, **(node or {})},
-        "allowed_callers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
-        "spool": {"dir": str(tmp_path / "spool"), "min_free_bytes": 0},
-        "broker": {"url": f"redis://127.0.0.1:{free_port()}/0", "publish_timeout_s": 0.5},
-    }
-    data.update(sections)
-    return parse_settings(data)
-
-
 @contextmanager
 def running_listener(settings: Settings) -> Iterator[StoreSCP]:
     scp = StoreSCP(settings, Spool(settings.spool.dir).ensure(), AssociationTracker())

@@ -1,11 +1,11 @@
 """Train a mammography model from a dataset manifest (or mini-MIAS) and measure it honestly.
 
-    python -m tools.train --mias ../shared/data/mias --arch unet --cv 5 --out build/train/unet
-    python -m tools.train --manifest data.jsonl --arch resnet18 --split 70/15/15 --out build/r18
-    python -m tools.export build/train/unet --out models/mias-baseline
+    python -m tools.model.train --mias ../shared/data/mias --arch unet --cv 5 --out build/train/unet
+    python -m tools.model.train --manifest data.jsonl --arch resnet18 --split 70/15/15 --out build/r18
+    python -m tools.model.export build/train/unet --out models/mias-baseline
 
 Evaluation:
-- `--cv K`: K folds grouped by woman (`group`) and stratified (tools.dataset.grouped_folds).
+- `--cv K`: K folds grouped by woman (`group`) and stratified (tools.model.dataset.grouped_folds).
   Each fold's model is trained on the other folds only; its early stopping uses an inner
   validation split (15 % of the training folds' women), never the test fold. Out-of-fold
   predictions are pooled; the operating points are chosen on them. The final model is then
@@ -15,7 +15,7 @@ Evaluation:
 Everything is seeded (`--seed`); images go through `pipelines.preprocess.build_preprocess`, the
 function the worker uses. The output folder holds model.pt (config + weights), metrics.json,
 predictions.jsonl (out-of-fold scores) and, with --cv, foldK.pt (each fold's model and its test
-ids); tools/export.py turns model.pt into a bundle.
+ids); tools/model/export.py turns model.pt into a bundle.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tools import nets
-from tools.dataset import (
+from tools.model import nets
+from tools.model.dataset import (
     Record,
     lesions_in_model_orientation,
     load_pixels,
@@ -48,8 +48,8 @@ from tools.dataset import (
     split_groups,
     to_model_orientation,
 )
-from tools.dataset import grouped_folds as make_folds
-from tools.metrics import (
+from tools.model.dataset import grouped_folds as make_folds
+from tools.model.metrics import (
     auc,
     bootstrap_auc_ci,
     calibration_bins,
@@ -417,7 +417,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--manifest", type=Path, help="JSON-lines manifest (tools/dataset.py)")
+    source.add_argument("--manifest", type=Path, help="JSON-lines manifest (tools/model/dataset.py)")
     source.add_argument("--mias", type=Path, help="mini-MIAS folder (Info.txt + PNGs)")
     parser.add_argument("--out", type=Path, required=True, help="folder for model.pt, metrics")
     parser.add_argument("--arch", choices=nets.ARCHS, default="unet")
@@ -591,7 +591,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "groups": len(set(data.groups)),
     }
     result["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result["command"] = "python -m tools.train " + shlex.join(argv)
+    result["command"] = "python -m tools.model.train " + shlex.join(argv)
     result["environment"] = {"torch": torch.__version__, "device": str(device),
                              "machine": f"{platform.machine()}, {args.threads} threads",
                              "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}

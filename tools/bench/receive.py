@@ -4,7 +4,7 @@ dcmtk's storescu sends the same uncompressed 4-view study (4 x 27 MB at full siz
 receiver in turn, several rounds, interleaved so that machine noise hits all of them alike.
 Reports MB/s (median over rounds), the node's ratio to each reference, and peak RSS.
 
-    .venv/bin/python -m tools.bench_receive [--rounds 5] [--pdu 131072]
+    .venv/bin/python -m tools.bench.receive [--rounds 5] [--pdu 131072]
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from tools.make_study import make_study
-from tools.stack import OrthancService, find_binary, free_port
+from tools.stack.make_study import make_study
+from tools.stack.services import OrthancService, find_binary, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _peak_rss_mib(pid: int) -> float:

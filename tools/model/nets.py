@@ -1,4 +1,4 @@
-"""Architectures for tools/train.py, each wrapped to the bundle contract:
+"""Architectures for tools/model/train.py, each wrapped to the bundle contract:
 
     forward(x float32 (B, 1, H, W)) -> (probability (B,), heatmap (B, 1, H, W))
 

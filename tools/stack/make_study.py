@@ -7,7 +7,7 @@ picture (tissue against the chest wall, pectoral muscle on MLO, optional bright 
 per-view orientation and the mammography attributes `dciodvfy` checks. Everything, UIDs included,
 is a pure function of the arguments, so two runs with the same arguments give identical files.
 
-    python -m tools.make_study OUT_DIR [--views R-CC,L-CC,R-MLO,L-MLO] [--rows 1024 --cols 832 | --full]
+    python -m tools.stack.make_study OUT_DIR [--views R-CC,L-CC,R-MLO,L-MLO] [--rows 1024 --cols 832 | --full]
         [--transfer-syntax explicit|j2k|j2k-lossy|rle|jpegls] [--seed N] [--lesion R-CC,...]
         [--corrupt R-CC,...] [--patient-name ...] [--patient-id ...] [--accession ...]
         [--sop-class presentation|processing]
@@ -28,8 +28,6 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     JPEG2000,
     UID,
-    DigitalMammographyXRayImageStorageForPresentation,
-    DigitalMammographyXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -38,6 +36,7 @@ from pydicom.uid import (
 from scipy import ndimage
 
 from node.uids import derive_uid
+from node.vocabulary import MG_FOR_PRESENTATION, MG_FOR_PROCESSING
 from pipelines.results import SCREENING_VIEWS
 
 FULL_ROWS = 4096
@@ -59,8 +58,8 @@ TRANSFER_SYNTAXES: dict[str, UID] = {
 J2K_LOSSY_RATIO = 10.0
 
 SOP_CLASSES: dict[str, UID] = {
-    "presentation": DigitalMammographyXRayImageStorageForPresentation,
-    "processing": DigitalMammographyXRayImageStorageForProcessing,
+    "presentation": MG_FOR_PRESENTATION,
+    "processing": MG_FOR_PROCESSING,
 }
 
 # PatientOrientation (row direction \ column direction): the chest wall is posterior, so right
@@ -215,7 +214,8 @@ def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _format_ds(value: float) -> str:
+def format_ds(value: float) -> str:
+    """A DS (decimal string) value within the 16 characters the VR allows."""
     return f"{value:.6g}"
 
 
@@ -241,7 +241,7 @@ def build_view_dataset(spec: StudySpec, view_key: str) -> Dataset:
     _add_patient_and_study(ds, spec, study_uid)
     _add_series_and_equipment(ds, spec, view_key, series_number, for_presentation)
     _add_image_attributes(ds, spec, view_key, laterality, view, for_presentation)
-    _add_pixels(ds, pixels)
+    add_pixels(ds, pixels)
     return ds
 
 
@@ -307,13 +307,13 @@ def _add_image_attributes(
     # real unit reports it; ImagerPixelSpacing is the pitch at the detector.
     imager_spacing = pixel_spacing_mm(spec.rows, spec.cols)
     magnification = SOURCE_TO_DETECTOR_MM / SOURCE_TO_PATIENT_MM
-    ds.ImagerPixelSpacing = [_format_ds(v) for v in imager_spacing]
-    ds.PixelSpacing = [_format_ds(v / magnification) for v in imager_spacing]
+    ds.ImagerPixelSpacing = [format_ds(v) for v in imager_spacing]
+    ds.PixelSpacing = [format_ds(v / magnification) for v in imager_spacing]
     ds.PixelSpacingCalibrationType = "GEOMETRY"
     ds.PixelSpacingCalibrationDescription = "corrected for estimated geometric magnification"
-    ds.EstimatedRadiographicMagnificationFactor = _format_ds(magnification)
-    ds.DistanceSourceToDetector = _format_ds(SOURCE_TO_DETECTOR_MM)
-    ds.DistanceSourceToPatient = _format_ds(SOURCE_TO_PATIENT_MM)
+    ds.EstimatedRadiographicMagnificationFactor = format_ds(magnification)
+    ds.DistanceSourceToDetector = format_ds(SOURCE_TO_DETECTOR_MM)
+    ds.DistanceSourceToPatient = format_ds(SOURCE_TO_PATIENT_MM)
     ds.BodyPartThickness = "50"
     ds.CompressionForce = "100"
     ds.KVP = "28"
@@ -337,7 +337,8 @@ def _view_code(view: str) -> tuple[str, str, str]:
     return value, "SCT", meaning
 
 
-def _add_pixels(ds: Dataset, pixels: np.ndarray) -> None:
+def add_pixels(ds: Dataset, pixels: np.ndarray) -> None:
+    """The Image Pixel module for our 12-bit MONOCHROME2 pictures (tests reuse it for their own pixels)."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
@@ -346,31 +347,6 @@ def _add_pixels(ds: Dataset, pixels: np.ndarray) -> None:
     ds.HighBit = BITS_STORED - 1
     ds.PixelRepresentation = 0
     ds.PixelData = pixels.tobytes()
-
-
-def replace_pixels(
-    ds: Dataset, pixels: np.ndarray, bits_stored: int | None = None,
-    photometric: str = "MONOCHROME2",
-) -> None:
-    """Put given pixels (uint8 or uint16, stored as they are) into an instance built here.
-
-    For tests that feed the worker's DICOM path the very pixels of a PNG (consistency with the
-    evaluation tool) or real images; a MONOCHROME1 caller passes already inverted pixels.
-    """
-    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"pixels must be 2-D uint8 or uint16, got {pixels.dtype} {pixels.shape}")
-    allocated = pixels.dtype.itemsize * 8
-    bits = bits_stored or allocated
-    if not 1 <= bits <= allocated or int(pixels.max()) >= 1 << bits:
-        raise ValueError(f"bits_stored {bits} does not hold these {allocated}-bit pixels")
-    _add_pixels(ds, pixels)
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = allocated
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    if "WindowCenter" in ds:
-        ds.WindowCenter = _format_ds(2 ** (bits - 1))
-        ds.WindowWidth = _format_ds(2**bits)
 
 
 def encode_dataset(ds: Dataset, transfer_syntax: str) -> None:
@@ -386,7 +362,7 @@ def encode_dataset(ds: Dataset, transfer_syntax: str) -> None:
         ds.compress(uid, generate_instance_uid=False, j2k_cr=[J2K_LOSSY_RATIO])
         ds.ImageType = ["DERIVED", "PRIMARY", ""]
         ds.LossyImageCompression = "01"
-        ds.LossyImageCompressionRatio = [_format_ds(J2K_LOSSY_RATIO)]
+        ds.LossyImageCompressionRatio = [format_ds(J2K_LOSSY_RATIO)]
         ds.LossyImageCompressionMethod = ["ISO_15444_1"]
         return
     ds.compress(uid, generate_instance_uid=False)
@@ -459,7 +435,7 @@ def _view_list(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.make_study", description=__doc__.split("\n\n")[0]
+        prog="python -m tools.stack.make_study", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--views", type=_view_list, default=list(SCREENING_VIEWS))

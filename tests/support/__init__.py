@@ -1,0 +1,1 @@
+"""Helpers only the tests use: DICOM wire builders, dciodvfy, spooled files, the settings factory."""

@@ -1,0 +1,1 @@
+"""Benchmarks: receive throughput and end-to-end latency of the node."""
