@@ -6,8 +6,9 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="tests/unit -x"`
 PYTEST_ARGS ?=
-# Independent tests run on two pytest-xdist workers; tests/faults stays on one of them, in order
-# (tests/conftest.py groups it). `make test PYTEST_WORKERS=0` runs everything in one process.
+# Tests run on two pytest-xdist workers; tests/faults stays on one of them, in order, and each
+# integration module stays whole on one (tests/conftest.py groups them).
+# `make test PYTEST_WORKERS=0` runs everything in one process.
 PYTEST_WORKERS ?= 2
 
 .PHONY: install test demo lint bench train clean
@@ -33,7 +34,7 @@ bench: install
 
 train: install
 	$(PYTHON) -m tools.model.train --mias ../shared/data/mias --out build/train/mias-unet-384 --arch unet --size 384 --patch 64 --cv 5 --epochs 40 --min-epochs 20 --val-every 20 --patience 0 --threads 2
-	$(PYTHON) -m tools.model.export build/train/mias-unet-384 --out models/mias-baseline --name mias-baseline --version 0.2.0 --notes models/mias-baseline/experiments.md --threads 2
+	$(PYTHON) -m tools.model.export build/train/mias-unet-384 --out models/mias-baseline --name mias-baseline --version 0.2.1 --notes models/mias-baseline/experiments.md --threads 2
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

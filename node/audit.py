@@ -29,6 +29,7 @@ EVENTS = frozenset(
         "association_accepted",
         "association_rejected",
         "association_aborted",
+        "presentation_contexts_refused",
         "instance_received",
         "instance_rejected",
         "study_queued",
@@ -40,6 +41,7 @@ EVENTS = frozenset(
         "run_retried",
         "run_discarded",
         "run_purged",
+        "training_set_exported",
         "node_started",
         "node_stopped",
     }

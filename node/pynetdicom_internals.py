@@ -22,18 +22,25 @@ module's contract (CONTRACT_FAULT_TESTS):
   `_config.STORE_RECV_CHUNKED_DATASET`): a full disk mid-receive answers 0xA700.
 - tests/faults/test_hostile_datasets.py: chunked receive into the spool's tmp/ and the
   discarding of partial files (`discard_partial_receive`).
+- tests/faults/test_holes.py: the A-ASSOCIATE-RQ screened before decoding (`GuardedDUL`,
+  `_read_pdu_data`), GuardedStateMachine (`StateMachine.do_action`), GuardedAssociation
+  (`_serve_request`, `_abort_blocking`, `_abort_nonblocking`, the class swap), the files a
+  message starts (`DIMSEMessage._data_set_path`, `dimse.message`, the DUL's `event_queue`),
+  `Association.rejected_contexts`; every abort reported with its reason.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import socket
 import ssl
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import pynetdicom
 from pynetdicom import AE, _config, evt
@@ -43,18 +50,27 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import ServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.logs import get_logger
 from node.vocabulary import AssociateRejection
 from node.wire import (
+    A_ASSOCIATE_RQ,
+    MAX_INLINE_DATA_SET_BYTES,
+    AssociateRequestSummary,
     MessageMeter,
     PeerClosed,
     WireLimits,
     WireViolation,
     read_pdu,
+    summarise_associate_request,
+    without_presentation_contexts,
 )
 
 log = get_logger("node.pynetdicom_internals")
@@ -66,9 +82,9 @@ CONTRACT_FAULT_TESTS = (
     "tests/faults/test_tls.py",
     "tests/faults/test_disk_full.py",
     "tests/faults/test_hostile_datasets.py",
+    "tests/faults/test_holes.py",
 )
 LISTEN_BACKLOG = 256  # TCP connections waiting for accept(); the stock 5 drops bursts of SYNs
-NEGOTIATION_STATES = ("Sta1", "Sta2", "Sta3", "Sta4", "Sta5")  # PS3.8 9.2: before Sta6
 
 
 class PynetdicomVersionError(RuntimeError):
@@ -99,6 +115,10 @@ def enable_chunked_receive(tmp_dir: Path) -> None:
 
 # --- attributes we hang on pynetdicom's objects --------------------------------------------------
 ASSOCIATION_ID_ATTRIBUTE = "mammo_association_id"
+ESTABLISHED_ATTRIBUTE = "mammo_established"  # True once negotiation established it
+CONTEXT_COUNT_ATTRIBUTE = "mammo_proposed_contexts"  # presentation contexts in the A-ASSOCIATE-RQ
+LOCAL_ABORT_ATTRIBUTE = "mammo_local_abort"  # why pynetdicom itself aborted while serving
+ABORT_REPORTED_ATTRIBUTE = "mammo_abort_reported"
 
 
 def association_tag(assoc: Association, make: Callable[[], str]) -> str:
@@ -111,8 +131,16 @@ def association_tag(assoc: Association, make: Callable[[], str]) -> str:
 
 
 def is_negotiating(assoc: Association) -> bool:
-    """True before the association is established (PS3.8 states Sta1-Sta5)."""
-    return assoc.dul.state_machine.current_state in NEGOTIATION_STATES
+    """True while the association has not (yet) been established; stays False once it was, so
+    an abort reported after the end still says it happened on an established association."""
+    return not getattr(assoc, ESTABLISHED_ATTRIBUTE, False) and not assoc.is_established
+
+
+def proposed_context_count(assoc: Association) -> int | None:
+    """How many presentation contexts the peer's A-ASSOCIATE-RQ carried (before any was dropped
+    for a request refused unread); None before a request was read."""
+    value = getattr(assoc, CONTEXT_COUNT_ATTRIBUTE, None)
+    return None if value is None else int(value)
 
 
 # --- DUL: the guarded PDU reader -----------------------------------------------------------------
@@ -135,7 +163,8 @@ class GuardedDUL(DULServiceProvider):
 
     mammo_limits: WireLimits
     mammo_meter: MessageMeter
-    mammo_violation: str | None
+    mammo_violation: str | None  # why we aborted (wire, DIMSE or protocol state), once set
+    mammo_peer_end: str | None  # "peer_aborted" or "connection_closed", as the reader saw it
     mammo_on_violation: WireViolationHandler | None
 
     def _read_pdu_data(self) -> None:
@@ -158,6 +187,7 @@ class GuardedDUL(DULServiceProvider):
             self._mammo_abort(violation.reason)
             return
         except (PeerClosed, OSError):
+            self.mammo_peer_end = "connection_closed"
             self.event_queue.put("Evt17")  # the peer closed the connection, or it failed
             return
         finally:
@@ -166,13 +196,37 @@ class GuardedDUL(DULServiceProvider):
                     sock.settimeout(self.mammo_limits.io_timeout_s)
                 except OSError:
                     pass
+        if data[0] == A_ASSOCIATE_RQ:
+            data = self._mammo_screen_request(data)
         try:
             pdu, event = self._decode_pdu(bytearray(data))
         except Exception:  # a peer's malformed bytes: Evt19, as the stock reader does
             self._mammo_abort("pdu_undecodable")
             return
+        if event == "Evt16":  # A-ABORT from the peer
+            self.mammo_peer_end = "peer_aborted"
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _mammo_screen_request(self, data: bytes) -> bytes:
+        """Ask the gate about an A-ASSOCIATE-RQ from its bytes alone, before pynetdicom decodes
+        its presentation contexts (~50 us each: 10,000 of them cost half a second of CPU). A
+        request the gate will refuse (a stranger, too many contexts) is decoded without them;
+        the gate then rejects it with its proper reason (GatedACSE)."""
+        summary = summarise_associate_request(data)
+        if summary is None:
+            return data
+        setattr(self.assoc, CONTEXT_COUNT_ATTRIBUTE, summary.presentation_contexts)
+        gate = getattr(self.assoc.acse, "gate", None)
+        if gate is not None and gate.refuses_unread(summary, self.assoc.requestor.address):
+            return without_presentation_contexts(data)
+        return data
+
+    def mammo_abort(self, reason: str) -> None:
+        """Abort the association for `reason` (A-ABORT through the state machine), reported
+        once; the first reason sticks. For the DIMSE provider and the association."""
+        if self.mammo_violation is None:
+            self._mammo_abort(reason)
 
     def _process_recv_primitive(self) -> bool:
         # An abort requested locally (e.g. the idle timer) while our own A-ABORT is already out
@@ -190,12 +244,77 @@ class GuardedDUL(DULServiceProvider):
 
     def _mammo_abort(self, reason: str) -> None:
         self.mammo_violation = reason
-        if self.mammo_on_violation is not None:
-            try:
-                self.mammo_on_violation(self.assoc, reason)
-            except Exception:  # reporting must never keep the abort from happening
-                log.exception("abort_report_failed")
+        report_abort(self.assoc, reason)
         self.event_queue.put("Evt19")  # invalid PDU -> A-ABORT (AA-1 or AA-8)
+
+
+_REPORT_LOCK = threading.Lock()
+
+
+def report_abort(assoc: Association, reason: str) -> None:
+    """Hand an abort to the host's handler (one log line, one audit record), once per
+    association."""
+    with _REPORT_LOCK:  # the DUL thread and the connection's thread may both get here
+        if getattr(assoc, ABORT_REPORTED_ATTRIBUTE, False):
+            return
+        setattr(assoc, ABORT_REPORTED_ATTRIBUTE, True)
+    handler = getattr(assoc.dul, "mammo_on_violation", None)
+    if handler is None:
+        return
+    try:
+        handler(assoc, reason)
+    except Exception:  # reporting must never keep the abort from happening
+        log.exception("abort_report_failed")
+
+
+def abort_reason(assoc: Association) -> str:
+    """Why an association that ended without a release ended, from what our parts saw."""
+    dul = assoc.dul
+    for reason in (getattr(dul, "mammo_violation", None),
+                   getattr(assoc, LOCAL_ABORT_ATTRIBUTE, None),
+                   getattr(dul, "mammo_peer_end", None)):
+        if reason:
+            return str(reason)
+    return "network_timeout" if dul.idle_timer_expired() else "aborted"
+
+
+class GuardedStateMachine(StateMachine):
+    """pynetdicom's DUL state machine that cannot die of an exception.
+
+    An exception inside a state machine action (an even presentation context ID in an
+    A-ASSOCIATE-RQ, a P-DATA for a context that was never accepted, ...) escapes
+    `StateMachine.do_action` and `DULServiceProvider.run_reactor` alike: the DUL thread dies
+    printing a raw traceback, no A-ABORT is sent and nothing is reported. Here the exception
+    becomes one structured log line, an A-ABORT to the peer (as pynetdicom does for exceptions
+    elsewhere in its reactor) and a reported abort.
+    """
+
+    def do_action(self, event: str) -> None:
+        try:
+            super().do_action(event)
+        except Exception as error:
+            state = self.current_state
+            dul = cast(GuardedDUL, self.dul)
+            reason = f"protocol_error:{type(error).__name__}"
+            log.warning("protocol_state_error", fsm_event=event, state=state,
+                        error=type(error).__name__)
+            if getattr(dul, "mammo_violation", None) is None:
+                dul.mammo_violation = reason
+            assoc = dul.assoc
+            abort = A_ABORT_RQ()
+            abort.source = 0x02  # service provider
+            abort.reason_diagnostic = 0x00
+            try:
+                if dul.socket is not None:
+                    dul.socket.send(abort.encode())
+                    dul.socket.close()  # and EVT_CONN_CLOSE, as a closed connection gives
+            except Exception:  # the connection may already be gone
+                pass
+            assoc.is_aborted = True
+            assoc.is_established = False
+            assoc._kill = True
+            dul._kill_thread = True
+            report_abort(assoc, abort_reason(assoc))
 
 
 def guard_association(assoc: Association, limits: WireLimits,
@@ -207,7 +326,9 @@ def guard_association(assoc: Association, limits: WireLimits,
     guarded.mammo_limits = limits
     guarded.mammo_meter = MessageMeter(limits)
     guarded.mammo_violation = None
+    guarded.mammo_peer_end = None
     guarded.mammo_on_violation = on_violation
+    dul.state_machine.__class__ = GuardedStateMachine
 
 
 def wire_violation(assoc: Association) -> str | None:
@@ -252,7 +373,8 @@ def _ends_data_set(primitive: P_DATA) -> bool:
 
 
 class ChunkedStoreDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider with a failing or refused chunked write turned into 0xA700.
+    """pynetdicom's DIMSE provider with a failing or refused chunked write turned into 0xA700,
+    every file it starts accounted for, and no message it cannot bound or decode.
 
     With `STORE_RECV_CHUNKED_DATASET`, pynetdicom 3.0.4 writes each incoming data set fragment to
     a temporary file from inside its DUL state machine (`DIMSEServiceProvider.receive_primitive`
@@ -267,14 +389,24 @@ class ChunkedStoreDIMSE(DIMSEServiceProvider):
     temporary file is deleted, the rest of that message's fragments are read and dropped, and the
     C-STORE goes to its handler marked refused (`refusal_of`), so the sender gets 0xA700 on an
     association that stays usable.
+
+    Every temporary file a message starts is remembered (`started_files`): a C-STORE decoded but
+    never handled (pynetdicom aborts a request it cannot serve, e.g. a NUL in its SOP Class UID,
+    before our handler sees it) leaves no file once the association is over
+    (`discard_partial_receive`). Any other exception while decoding a message, and a data set
+    held in memory (anything but a C-STORE) past MAX_INLINE_DATA_SET_BYTES, abort the
+    association with the reason instead of killing its reader thread or growing without bound.
     """
 
     def __init__(self, assoc: Association, policy: StoreReceivePolicy) -> None:
         super().__init__(assoc)
         self._policy = policy
         self._refusal: str | None = None  # set while the rest of a message is being dropped
+        self.started_files: set[Path] = set()
 
     def receive_primitive(self, primitive: P_DATA) -> None:
+        if getattr(self.dul, "mammo_violation", None) is not None:
+            return  # aborting: nothing more is decoded or written
         if self._refusal is not None and self.message is not None:
             if _ends_data_set(primitive):
                 self._deliver_refused()
@@ -283,13 +415,29 @@ class ChunkedStoreDIMSE(DIMSEServiceProvider):
         try:
             super().receive_primitive(primitive)
         except OSError as error:
+            self._remember_file()
             if not isinstance(self.message, C_STORE_RQ):
-                raise
+                self._abort(f"dimse_message_undecodable:{type(error).__name__}")
+                return
             self._refuse(_errno_name(error))
             if _ends_data_set(primitive):
                 self._deliver_refused()
             return
+        except Exception as error:  # a peer's command set pynetdicom cannot act on
+            self._remember_file()
+            self._abort(f"dimse_message_undecodable:{type(error).__name__}")
+            return
+        self._remember_file()
         message = self.message
+        if message is not None and "Evt19" in self.dul.event_queue.queue:
+            # pynetdicom found the completed message invalid and queued its own abort
+            self._abort("dimse_message_invalid")
+            return
+        if (message is not None and message._data_set_file is None
+                and isinstance(message.data_set, io.BytesIO)
+                and message.data_set.tell() > MAX_INLINE_DATA_SET_BYTES):
+            self._abort("message_too_long")  # the wire meter's rule, checked where bytes land
+            return
         started_now = (
             message is not None and not writing_before and message._data_set_file is not None
         )
@@ -298,17 +446,34 @@ class ChunkedStoreDIMSE(DIMSEServiceProvider):
             if refusal is not None:
                 self._refuse(refusal)
 
+    def _remember_file(self) -> None:
+        """Note the temporary file of the current message, dropping those already gone (moved
+        into the spool or deleted), so a long association keeps a short list."""
+        path = getattr(self.message, "_data_set_path", None)
+        if isinstance(path, Path) and path not in self.started_files:
+            if len(self.started_files) >= 16:
+                self.started_files = {p for p in self.started_files if p.exists()}
+            self.started_files.add(path)
+
+    def _abort(self, reason: str) -> None:
+        """Delete what the current message wrote and abort the association for `reason`."""
+        message = self.message
+        handle = getattr(message, "_data_set_file", None)
+        if handle is not None:
+            _close_and_delete(handle)
+        dul = self.dul
+        if isinstance(dul, GuardedDUL):
+            dul.mammo_abort(reason)
+        else:
+            dul.event_queue.put("Evt19")
+
     def _refuse(self, reason: str) -> None:
         """Delete what was written of the current C-STORE; drop the rest of its fragments."""
         message = self.message
         assert message is not None
         handle = message._data_set_file
         if handle is not None:
-            try:
-                handle.close()  # flushing the buffer may fail again on a full disk: the fd closes
-            except OSError:
-                pass
-            Path(handle.name).unlink(missing_ok=True)
+            _close_and_delete(handle)
         self._refusal = reason
         self._policy.receive_abandoned(
             reason, message.command_set.get("AffectedSOPInstanceUID", ""))
@@ -324,32 +489,74 @@ class ChunkedStoreDIMSE(DIMSEServiceProvider):
         self.message = None
 
 
-def _errno_name(error: OSError) -> str:
-    return errno.errorcode.get(error.errno or 0, type(error).__name__).lower()
-
-
-def discard_partial_receive(assoc: Association) -> None:
-    """Delete the temporary file of a C-STORE still being received when the association ended."""
-    message = getattr(assoc.dimse, "message", None)
-    handle = getattr(message, "_data_set_file", None)
-    if handle is None:
-        return
+def _close_and_delete(handle: Any) -> None:
     try:
-        handle.close()
+        handle.close()  # flushing the buffer may fail again on a full disk: the fd closes
     except OSError:
         pass
     Path(handle.name).unlink(missing_ok=True)
 
 
+def _errno_name(error: OSError) -> str:
+    return errno.errorcode.get(error.errno or 0, type(error).__name__).lower()
+
+
+def discard_partial_receive(assoc: Association) -> int:
+    """Delete every temporary file the association's messages started that is still in tmp/
+    once it is over: a C-STORE still being received, or decoded but never handled. Returns how
+    many were deleted."""
+    dimse = assoc.dimse
+    paths: set[Path] = set(getattr(dimse, "started_files", set()))
+    message = getattr(dimse, "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    if handle is not None:
+        try:
+            handle.close()
+        except OSError:
+            pass
+        paths.add(Path(handle.name))
+    deleted = 0
+    for path in paths:
+        try:
+            path.unlink()
+            deleted += 1
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            log.warning("partial_receive_not_deleted", error=error.strerror)
+    return deleted
+
+
 # --- ACSE: admission in front of negotiation -----------------------------------------------------
+@dataclass(frozen=True)
+class RefusedContext:
+    """A presentation context refused at negotiation (PS3.8 9.3.3.2 result/reason)."""
+
+    context_id: int
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...]
+    result: int  # 1 user rejection, 2 no reason, 3 abstract syntax / 4 transfer syntaxes unsupported
+
+
 class AssociationGate(Protocol):
     """Who may associate, asked once per connection (node/admission.py implements it)."""
+
+    def refuses_unread(self, request: AssociateRequestSummary, host: str) -> bool:
+        """True when `admit` will reject this request whatever its presentation contexts say
+        (asked before they are decoded, so that a refused request costs nothing to read)."""
 
     def admit(self, assoc: Association, request: A_ASSOCIATE) -> AssociateRejection | None:
         """The rejection to send, or None to negotiate (the gate may then hold a slot)."""
 
     def negotiation_failed(self, assoc: Association) -> None:
         """Negotiation ran but did not establish the association."""
+
+    def abstract_syntaxes(self, called_ae: str) -> frozenset[str] | None:
+        """The SOP classes the called AE title takes (None: every one the listener supports);
+        asked after `admit` admitted the request, before its contexts are negotiated."""
+
+    def contexts_refused(self, assoc: Association, refused: list[RefusedContext]) -> None:
+        """The association was established without these proposed presentation contexts."""
 
     def association_ended(self, assoc: Association) -> None:
         """The association (or the connection) is over."""
@@ -360,17 +567,87 @@ class GatedACSE(ACSE):
 
     gate: AssociationGate
 
+    def send_accept(self) -> None:
+        # Once the A-ASSOCIATE-AC is on its way the peer may send, and we may abort, before
+        # pynetdicom marks the association established: such an abort is on an established one.
+        setattr(self.assoc, ESTABLISHED_ATTRIBUTE, True)
+        super().send_accept()
+
     def _negotiate_as_acceptor(self) -> None:
         request = cast(A_ASSOCIATE, self.requestor.primitive)
         rejection = self.gate.admit(self.assoc, request)
         if rejection is None:
+            # Several called AE titles share the listener (one per pipeline): answer as the one
+            # the peer called (pynetdicom's require_called_aet compares with it) and negotiate
+            # only the SOP classes that title takes.
+            self.acceptor.ae_title = request.called_ae_title
+            wanted = self.gate.abstract_syntaxes(str(request.called_ae_title))
+            if wanted is not None:
+                self.acceptor.supported_contexts = [
+                    cx for cx in self.acceptor.supported_contexts
+                    if str(cx.abstract_syntax) in wanted]
             super()._negotiate_as_acceptor()
             if not self.assoc.is_established:
                 self.gate.negotiation_failed(self.assoc)
+                return
+            setattr(self.assoc, ESTABLISHED_ATTRIBUTE, True)
+            refused = [
+                RefusedContext(int(cx.context_id or 0), str(cx.abstract_syntax or ""),
+                               tuple(str(syntax) for syntax in cx.transfer_syntax),
+                               int(cx.result or 0))
+                for cx in self.assoc.rejected_contexts
+            ]
+            if refused:
+                self.gate.contexts_refused(self.assoc, refused)
             return
         self.send_reject(*rejection)
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
+
+
+# --- the association: a request pynetdicom cannot serve is aborted with its reason ---------------
+class GuardedAssociation(Association):
+    """pynetdicom's Association that says why it aborted a request it could not serve.
+
+    `Association._serve_request` aborts on a DIMSE request for a context that was not accepted,
+    a SOP class no service class serves (a NUL inside the command's Affected SOP Class UID is
+    one) or an exception in the service class, and logs the reason only to pynetdicom's logger.
+    Here the reason is kept (`LOCAL_ABORT_ATTRIBUTE`) for the abort report; the C-STORE's file is
+    deleted once the association is over (`discard_partial_receive`).
+    """
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        setattr(self, LOCAL_ABORT_ATTRIBUTE, _request_refusal(self, msg, context_id))
+        try:
+            super()._serve_request(msg, context_id)
+        finally:
+            if not self.is_aborted:
+                setattr(self, LOCAL_ABORT_ATTRIBUTE, None)
+
+
+    # pynetdicom rebinds `abort` on the instance to one of these two (events.py, acse.py)
+    def _abort_blocking(self, block: bool = True) -> None:
+        self._mammo_note_timeout()
+        super()._abort_blocking(block)
+
+    def _abort_nonblocking(self, block: bool = False) -> None:
+        self._mammo_note_timeout()
+        super()._abort_nonblocking(block)
+
+    def _mammo_note_timeout(self) -> None:
+        if getattr(self, LOCAL_ABORT_ATTRIBUTE, None) is None and self.dul.idle_timer_expired():
+            setattr(self, LOCAL_ABORT_ATTRIBUTE, "network_timeout")  # before the abort resets it
+
+
+def _request_refusal(assoc: Association, msg: Any, context_id: int) -> str:
+    """The reason pynetdicom's `_serve_request` would abort for, should it abort."""
+    if context_id not in assoc._accepted_cx:
+        return "dimse_context_not_accepted"
+    class_uid = getattr(msg, "AffectedSOPClassUID", None) or getattr(
+        msg, "RequestedSOPClassUID", None) or ""
+    if uid_to_service_class(str(class_uid)) is ServiceClass:
+        return "sop_class_not_supported"
+    return "dimse_request_failed"
 
 
 # --- the server: one thread per connection, TLS and admission on it ------------------------------
@@ -401,6 +678,7 @@ def _request_handler(host: ConnectionHost) -> type[RequestHandler]:
                                gate: AssociationGate) -> None:
             self.request = sock
             assoc = self._create_association()
+            assoc.__class__ = GuardedAssociation
             acse = GatedACSE(assoc)
             acse.gate = gate
             assoc.acse = acse
@@ -411,7 +689,11 @@ def _request_handler(host: ConnectionHost) -> type[RequestHandler]:
                 assoc.join()  # this thread holds the association's slot until it is over
             finally:
                 gate.association_ended(assoc)
-                discard_partial_receive(assoc)
+                if getattr(assoc, ESTABLISHED_ATTRIBUTE, False) and not assoc.is_released:
+                    report_abort(assoc, abort_reason(assoc))  # unless reported when it happened
+                discarded = discard_partial_receive(assoc)
+                if discarded:
+                    log.info("partial_receive_discarded", files=discarded)
 
     return ConnectionHandler
 
@@ -425,6 +707,12 @@ class _ListenerServer(ThreadedAssociationServer):
 
     request_queue_size = LISTEN_BACKLOG
     daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """An exception out of a connection's handler: one structured log line (socketserver
+        would print a raw traceback to stderr, i.e. into node.log)."""
+        host = client_address[0] if isinstance(client_address, tuple) else None
+        log.error("connection_handler_failed", host=host, exc_info=True)
 
 
 def start_listener(ae: AE, address: tuple[str, int], handlers: list[evt.EventHandlerType],

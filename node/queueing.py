@@ -72,16 +72,50 @@ def build_publisher(settings: Settings) -> Celery:
     return app
 
 
-def publish_run(app: Celery, settings: Settings, run_id: str) -> None:
-    """Send the score task for a run; TransientError if the broker cannot take it now."""
+def pipeline_queue(settings: Settings, pipeline: str | None) -> str:
+    """The queue of a pipeline's runs (`broker.queue` for the implicit one, `<broker.queue>.<name>`
+    for a named one; `mammo-node worker --pipeline NAME` consumes it); KeyError when unknown."""
+    found = settings.pipeline(pipeline)
+    if found is None:
+        raise KeyError(pipeline)
+    return found.queue
+
+
+def publish_run(app: Celery, settings: Settings, run_id: str, pipeline: str | None = None
+                ) -> None:
+    """Send the score task for a run to its pipeline's queue; TransientError if the broker
+    cannot take it now."""
     try:
         app.send_task(
             SCORE_TASK_NAME,
             args=[run_id],
-            queue=settings.broker.queue,
+            queue=pipeline_queue(settings, pipeline),
             retry=False,
         )
     except Exception as error:  # kombu raises many types for one cause: the broker is away
+        raise TransientError(f"broker unavailable: {type(error).__name__}") from error
+
+
+def broker_client(settings: Settings) -> redis.Redis:
+    """A Redis client on the broker, with the publish timeout (the caller closes it)."""
+    return redis.Redis.from_url(
+        settings.broker.url_with_password(),
+        socket_timeout=settings.broker.publish_timeout_s,
+        socket_connect_timeout=settings.broker.publish_timeout_s,
+    )
+
+
+def queue_depth(settings: Settings) -> int:
+    """Score messages waiting in the broker queue (every priority list); TransientError when the
+    broker cannot answer."""
+    keys = _queue_keys(settings)
+    try:
+        client = broker_client(settings)
+        try:
+            return sum(int(client.llen(key)) for key in keys)
+        finally:
+            client.close()
+    except redis.RedisError as error:
         raise TransientError(f"broker unavailable: {type(error).__name__}") from error
 
 
@@ -96,8 +130,7 @@ def waiting_run_ids(settings: Settings, reserved_within_s: float = 0.0,
     again. A reserved message is in kombu's `unacked` hash, its delivery time in
     `unacked_index`. TransientError when the broker cannot answer.
     """
-    queue = settings.broker.queue
-    keys = [queue] + [f"{queue}{_PRIORITY_SEPARATOR}{step}" for step in _PRIORITY_STEPS if step]
+    keys = _queue_keys(settings)
     since = (time.time() if now is None else now) - reserved_within_s
     try:
         client = redis.Redis.from_url(
@@ -123,6 +156,13 @@ def waiting_run_ids(settings: Settings, reserved_within_s: float = 0.0,
         if run_id:
             run_ids.add(run_id)
     return run_ids
+
+
+def _queue_keys(settings: Settings) -> list[str]:
+    """The Redis lists of every pipeline's queue (each priority step)."""
+    return [f"{queue}{_PRIORITY_SEPARATOR}{step}" if step else queue
+            for queue in dict.fromkeys(p.queue for p in settings.pipeline_list)
+            for step in _PRIORITY_STEPS]
 
 
 def _unacked_message(entry: bytes | str) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -24,16 +25,16 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from node import validate
+from node import metrics, validate
 from node.audit import AuditLog
 from node.completion import AssociationTracker
 from node.logs import get_logger
 from node.pynetdicom_internals import association_tag, refusal_of
 from node.runs import InstanceEntry
-from node.settings import Settings
-from node.spool import Spool, free_bytes, hash_key
+from node.settings import Pipeline, Settings
+from node.spool import Spool, free_bytes, hash_key, study_key
 from node.uids import is_valid_uid
-from node.vocabulary import StoreStatus
+from node.vocabulary import SOP_CLASS_NOT_SUPPORTED, StoreStatus, storage_sop_classes_named
 
 log = get_logger("node.receive")
 
@@ -97,6 +98,14 @@ class StoreReceiver:
             status, reason, entry = self.admit_instance(path, command_sop_uid, command_sop_class,
                                                         assoc_id)
         if status == StoreStatus.SUCCESS and entry is not None:
+            pipeline = self.settings.pipeline_of_called_ae(str(event.assoc.acceptor.ae_title))
+            entry = replace(entry, calling_ae=str(event.assoc.requestor.ae_title).strip(),
+                            pipeline="" if pipeline is None or pipeline.implicit else pipeline.name)
+            if pipeline is not None and entry.sop_class_uid not in self._sop_classes(pipeline):
+                # Refused at negotiation already; this catches a command that names one class on
+                # a context negotiated for another.
+                return self._refuse_sop_class(path, entry, assoc_id)
+        if status == StoreStatus.SUCCESS and entry is not None:
             try:
                 self.spool.add_instance(path, entry)
             except OSError as error:
@@ -104,6 +113,7 @@ class StoreReceiver:
                 reason = f"write_failed:{error.strerror or error}"
         if status != StoreStatus.SUCCESS or entry is None:
             path.unlink(missing_ok=True)
+            metrics.INSTANCES_REJECTED.labels(status=status.hex).inc()
             loggable_sop_uid = _loggable_uid(command_sop_uid)
             log.warning(
                 "instance_rejected",
@@ -122,7 +132,9 @@ class StoreReceiver:
                 reason=reason,
             )
             return status
-        self.tracker.add(assoc_id, hash_key(entry.study_uid))
+        self.tracker.add(assoc_id, study_key(entry.study_uid, entry.pipeline))
+        metrics.INSTANCES_RECEIVED.labels(calling_ae=entry.calling_ae).inc()
+        metrics.RECEIVED_BYTES.labels(calling_ae=entry.calling_ae).inc(entry.size_bytes)
         log.info(
             "instance_received",
             association_id=assoc_id,
@@ -142,6 +154,23 @@ class StoreReceiver:
             status=StoreStatus.SUCCESS.hex,
         )
         return StoreStatus.SUCCESS
+
+    def _refuse_sop_class(self, path: Path, entry: InstanceEntry, assoc_id: str) -> int:
+        """0x0122: the called AE title's pipeline does not take this SOP class."""
+        path.unlink(missing_ok=True)
+        status = f"0x{SOP_CLASS_NOT_SUPPORTED:04X}"
+        reason = "sop_class_not_in_pipeline"
+        metrics.INSTANCES_REJECTED.labels(status=status).inc()
+        log.warning("instance_rejected", association_id=assoc_id, status=status, reason=reason,
+                    sop_class_uid=entry.sop_class_uid, sop_uid=entry.sop_uid,
+                    pipeline=entry.pipeline)
+        self.audit.record("instance_rejected", association=assoc_id,
+                          sop_class_uid=entry.sop_class_uid, sop_instance_uid=entry.sop_uid,
+                          status=status, reason=reason)
+        return SOP_CLASS_NOT_SUPPORTED
+
+    def _sop_classes(self, pipeline: Pipeline) -> frozenset[str]:
+        return frozenset(str(sop) for sop in storage_sop_classes_named(pipeline.sop_classes))
 
     def admit_instance(
         self, path: Path, command_sop_uid: str, command_sop_class: str, assoc_id: str

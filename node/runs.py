@@ -102,6 +102,10 @@ class InstanceEntry:
     size_bytes: int
     received_at: float  # wall clock, seconds since the epoch
     association_id: str
+    calling_ae: str = ""  # who sent it (not PHI); "" in manifests written before it was kept
+    # The pipeline of the called AE title (settings `pipelines`); "": the implicit one (and
+    # every manifest written before pipelines existed). Not written when "".
+    pipeline: str = ""
 
     @property
     def view_key(self) -> str:
@@ -126,9 +130,16 @@ def read_manifest(folder: Path) -> tuple[InstanceEntry, ...]:
     return tuple(entries.values())
 
 
+def _entry_fields(entry: InstanceEntry) -> dict[str, Any]:
+    fields = asdict(entry)
+    if not entry.pipeline:
+        del fields["pipeline"]  # the implicit pipeline: lines as they always were
+    return fields
+
+
 def append_manifest(folder: Path, entries: Iterable[InstanceEntry]) -> None:
     """Append one line per entry and fsync it (the caller fsyncs the folder for new names)."""
-    lines = [json.dumps(asdict(entry), sort_keys=True) + "\n" for entry in entries]
+    lines = [json.dumps(_entry_fields(entry), sort_keys=True) + "\n" for entry in entries]
     if not lines:
         return
     with open(folder / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
@@ -162,6 +173,7 @@ class RunInfo(_OmitNone):
     supersedes: tuple[str, ...] = ()  # earlier runs of the study whose instances this one took
     attempts: int = 0  # worker attempts started; counts the ones a dead worker never finished
     requeued_at: float | None = None  # set by `runs retry`
+    pipeline: str | None = None  # the called AE title's pipeline; None: the implicit one
 
 
 class FailureKind(StrEnum):
@@ -194,7 +206,8 @@ class ModelRef(_Frozen):
 
 
 class InputDescription(_OmitNone):
-    """One instance of the run in the record: its manifest entry (less the association) and fate."""
+    """One instance of the run in the record: its manifest entry (less the association and the
+    calling AE) and fate."""
 
     sop_uid: str
     sop_class_uid: str
@@ -208,12 +221,16 @@ class InputDescription(_OmitNone):
     received_at: float
     scored: bool
     reason: str | None = None  # why it was not scored
+    # pipelines/quality.py's flags (view_missing, implant_present, low_contrast, ...); absent in
+    # records written before they existed and when the image has none
+    quality_flags: tuple[str, ...] | None = None
 
     @classmethod
-    def of(cls, entry: InstanceEntry, scored: bool, reason: str | None) -> InputDescription:
+    def of(cls, entry: InstanceEntry, scored: bool, reason: str | None,
+           quality_flags: tuple[str, ...] = ()) -> InputDescription:
         fields = asdict(entry)
-        del fields["association_id"]
-        return cls(**fields, scored=scored, reason=reason)
+        del fields["association_id"], fields["calling_ae"], fields["pipeline"]
+        return cls(**fields, scored=scored, reason=reason, quality_flags=quality_flags or None)
 
 
 class Scores(_Frozen):
@@ -227,7 +244,8 @@ class Scores(_Frozen):
 class OutputFile(_Frozen):
     """A result object the worker wrote (path relative to the run folder)."""
 
-    kind: Literal["sr", "seg"]
+    # cad_sr: pipelines/cad_sr.py; sc: the Secondary Capture overlay (pipelines/overlay.py)
+    kind: Literal["sr", "cad_sr", "seg", "sc"]
     file: str
     sop_uid: str
     series_uid: str
@@ -241,6 +259,16 @@ class SendResult(_Frozen):
     sop_uid: str
     status: str | None  # "0x0000"; None when no response came
     ok: bool
+
+
+class ShadowScores(_OmitNone):
+    """What the shadow bundle made of the same views (never sent, never written as DICOM):
+    its identity and scores, or why it has none (`error`; the live run is unaffected)."""
+
+    model: ModelRef | None = None
+    scores: Scores | None = None
+    error: str | None = None
+    duration_s: float | None = None
 
 
 class RunRecord(_OmitNone):
@@ -262,6 +290,8 @@ class RunRecord(_OmitNone):
     missing_views: tuple[str, ...] | None = None
     outputs: tuple[OutputFile, ...] | None = None
     sends: tuple[SendResult, ...] | None = None
+    pipeline: str | None = None  # the called AE title's pipeline; None: the implicit one
+    shadow: ShadowScores | None = None  # the shadow bundle's scores, when the pipeline has one
 
     @model_validator(mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import metrics
 from node.admission import Admission, AssociationLimiter, PendingConnections
 from node.audit import open_audit
 from node.completion import AssociationTracker
@@ -31,7 +32,6 @@ from node.pynetdicom_internals import (
     is_negotiating,
     server_address,
     start_listener,
-    wire_violation,
 )
 from node.receive import StoreReceiver, association_id
 from node.settings import Settings
@@ -139,11 +139,13 @@ class StoreSCP:
             "host": assoc.requestor.address,
             "tls": self.ssl_context is not None,
         }
+        metrics.ASSOCIATIONS.labels(outcome="accepted", reason="").inc()
         log.info("association_accepted", **fields)
         self.audit.record("association_accepted", **fields)
 
     def record_rejection(self, reason: str, **fields: object) -> None:
         """One log line and one audit record for a refused association or connection."""
+        metrics.ASSOCIATIONS.labels(outcome="rejected", reason=reason).inc()
         log.warning("association_rejected", reason=reason, **fields)
         self.audit.record("association_rejected", reason=reason, **fields)
 
@@ -157,6 +159,7 @@ class StoreSCP:
             "host": assoc.requestor.address,
             "stage": "negotiation" if is_negotiating(assoc) else "established",
         }
+        metrics.ASSOCIATIONS_ABORTED.labels(reason=reason).inc()
         log.warning("association_aborted", reason=reason, **fields)
         self.audit.record("association_aborted", reason=reason, action="aborted", **fields)
 
@@ -164,11 +167,9 @@ class StoreSCP:
         self.tracker.close(association_id(event.assoc))
 
     def handle_aborted(self, event: Event) -> None:
-        assoc = event.assoc
-        if wire_violation(assoc) is None:  # our guard logged its own
-            reason = "network_timeout" if assoc.dul.idle_timer_expired() else "peer_or_network"
-            log.warning("association_aborted", association_id=association_id(assoc), reason=reason)
-        self.tracker.close(association_id(assoc))
+        # Every abort, whoever started it, reaches `record_abort` once with its reason
+        # (node/pynetdicom_internals.py: report_abort, abort_reason).
+        self.tracker.close(association_id(event.assoc))
 
     def handle_conn_close(self, event: Event) -> None:
         self.tracker.close(association_id(event.assoc))

@@ -20,11 +20,12 @@ from node.audit import AuditLog, open_audit
 from node.completion import AssociationTracker, due_studies
 from node.errors import TransientError
 from node.logs import get_logger
+from node.monitoring import MonitoringServer, start_node_monitoring
 from node.queueing import build_publisher, publish_run, waiting_run_ids
 from node.runs import RunRecord, attempts_exhausted
 from node.scp import StoreSCP
 from node.settings import Settings
-from node.spool import Spool
+from node.spool import IncomingStudy, Spool
 
 log = get_logger("node.service")
 
@@ -52,6 +53,7 @@ class CompletionWatcher:
         self.audit = audit or open_audit(settings, "watcher")
         self._next_publish_at: dict[str, float] = {}
         self._publish_failures: dict[str, int] = {}
+        self._orphans: set[str] = set()  # runs of a pipeline the config no longer has
 
     def tick(self) -> list[str]:
         """Claim due studies and publish unpublished runs; returns the run ids published now.
@@ -59,9 +61,7 @@ class CompletionWatcher:
         The studies come from the spool's in-memory index of incoming/: a tick reads no manifest.
         """
         now = self.clock()
-        for study, reason in due_studies(
-            self.spool.incoming_studies(), self.tracker.is_open, now, self.settings.completion
-        ):
+        for study, reason in self._due(now):
             run_id = self.spool.claim_study(study.study_key, reason)
             info = self.spool.run_info(run_id)
             instance_count = info.instance_count if info else len(study.instances)
@@ -81,13 +81,31 @@ class CompletionWatcher:
                               supersedes=supersedes)
         return self._publish_pending(now)
 
+    def _due(self, now: float) -> list[tuple[IncomingStudy, str]]:
+        """Due studies, each by its pipeline's completion rule (a study of a pipeline no longer
+        configured by the top-level one, so it becomes a run IT can see and discard)."""
+        studies = self.spool.incoming_studies()
+        rules = {("" if p.implicit else p.name): p.completion for p in self.settings.pipeline_list}
+        due = []
+        for name in sorted({s.pipeline for s in studies}):
+            due += due_studies([s for s in studies if s.pipeline == name], self.tracker.is_open,
+                               now, rules.get(name, self.settings.completion))
+        return due
+
     def _publish_pending(self, now: float) -> list[str]:
         published = []
         for run_id in self.spool.unpublished_runs():
             if self._next_publish_at.get(run_id, 0.0) > now:
                 continue
+            info = self.spool.run_info(run_id)
+            pipeline = info.pipeline if info is not None else None
+            if self.settings.pipeline(pipeline) is None:
+                if run_id not in self._orphans:  # no worker would take it: say so once
+                    self._orphans.add(run_id)
+                    log.warning("run_pipeline_not_configured", run_id=run_id, pipeline=pipeline)
+                continue
             try:
-                publish_run(self.publisher, self.settings, run_id)
+                publish_run(self.publisher, self.settings, run_id, pipeline)
             except TransientError as error:
                 failures = self._publish_failures.get(run_id, 0) + 1
                 self._publish_failures[run_id] = failures
@@ -236,15 +254,19 @@ class NodeService:
         self.reconciler = Reconciler(settings, self.spool, audit=self.audit)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.monitoring: MonitoringServer | None = None
 
     def start(self) -> tuple[str, int]:
+        # First: a monitoring port in use or an unset token variable stops start-up here.
+        self.monitoring = start_node_monitoring(self.settings, self.spool)
         removed = self.spool.purge_tmp()
         incoming = self.spool.index_incoming()  # what arrived before a restart is not forgotten
         address = self.scp.start()
         self._thread = threading.Thread(target=self._watch, name="completion-watcher", daemon=True)
         self._thread.start()
         log.info("node_started", ae_title=self.settings.node.ae_title, host=address[0],
-                 port=address[1], stale_tmp_files_removed=removed, incoming_studies=incoming)
+                 port=address[1], stale_tmp_files_removed=removed, incoming_studies=incoming,
+                 pipelines={p.name: p.ae_title for p in self.settings.pipeline_list})
         self.audit.record("node_started", ae_title=self.settings.node.ae_title, host=address[0],
                           port=address[1], tls=self.settings.node.tls is not None)
         return address
@@ -276,5 +298,7 @@ class NodeService:
         self.scp.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.monitoring is not None:
+            self.monitoring.stop()
         log.info("node_stopped")
         self.audit.record("node_stopped", ae_title=self.settings.node.ae_title)

@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -91,6 +92,8 @@ class NodeSection(_Frozen):
     max_pending_connections: int = Field(default=128, ge=1, le=10000)
     # Largest DICOM message (one C-STORE data set) we receive; beyond it the association is aborted.
     max_message_bytes: int = Field(default=4 * 1024**3, ge=1024 * 1024)
+    # Presentation contexts one A-ASSOCIATE-RQ may propose (PS3.8: at most 128 odd context IDs).
+    max_presentation_contexts: int = Field(default=128, ge=1, le=128)
     tls: NodeTLS | None = None
 
     @field_validator("bind_address")
@@ -114,6 +117,10 @@ class AllowedCaller(_Frozen):
         return value
 
 
+# The kinds of result object a destination can ask for (node/runs.py OutputFile.kind).
+ResultObject = Literal["sr", "cad_sr", "seg", "sc"]
+
+
 class Destination(_Frozen):
     """A peer that receives our results by C-STORE."""
 
@@ -123,6 +130,28 @@ class Destination(_Frozen):
     port: int = Field(ge=1, le=65535)
     timeout_s: float = Field(default=30.0, gt=0)
     tls: DestinationTLS | None = None
+    # Which result objects it gets; None (the default): every object the node writes.
+    objects: tuple[ResultObject, ...] | None = Field(default=None, min_length=1)
+
+    def wants(self, kind: str) -> bool:
+        return self.objects is None or kind in self.objects
+
+
+class DicomWebDestination(_Frozen):
+    """A peer that receives our results by DICOMweb STOW-RS (node/stow.py), e.g. Orthanc's
+    DICOMweb plugin; same retries, `failed/` parking and objects choice as a C-STORE one."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # The DICOMweb root: results are POSTed to <url>/studies. https verifies the server's
+    # certificate against the system's CAs.
+    url: str = Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    timeout_s: float = Field(default=30.0, gt=0)
+    # A bearer token, read from this environment variable (never from the YAML, never logged).
+    token_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    objects: tuple[ResultObject, ...] | None = Field(default=None, min_length=1)
+
+    def wants(self, kind: str) -> bool:
+        return self.objects is None or kind in self.objects
 
 
 class SpoolSection(_Frozen):
@@ -190,11 +219,37 @@ class SeriesOutput(_Frozen):
     series_description: str = Field(min_length=1, max_length=64)
 
 
+class SegOutput(SeriesOutput):
+    """The heatmap SEGs, one per scored image. `binary` (default): the findings' regions at the
+    operating point (what OHIF draws; an empty segment when there is none); `fractional`: the
+    full map, in its own series (fractional_series_*); `both`."""
+
+    series_number: int = Field(default=9902, ge=1, le=2**31 - 1)
+    series_description: str = Field(default="AI suspicious regions", min_length=1, max_length=64)
+    kind: Literal["binary", "fractional", "both"] = "binary"
+    fractional_series_number: int = Field(default=9904, ge=1, le=2**31 - 1)
+    fractional_series_description: str = Field(default="AI suspicion heatmap", min_length=1,
+                                               max_length=64)
+
+
+class OverlayOutput(SeriesOutput):
+    """The Secondary Capture overlay (opt-in): heatmap and marks burned into a reduced copy of
+    each view, for PACS that show nothing else."""
+
+    enabled: bool = False
+    series_number: int = Field(default=9905, ge=1, le=2**31 - 1)
+    series_description: str = Field(default="AI overlay", min_length=1, max_length=64)
+    max_side_px: int = Field(default=1024, ge=256, le=4096)
+
+
 class OutputsSection(_Frozen):
     """Which result objects are written, in which series, and the UID root for their UIDs."""
 
     sr: SeriesOutput = SeriesOutput(series_number=9901, series_description="AI mammography report")
-    seg: SeriesOutput = SeriesOutput(series_number=9902, series_description="AI suspicion heatmap")
+    seg: SegOutput = SegOutput()
+    sc: OverlayOutput = OverlayOutput()
+    cad_sr: SeriesOutput = SeriesOutput(series_number=9903,
+                                        series_description="AI mammography CAD report")
     uid_root: str | None = None
 
     @field_validator("uid_root")
@@ -241,10 +296,112 @@ class AuditSection(_Frozen):
     path: Path | None = None  # default: Settings.audit_path
 
 
+class MonitoringSection(_Frozen):
+    """The HTTP endpoint of `serve` and of each worker: /healthz, /readyz, /metrics.
+
+    Absent: no endpoint (and no worker heartbeat). Loopback by default. The bearer token, when
+    wanted, comes from the environment variable `token_env` names (never from the YAML, never
+    logged); TLS reuses the listener's certificate settings (`ca_file` + `require_client_cert`
+    ask scrapers for a client certificate).
+    """
+
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=1, le=65535)  # `serve`
+    # A worker takes the first free port of worker_port .. worker_port + worker_port_count - 1
+    # (several workers on one host); its heartbeat says which.
+    worker_port: int = Field(default=9465, ge=1, le=65535)
+    worker_port_count: int = Field(default=8, ge=1, le=1000)
+    token_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    tls: NodeTLS | None = None
+    heartbeat_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    # A worker whose last heartbeat is older than this is silent (readyz, `mammo-node status`).
+    worker_silent_after_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _ports_apart(self) -> MonitoringSection:
+        if self.worker_port + self.worker_port_count - 1 > 65535:
+            raise ValueError("worker_port + worker_port_count - 1 must be a port (<= 65535)")
+        if self.worker_port <= self.port < self.worker_port + self.worker_port_count:
+            raise ValueError(f"port ({self.port}) falls in the workers' range starting at "
+                             f"worker_port ({self.worker_port})")
+        if self.worker_silent_after_s <= self.heartbeat_interval_s:
+            raise ValueError("worker_silent_after_s must be longer than heartbeat_interval_s")
+        return self
+
+
+class DriftSection(_Frozen):
+    """Score drift per source against the bundle's reference (node/drift.py): the rolling
+    window under `<spool.dir>/drift/`, the `mammo_score_drift_*` gauges, `mammo-node drift`."""
+
+    window: int = Field(default=200, ge=10, le=100_000)  # the last N exams of each source
+    min_exams: int = Field(default=50, ge=1)  # fewer in a window: "too few exams" (report)
+    max_sources: int = Field(default=64, ge=1, le=10_000)  # beyond: manufacturer "other"
+
+
+class QualitySection(_Frozen):
+    """Input-quality flags per image (pipelines/quality.py)."""
+
+    # Flag `low_contrast` when the breast's 1st-99th percentile range is below this fraction of
+    # the range BitsStored allows.
+    low_contrast_fraction: float = Field(default=0.01, gt=0, lt=1)
+
+
+IMPLICIT_PIPELINE = "default"  # the one pipeline of a config without `pipelines:`
+
+
+class PipelineSection(_Frozen):
+    """One called AE title on the listener and what happens to what it receives (what MONAI
+    Deploy's gateway calls an application entity): its callers, the SOP classes it takes, its
+    completion rule, its model bundle (and an optional shadow bundle) and its destinations."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")  # in run records and queue names
+    ae_title: AETitle
+    allowed_callers: list[AllowedCaller] = Field(min_length=1)
+    # Storage SOP classes it takes, by pynetdicom keyword or UID (a subset of what the node
+    # stores, node/vocabulary.py STORAGE_SOP_CLASSES); None: all of them.
+    sop_classes: tuple[str, ...] | None = Field(default=None, min_length=1)
+    completion: CompletionSection | None = None  # None: the top-level `completion`
+    model: ModelSection
+    # A bundle that scores the same studies without sending anything (`mammo-node shadow report`).
+    shadow_model: ModelSection | None = None
+    # Names from `destinations` / `dicomweb_destinations`; None: every destination.
+    destinations: tuple[str, ...] | None = None
+
+
+class Pipeline(_Frozen):
+    """A pipeline as the node uses it, with the top-level defaults filled in (Settings.pipeline_list)."""
+
+    name: str
+    ae_title: str
+    allowed_callers: tuple[AllowedCaller, ...]
+    sop_classes: tuple[str, ...] | None
+    completion: CompletionSection
+    model: ModelSection
+    shadow_model: ModelSection | None
+    destinations: tuple[str, ...] | None
+    queue: str  # the Celery queue its runs are published to
+
+    @property
+    def implicit(self) -> bool:
+        return self.name == IMPLICIT_PIPELINE
+
+
 class Settings(_Frozen):
     node: NodeSection = NodeSection()
-    allowed_callers: list[AllowedCaller] = Field(min_length=1)
+    # Several called AE titles on one listener, each its own pipeline; absent: one implicit
+    # pipeline (node.ae_title, allowed_callers, completion, model, every destination). Declared
+    # before allowed_callers, whose check looks at it.
+    pipelines: list[PipelineSection] = Field(default_factory=list)
+    # Callers of node.ae_title (the implicit pipeline); with `pipelines:` each has its own.
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
     destinations: list[Destination] = Field(default_factory=list)
+    dicomweb_destinations: list[DicomWebDestination] = Field(default_factory=list)
     spool: SpoolSection
     completion: CompletionSection = CompletionSection()
     broker: BrokerSection = BrokerSection()
@@ -254,14 +411,105 @@ class Settings(_Frozen):
     scoring: ScoringSection = ScoringSection()
     reconcile: ReconcileSection = ReconcileSection()
     audit: AuditSection = AuditSection()
+    monitoring: MonitoringSection | None = None
+    drift: DriftSection = DriftSection()
+    quality: QualitySection = QualitySection()
+    # The implicit pipeline's shadow bundle (without `pipelines:`; see PipelineSection).
+    shadow_model: ModelSection | None = None
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _callers_needed(cls, value: list[AllowedCaller], info: ValidationInfo
+                        ) -> list[AllowedCaller]:
+        if not value and not info.data.get("pipelines"):
+            raise ValueError("at least one caller is needed (or `pipelines`, each with its own "
+                             "allowed_callers)")
+        return value
+
+    @model_validator(mode="after")
+    def _pipelines_consistent(self) -> Settings:
+        if not self.pipelines:
+            return self
+        if self.shadow_model is not None:
+            raise ValueError("shadow_model: with `pipelines`, set shadow_model in the pipeline")
+        for key in ("name", "ae_title"):
+            values = [getattr(p, key) for p in self.pipelines]
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"pipelines: {key} must be unique, repeated: {repeated}")
+        if IMPLICIT_PIPELINE in (p.name for p in self.pipelines):
+            raise ValueError(f"pipelines: the name {IMPLICIT_PIPELINE!r} is reserved for the "
+                             "implicit pipeline of a config without `pipelines`")
+        known = {d.name for d in self.all_destinations}
+        for index, pipeline in enumerate(self.pipelines):
+            unknown = sorted(set(pipeline.destinations or ()) - known)
+            if unknown:
+                raise ValueError(f"pipelines[{index}].destinations: unknown destination(s) "
+                                 f"{unknown} (configured: {sorted(known)})")
+        return self
+
+    @property
+    def pipeline_list(self) -> list[Pipeline]:
+        """Every pipeline, top-level defaults filled in; without `pipelines:` the implicit one."""
+        if not self.pipelines:
+            return [Pipeline(name=IMPLICIT_PIPELINE, ae_title=self.node.ae_title,
+                             allowed_callers=tuple(self.allowed_callers), sop_classes=None,
+                             completion=self.completion, model=self.model,
+                             shadow_model=self.shadow_model, destinations=None,
+                             queue=self.broker.queue)]
+        return [Pipeline(name=p.name, ae_title=p.ae_title,
+                         allowed_callers=tuple(p.allowed_callers), sop_classes=p.sop_classes,
+                         completion=p.completion or self.completion, model=p.model,
+                         shadow_model=p.shadow_model, destinations=p.destinations,
+                         queue=f"{self.broker.queue}.{p.name}")
+                for p in self.pipelines]
+
+    def pipeline(self, name: str | None) -> Pipeline | None:
+        """The pipeline called `name` (None or "": the implicit one), or None when unknown."""
+        wanted = name or IMPLICIT_PIPELINE
+        return next((p for p in self.pipeline_list if p.name == wanted), None)
+
+    def pipeline_of_called_ae(self, called_ae: str) -> Pipeline | None:
+        called = called_ae.strip()
+        return next((p for p in self.pipeline_list if p.ae_title == called), None)
+
+    def for_pipeline(self, name: str | None) -> Settings:
+        """The settings a worker of one pipeline runs with: its model, shadow, completion rule
+        and destinations in the top-level places, so the scoring code needs no pipeline logic.
+        KeyError for an unknown name."""
+        pipeline = self.pipeline(name)
+        if pipeline is None:
+            raise KeyError(name)
+        if pipeline.implicit:
+            return self
+        wanted = pipeline.destinations
+        return self.model_copy(update={
+            "model": pipeline.model,
+            "shadow_model": pipeline.shadow_model,
+            "completion": pipeline.completion,
+            "destinations": [d for d in self.destinations if wanted is None or d.name in wanted],
+            "dicomweb_destinations": [d for d in self.dicomweb_destinations
+                                      if wanted is None or d.name in wanted],
+        })
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
-        names = [d.name for d in self.destinations]
+        names = [d.name for d in self.all_destinations]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique, repeated: {duplicates}")
+        for destination in self.all_destinations:
+            disabled = [kind for kind in destination.objects or ()
+                        if not getattr(self.outputs, kind).enabled]
+            if disabled:
+                raise ValueError(f"destination {destination.name!r} asks for objects the node "
+                                 f"does not write: {disabled} (outputs.<kind>.enabled is false)")
         return self
+
+    @property
+    def all_destinations(self) -> list[Destination | DicomWebDestination]:
+        """C-STORE destinations, then STOW-RS ones: every peer that gets results."""
+        return [*self.destinations, *self.dicomweb_destinations]
 
     @property
     def audit_path(self) -> Path:
@@ -269,13 +517,25 @@ class Settings(_Frozen):
         return self.audit.path or self.spool.dir / DEFAULT_AUDIT_NAME
 
 
+_URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+_SECRET_KEY_RE = re.compile(r"pass|secret|token|credential", re.IGNORECASE)
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with the user and password of any URL in it replaced: errors may be shown and logged."""
+    return _URL_CREDENTIALS_RE.sub(r"\g<scheme>***@", text)
+
+
 def _format_errors(source: str, error: ValidationError) -> list[str]:
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        message = item["msg"].removeprefix("Value error, ")
+        # A value under a key that sounds secret (a password pasted where it does not belong) is
+        # never shown; any other value has the credentials of URLs in it masked.
+        secret = any(_SECRET_KEY_RE.search(str(p)) for p in item["loc"])
+        shown = "" if isinstance(value, dict) or secret else f" (got {redact_secrets(repr(value))})"
+        message = redact_secrets(item["msg"].removeprefix("Value error, "))
         lines.append(f"{source}: {key}: {message}{shown}")
     return lines
 
@@ -300,7 +560,7 @@ def load_settings(path: str | Path) -> Settings:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(redact_secrets(f"{path}: not valid YAML: {error}")) from None
     settings = parse_settings(data, str(path))
     return _resolve_paths(settings, path.resolve().parent)
 
@@ -315,16 +575,33 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         d.model_copy(update={"tls": _resolve_tls_paths(d.tls, base)}) if d.tls is not None else d
         for d in settings.destinations
     ]
+    monitoring = settings.monitoring
+    if monitoring is not None and monitoring.tls is not None:
+        monitoring = monitoring.model_copy(
+            update={"tls": _resolve_tls_paths(monitoring.tls, base)})
     resolved = settings.model_copy(
         update={
+            "monitoring": monitoring,
             "node": node,
             "destinations": destinations,
             "spool": settings.spool.model_copy(update={"dir": spool_dir}),
             "model": settings.model.model_copy(update={"bundle_dir": bundle}),
+            "shadow_model": _resolve_model(settings.shadow_model, base),
+            "pipelines": [
+                p.model_copy(update={"model": _resolve_model(p.model, base),
+                                     "shadow_model": _resolve_model(p.shadow_model, base)})
+                for p in settings.pipelines
+            ],
         }
     )
     audit = (base / settings.audit.path).resolve() if settings.audit.path else resolved.audit_path
     return resolved.model_copy(update={"audit": settings.audit.model_copy(update={"path": audit})})
+
+
+def _resolve_model(model: ModelSection | None, base: Path) -> ModelSection | None:
+    if model is None:
+        return None
+    return model.model_copy(update={"bundle_dir": (base / model.bundle_dir).resolve()})
 
 
 def _resolve_tls_paths(tls: _TLS, base: Path) -> _TLS:

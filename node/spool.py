@@ -81,10 +81,22 @@ class IncomingStudy:
     def view_keys(self) -> frozenset[str]:
         return frozenset(i.view_key for i in self.instances)
 
+    @property
+    def pipeline(self) -> str:
+        """The pipeline its instances came in by ("": the implicit one)."""
+        return self.instances[0].pipeline if self.instances else ""
+
 
 def hash_key(value: str) -> str:
     """A fixed-length, filesystem-safe name for a received value (never the value itself)."""
     return hashlib.sha256(value.encode("utf-8")).hexdigest()[:32]
+
+
+def study_key(study_uid: str, pipeline: str = "") -> str:
+    """The folder name of a study in incoming/ (and in its run ids): per pipeline, so the same
+    study sent to two called AE titles makes two runs; the implicit pipeline's is the hash of
+    the study UID alone, as it always was."""
+    return hash_key(f"{pipeline}\\{study_uid}" if pipeline else study_uid)
 
 
 def free_bytes(directory: Path) -> int:
@@ -155,17 +167,17 @@ class Spool:
         acknowledged survives a crash; a crash in between leaves a file without a manifest line
         that was never acknowledged.
         """
-        study_key = hash_key(entry.study_uid)
+        key = study_key(entry.study_uid, entry.pipeline)
         fsync_file(received_path)
         with self._lock:
-            folder = self.incoming_dir / study_key
+            folder = self.incoming_dir / key
             folder.mkdir(exist_ok=True)
             target = folder / entry.file
             os.replace(received_path, target)
             append_manifest(folder, [entry])
             fsync_dir(folder)
             if self._incoming is not None:
-                self._incoming.setdefault(study_key, {})[entry.sop_uid] = entry
+                self._incoming.setdefault(key, {})[entry.sop_uid] = entry
         return target
 
     def index_incoming(self) -> int:
@@ -230,6 +242,7 @@ class Spool:
                     completion_reason=reason,
                     instance_count=len(entries),
                     supersedes=supersedes,
+                    pipeline=(entries[0].pipeline or None) if entries else None,
                 ))
                 os.rename(source, target)
             except BaseException:

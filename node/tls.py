@@ -36,13 +36,14 @@ def _load_ca(context: ssl.SSLContext, key: str, ca_file: Path) -> None:
                           f"{getattr(error, 'strerror', None) or error}") from None
 
 
-def server_context(tls: NodeTLS) -> ssl.SSLContext:
-    """The listener's context: our certificate, TLS >= 1.2, client certificates as configured."""
+def server_context(tls: NodeTLS, key: str = "node.tls") -> ssl.SSLContext:
+    """A listener's context (DICOM, or the monitoring endpoint with `key="monitoring.tls"`): our
+    certificate, TLS >= 1.2, client certificates as configured."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MINIMUM_VERSION
-    _load_chain(context, "node.tls", tls.cert_file, tls.key_file)
+    _load_chain(context, key, tls.cert_file, tls.key_file)
     if tls.ca_file is not None:
-        _load_ca(context, "node.tls", tls.ca_file)
+        _load_ca(context, key, tls.ca_file)
         # A client certificate that is presented must verify, even when one is not required.
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     else:

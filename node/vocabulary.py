@@ -38,11 +38,27 @@ MG_FOR_PROCESSING = _sop_class("DigitalMammographyXRayImageStorageForProcessing"
 BREAST_TOMOSYNTHESIS = _sop_class("BreastTomosynthesisImageStorage")
 COMPREHENSIVE_3D_SR = _sop_class("Comprehensive3DSRStorage")  # our results (pipelines/sr.py)
 SEGMENTATION = _sop_class("SegmentationStorage")  # our heatmaps (pipelines/seg.py)
+MAMMOGRAPHY_CAD_SR = _sop_class("MammographyCADSRStorage")  # TID 4000 (pipelines/cad_sr.py)
 
 # What the listener stores, and of that what the model scores (tomosynthesis is kept, not scored).
 STORAGE_SOP_CLASSES: tuple[SOPClass, ...] = (MG_FOR_PRESENTATION, MG_FOR_PROCESSING,
                                              BREAST_TOMOSYNTHESIS)
 SCORABLE_SOP_CLASSES: tuple[SOPClass, ...] = (MG_FOR_PRESENTATION, MG_FOR_PROCESSING)
+
+
+
+def storage_sop_classes_named(names: tuple[str, ...] | None) -> tuple[SOPClass, ...]:
+    """The storage SOP classes a config names (pynetdicom keyword or UID; None: all of them);
+    ValueError naming what is not one the node stores."""
+    if names is None:
+        return STORAGE_SOP_CLASSES
+    by_name = {n: sop for sop in STORAGE_SOP_CLASSES for n in (str(sop), sop.keyword)}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"not storage SOP classes the node takes: {unknown} (known: "
+                         f"{[sop.keyword for sop in STORAGE_SOP_CLASSES]})")
+    return tuple(dict.fromkeys(by_name[n] for n in names))
+
 
 # --- transfer syntaxes ---------------------------------------------------------------------------
 IMPLICIT_VR_LITTLE_ENDIAN = uid.ImplicitVRLittleEndian
@@ -93,6 +109,11 @@ STORE_STATUS_MEANINGS: dict[StoreStatus, tuple[str, str]] = {
     StoreStatus.INVALID_UID: (STATUS_FAILURE, "Cannot Understand"),
 }
 
+# A C-STORE of a SOP class the called AE title's pipeline does not take (on a context negotiated
+# for another class): PS3.7 C.4.2.1.4 "Refused: SOP Class not supported", a general status.
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+SOP_CLASS_NOT_SUPPORTED_MEANING = (STATUS_FAILURE, "Refused: SOP Class Not Supported")
+
 # Warnings (0xB000-0xBFFF): the object was stored, possibly altered (e.g. coerced elements).
 STORE_WARNING_RANGE = range(0xB000, 0xBFFF + 1)
 
@@ -132,6 +153,9 @@ REJECT_CALLING_AE_NOT_RECOGNISED = AssociateRejection(RejectResult.PERMANENT,
                                                       RejectSource.SERVICE_USER, 0x03)
 REJECT_CALLED_AE_NOT_RECOGNISED = AssociateRejection(RejectResult.PERMANENT,
                                                      RejectSource.SERVICE_USER, 0x07)
+# Rejected-permanent, service-user, no-reason-given: a request we will never accept as it stands
+# (more presentation contexts than node.max_presentation_contexts).
+REJECT_NO_REASON_GIVEN = AssociateRejection(RejectResult.PERMANENT, RejectSource.SERVICE_USER, 0x01)
 # Rejected-transient, service-provider (presentation), local-limit-exceeded: "try again later".
 REJECT_LOCAL_LIMIT_EXCEEDED = AssociateRejection(RejectResult.TRANSIENT,
                                                  RejectSource.SERVICE_PROVIDER_PRESENTATION, 0x02)
@@ -141,6 +165,7 @@ REJECTION_MEANINGS: dict[AssociateRejection, str] = {
     REJECT_CALLING_AE_NOT_RECOGNISED: "Calling AE title not recognised",
     REJECT_CALLED_AE_NOT_RECOGNISED: "Called AE title not recognised",
     REJECT_LOCAL_LIMIT_EXCEEDED: "Local limit exceeded",
+    REJECT_NO_REASON_GIVEN: "No reason given",
 }
 
 
@@ -155,6 +180,10 @@ def check_against_pynetdicom() -> None:
         if theirs != meaning:
             raise VocabularyMismatch(f"C-STORE status {status.hex} ({status.name}): pynetdicom "
                                      f"says {theirs}, we mean {meaning}")
+    theirs = STORAGE_SERVICE_CLASS_STATUS.get(SOP_CLASS_NOT_SUPPORTED)
+    if theirs != SOP_CLASS_NOT_SUPPORTED_MEANING:
+        raise VocabularyMismatch(f"C-STORE status 0x0122: pynetdicom says {theirs}, we mean "
+                                 f"{SOP_CLASS_NOT_SUPPORTED_MEANING}")
     warnings = {code for code, (category, _) in STORAGE_SERVICE_CLASS_STATUS.items()
                 if category == STATUS_WARNING and code >= 0x1000}
     if not warnings or not warnings <= set(STORE_WARNING_RANGE):

@@ -9,12 +9,15 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
+from node import metrics
 from node.logs import configure_logging, get_logger
+from node.monitoring import forget_process
 from node.queueing import SCORE_TASK_NAME, celery_config
 from node.settings import Settings, load_settings
 from node.spool import Spool
+from pipelines.shadow import Shadow, load_shadow
 
 if TYPE_CHECKING:
     from pipelines.model import ModelRunner
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
 log = get_logger("pipelines.worker")
 
 CONFIG_ENV = "MAMMO_NODE_CONFIG"
+PIPELINE_ENV = "MAMMO_NODE_PIPELINE"  # `mammo-node worker --pipeline NAME`; unset: the implicit one
 
 app = Celery("mammo-node-worker")
 
@@ -29,21 +33,37 @@ app = Celery("mammo-node-worker")
 class _Process:
     """What one worker process loads once: its settings and its model."""
 
-    settings: Settings | None = None
+    settings: Settings | None = None  # the pipeline's (Settings.for_pipeline)
+    pipeline: str | None = None
     runner: ModelRunner | None = None
+    shadow: Shadow | None = None
+    shadow_loaded = False
 
 
-def configure(settings: Settings) -> Celery:
+def configure(settings: Settings, pipeline: str | None = None) -> Celery:
+    """The app for the worker of one pipeline (None: the implicit one); KeyError when unknown."""
     app.conf.update(celery_config(settings))
-    _Process.settings = settings
+    _Process.settings = settings.for_pipeline(pipeline)
+    _Process.pipeline = pipeline
     return app
 
 
 def _settings() -> Settings:
     if _Process.settings is None:
-        configure(load_settings(os.environ[CONFIG_ENV]))
+        configure(load_settings(os.environ[CONFIG_ENV]), os.environ.get(PIPELINE_ENV) or None)
     assert _Process.settings is not None
     return _Process.settings
+
+
+def _shadow() -> Shadow | None:
+    """The pipeline's shadow bundle, loaded once per process (a load failure is kept and
+    recorded in each run's record as the shadow's error)."""
+    if not _Process.shadow_loaded:
+        shadow_model = _settings().shadow_model
+        if shadow_model is not None:
+            _Process.shadow = load_shadow(shadow_model.bundle_dir, shadow_model.device)
+        _Process.shadow_loaded = True
+    return _Process.shadow
 
 
 def _runner() -> ModelRunner:
@@ -54,6 +74,7 @@ def _runner() -> ModelRunner:
         settings = _settings()
         runner = load_bundle(settings.model.bundle_dir, settings.model.device)
         log.info("model_loaded", model=runner.identity.name, version=runner.identity.version,
+                 pipeline=_Process.pipeline or "default",
                  device=str(runner.device), pid=os.getpid())
         _Process.runner = runner
     return _Process.runner
@@ -63,7 +84,15 @@ def _runner() -> ModelRunner:
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _load_model_in_child(**_: Any) -> None:
     configure_logging(os.environ.get("MAMMO_NODE_LOG_LEVEL", "INFO"))
-    _runner()
+    identity = _runner().identity
+    _shadow()
+    # Summed over the pool by the worker's endpoint and heartbeat (node/monitoring.py).
+    metrics.MODEL_LOADED.labels(model=identity.name, model_version=identity.version).set(1)
+
+
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _forget_child(**_: Any) -> None:
+    forget_process(os.getpid())
 
 
 @app.task(name=SCORE_TASK_NAME, bind=True, acks_late=True,  # type: ignore[untyped-decorator]
@@ -73,7 +102,8 @@ def score_study(self: Any, run_id: str) -> None:
     from pipelines.scoring import process_run
 
     settings = _settings()
-    process_run(settings, Spool(settings.spool.dir), run_id, _runner())
+    process_run(settings, Spool(settings.spool.dir), run_id, _runner(),
+                pipeline=_Process.pipeline, shadow=_shadow())
 
 
 if CONFIG_ENV in os.environ:

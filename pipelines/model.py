@@ -1,14 +1,15 @@
 """The model bundle: checked when loaded, run in batches, heatmaps mapped back to the source grid.
 
-A bundle is a folder with `model.ts` (TorchScript) and `metadata.json`. Nothing is ever
-downloaded and nothing falls back to random weights: a missing or mismatched bundle is a
-ModelError, which stops the worker.
+A bundle is a folder with `metadata.json` and the model: `model.pt2` (a `torch.export`
+ExportedProgram, `"format": "pt2"`) or, from bundles exported before it, `model.ts` (TorchScript,
+deprecated: it loads, with one `model_format_deprecated` warning). Nothing is ever downloaded and
+nothing falls back to random weights: a missing or mismatched bundle is a ModelError, which stops
+the worker. When the metadata has a `calibration` (pipelines/calibration.py), the image scores
+and the heatmaps are reported on its calibrated scale, the scale of the operating points.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -20,15 +21,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from node.bundle import (
+    METADATA_FILE,
+    check_bundle_files,
+    model_format,
+    model_path,
+    read_bundle_metadata,
+)
 from node.errors import ModelError
-from pipelines.preprocess import build_preprocess, input_size
+from node.logs import get_logger
+from pipelines.calibration import Calibration
+from pipelines.preprocess import build_preprocess, input_size, mask_heatmap, prepare_image
 from pipelines.results import ModelIdentity
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
-REQUIRED_KEYS = ("format_version", "name", "version", "input", "output", "operating_points",
-                 "model_sha256")
 DEFAULT_OPERATING_POINT = "balanced"
 MAX_CPU_THREADS = 4
+
+log = get_logger("pipelines.model")
 
 
 @dataclass(frozen=True)
@@ -39,34 +48,10 @@ class ViewPrediction:
     heatmap: np.ndarray  # float32 in [0, 1], exactly the shape of the image given to predict
 
 
-def file_sha256(path: Path) -> str:
-    """Streamed, so a large model file is never read whole just to be checked."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_metadata(bundle_dir: Path) -> dict[str, Any]:
-    """metadata.json, checked for the keys and values the runner relies on."""
-    if not bundle_dir.is_dir():
-        raise ModelError(f"model bundle {bundle_dir}: folder not found")
-    path = bundle_dir / "metadata.json"
-    try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"model bundle {bundle_dir}: metadata.json missing") from None
-    except ValueError as error:
-        raise ModelError(f"{path}: not valid JSON: {error}") from None
-    if not isinstance(metadata, dict):
-        raise ModelError(f"{path}: must be a JSON object")
-    missing = [key for key in REQUIRED_KEYS if key not in metadata]
-    if missing:
-        raise ModelError(f"{path}: missing key(s) {', '.join(missing)}")
-    if metadata["format_version"] not in SUPPORTED_FORMAT_VERSIONS:
-        raise ModelError(f"{path}: format_version {metadata['format_version']!r} not supported "
-                         f"(supported: {SUPPORTED_FORMAT_VERSIONS})")
+    """metadata.json (its generic checks in node/bundle.py), checked for what the runner relies on."""
+    metadata = read_bundle_metadata(bundle_dir)
+    path = bundle_dir / METADATA_FILE
     try:
         height, width = input_size(metadata)
         intensity = metadata["input"]["intensity"]
@@ -79,6 +64,10 @@ def read_metadata(bundle_dir: Path) -> dict[str, Any]:
     if metadata["input"].get("orientation") != "chest_wall_left":
         raise ModelError(f"{path}: input.orientation must be 'chest_wall_left' "
                          f"(got {metadata['input'].get('orientation')!r})")
+    try:
+        Calibration.from_metadata(metadata)
+    except ModelError as error:
+        raise ModelError(f"{path}: {str(error).removeprefix('metadata.json: ')}") from None
     return metadata
 
 
@@ -103,8 +92,11 @@ def cpu_threads() -> int:
     return max(1, min(available, MAX_CPU_THREADS))
 
 
-def heatmap_to_image_grid(heatmap: np.ndarray | torch.Tensor, rows: int, cols: int) -> np.ndarray:
-    """Resize a model-grid heatmap to the image's exact rows x cols.
+def heatmap_to_image_grid(heatmap: np.ndarray | torch.Tensor, rows: int, cols: int,
+                          calibration: Calibration | None = None) -> np.ndarray:
+    """Resize a model-grid heatmap to the image's exact rows x cols (then calibrate it, when the
+    bundle is calibrated: after the resize, so a region at or above a calibrated threshold is
+    exactly the region of the raw map at or above the raw one).
 
     The preprocessing resized the whole image (no crop, no padding), so model cell (i, j)
     covers image rows [i, i+1) * rows / H and columns [j, j+1) * cols / W; bilinear resizing
@@ -114,18 +106,22 @@ def heatmap_to_image_grid(heatmap: np.ndarray | torch.Tensor, rows: int, cols: i
     while tensor.ndim < 4:
         tensor = tensor[None]
     resized = F.interpolate(tensor, size=(rows, cols), mode="bilinear", align_corners=False)
-    return resized[0, 0].clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+    grid = resized[0, 0].clamp_(0.0, 1.0)
+    if calibration is not None:
+        calibration.tensor_(grid)
+    return grid.cpu().numpy().astype(np.float32, copy=False)
 
 
 class ModelRunner:
     """A loaded bundle. Not thread-safe; one per worker process."""
 
     def __init__(self, bundle_dir: Path, metadata: dict[str, Any],
-                 module: torch.jit.ScriptModule, device: torch.device) -> None:
+                 module: torch.nn.Module, device: torch.device) -> None:
         self.bundle_dir = bundle_dir
         self.metadata = metadata
         self.module = module
         self.device = device
+        self.calibration = Calibration.from_metadata(metadata)
         self.preprocess = build_preprocess(metadata)
         points = metadata["operating_points"]
         self.identity = ModelIdentity(
@@ -146,22 +142,29 @@ class ModelRunner:
                 probability, heatmap = self.module(batch)
         return probability.float().cpu(), heatmap.float().cpu()
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[ViewPrediction]:
-        """One forward pass for all views of a study."""
+    def predict(self, images: Sequence[np.ndarray],
+                views: Sequence[str | None] | None = None) -> list[ViewPrediction]:
+        """One forward pass for all views of a study (`views`, "MLO"/"CC" per image, only
+        matters to a bundle with `input.breast_mask`: no pectoral is looked for on a CC)."""
         if not images:
             return []
         started = time.perf_counter()
-        batch = torch.stack([self.preprocess(image) for image in images])
+        prepared = [prepare_image(image, self.metadata, views[index] if views else None)
+                    for index, image in enumerate(images)]
+        batch = torch.stack([self.preprocess(pixels) for pixels, _ in prepared])
         preprocessed = time.perf_counter()
         probabilities, heatmaps = self._forward(batch)
         inferred = time.perf_counter()
-        predictions = [
-            ViewPrediction(
-                probability=float(probabilities[index].clamp(0.0, 1.0)),
-                heatmap=heatmap_to_image_grid(heatmaps[index], *np.shape(image)),
-            )
-            for index, image in enumerate(images)
-        ]
+        calibration = self.calibration
+        predictions = []
+        for index, image in enumerate(images):
+            probability = float(probabilities[index].clamp(0.0, 1.0))
+            predictions.append(ViewPrediction(
+                probability=probability if calibration is None else calibration.score(probability),
+                heatmap=mask_heatmap(heatmap_to_image_grid(
+                    heatmaps[index], int(np.shape(image)[0]), int(np.shape(image)[1]),
+                    calibration), prepared[index][1]),
+            ))
         self.last_timings_s = {
             "preprocess": preprocessed - started,
             "inference": inferred - preprocessed,
@@ -174,31 +177,50 @@ def load_bundle(bundle_dir: str | Path, device: str = "auto") -> ModelRunner:
     """Load and check a bundle; ModelError names the file and what is wrong."""
     bundle_dir = Path(bundle_dir)
     metadata = read_metadata(bundle_dir)
-    model_path = bundle_dir / "model.ts"
-    if not model_path.is_file():
-        raise ModelError(f"model bundle {bundle_dir}: model.ts missing")
-    actual = file_sha256(model_path)
-    if actual != metadata["model_sha256"]:
-        raise ModelError(f"{model_path}: sha256 {actual[:12]}… does not match metadata.json "
-                         f"({str(metadata['model_sha256'])[:12]}…)")
+    check_bundle_files(bundle_dir)
+    path = model_path(bundle_dir, metadata)
     torch_device = resolve_device(device)
     if torch_device.type == "cpu":
         torch.set_num_threads(cpu_threads())
+    if model_format(metadata) == "pt2":
+        module = _load_exported(path, torch_device)
+    else:
+        log.warning("model_format_deprecated", model=str(metadata["name"]),
+                    model_version=str(metadata["version"]), format="torchscript",
+                    hint="re-export with tools/model/export.py (--to-pt2) for a model.pt2")
+        module = _load_torchscript(path, torch_device)
+    runner = ModelRunner(bundle_dir, metadata, module, torch_device)
+    _dry_run(runner, path)
+    return runner
+
+
+def _load_exported(path: Path, device: torch.device) -> torch.nn.Module:
+    """The ExportedProgram saved by tools/model/export.py, as a module (exported in eval mode)."""
+    try:
+        program = torch.export.load(str(path))
+        if device.type != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, device)
+        return program.module()
+    except Exception as error:  # a bad or foreign file raises many kinds of errors
+        raise ModelError(f"{path}: not a loadable torch.export program: {error}") from None
+
+
+def _load_torchscript(path: Path, device: torch.device) -> torch.nn.Module:
     try:
         # torch.jit.load has no annotations; it returns the ScriptModule saved by tools/model/export.py.
-        module: torch.jit.ScriptModule = torch.jit.load(  # type: ignore[no-untyped-call]
-            str(model_path), map_location=torch_device).eval()
+        module: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
+            str(path), map_location=device).eval()
     except Exception as error:  # TorchScript raises RuntimeError and friends for a bad file
-        raise ModelError(f"{model_path}: not a loadable TorchScript model: {error}") from None
-    runner = ModelRunner(bundle_dir, metadata, module, torch_device)
-    _dry_run(runner, model_path)
-    return runner
+        raise ModelError(f"{path}: not a loadable TorchScript model: {error}") from None
+    return module
 
 
 def _dry_run(runner: ModelRunner, model_path: Path) -> None:
     """Feed one zero image of the declared size; the outputs must be what the metadata says.
 
-    This catches a model.ts from another bundle (other input size or outputs) before the first
+    This catches a model file from another bundle (other input size or outputs) before the first
     study, instead of a shape error or a silently wrong heatmap in the middle of the night.
     """
     height, width = input_size(runner.metadata)

@@ -53,3 +53,33 @@ def build_preprocess(metadata: dict[str, Any]) -> Callable[[np.ndarray], torch.T
         return tensor
 
     return preprocess
+
+
+def uses_breast_mask(metadata: dict[str, Any]) -> bool:
+    """Whether the bundle asks for breast segmentation (`input.breast_mask: true`); bundles
+    without the key (the default one included) are fed and mapped exactly as before."""
+    return bool(metadata["input"].get("breast_mask", False))
+
+
+def prepare_image(image: np.ndarray, metadata: dict[str, Any],
+                  view: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image to preprocess and its breast mask, the same in training and in the worker.
+
+    Without `input.breast_mask` in the metadata: the image unchanged and no mask. With it:
+    `pipelines/breast.py:breast_mask` on the oriented image (pectoral looked for unless `view`
+    is "CC"), the pixels outside it set to the background level, and the mask, which
+    `mask_heatmap` applies to the heatmap on the same grid."""
+    if not uses_breast_mask(metadata):
+        return image, None
+    from pipelines.breast import apply_breast_mask
+
+    return apply_breast_mask(image, view)
+
+
+def mask_heatmap(heatmap: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The heatmap with zero outside the breast (and on the border), or unchanged without a mask."""
+    if mask is None:
+        return heatmap
+    if mask.shape != heatmap.shape:
+        raise ValueError(f"breast mask {mask.shape} and heatmap {heatmap.shape} differ")
+    return np.where(mask, heatmap, np.float32(0.0)).astype(np.float32, copy=False)

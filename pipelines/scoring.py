@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 from pydicom import Dataset
 
+from node import metrics
 from node.audit import AuditLog, open_audit
+from node.drift import REFERENCE_KEY, DriftStore, ExamEntry, SourceKey
 from node.errors import InputError
 from node.logs import get_logger
 from node.runs import (
@@ -48,10 +50,23 @@ from node.runs import (
     write_run_info,
 )
 from node.scu import SendOutcome, send_files
-from node.settings import Settings
+from node.settings import IMPLICIT_PIPELINE, DicomWebDestination, ResultObject, Settings
 from node.spool import Spool
+from node.stow import stow_files
+from node.version import software_version
+from pipelines.cad_sr import build_cad_sr
+from pipelines.findings import Finding, find_findings
+from pipelines.overlay import build_overlay
+from pipelines.quality import (
+    DEFAULT_LOW_CONTRAST_FRACTION,
+    Domain,
+    domain_flags,
+    entry_flags,
+    merge_flags,
+)
 from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult, ViewScore
-from pipelines.seg import build_seg
+from pipelines.seg import build_binary_seg, build_seg
+from pipelines.shadow import Shadow
 from pipelines.sr import build_sr
 from pipelines.study import LoadedView, Skipped, decode_view, select_views
 
@@ -83,16 +98,18 @@ class _Progress:
     sends: tuple[SendResult, ...] | None = None
     not_scored: str | None = None
     undecodable: list[Skipped] = field(default_factory=list)
+    views: list[LoadedView] = field(default_factory=list)  # scored by the live model
 
 
-def _load_views(run_dir: Path, manifest: Sequence[InstanceEntry]
+def _load_views(run_dir: Path, manifest: Sequence[InstanceEntry],
+                low_contrast_fraction: float = DEFAULT_LOW_CONTRAST_FRACTION
                 ) -> tuple[list[LoadedView], list[Skipped], list[Skipped]]:
     """The decoded views; the instances skipped (all of them); those skipped as undecodable."""
     selected, skipped = select_views(run_dir, manifest)
     loaded, undecodable = [], []
     for view in selected:
         try:
-            loaded.append(decode_view(view))
+            loaded.append(decode_view(view, low_contrast_fraction))
         except InputError as error:
             undecodable.append(Skipped(view.entry.sop_uid, f"not_decoded:{error}"))
             log.warning("view_not_decoded", sop_uid=view.entry.sop_uid, view=view.entry.view_key,
@@ -142,12 +159,13 @@ def write_outputs(
     identity: ModelIdentity,
     out_dir: Path,
 ) -> tuple[OutputFile, ...]:
-    """Build the SR and one SEG per scored image; files under out_dir, described for the record."""
+    """Build the SR, the SEGs (and the opt-in overlays) of the scored images; files under
+    out_dir, described for the record."""
     out_dir.mkdir(exist_ok=True)
     outputs: list[OutputFile] = []
     cfg = settings.outputs
 
-    def _save(kind: Literal["sr", "seg"], name: str, dataset: Dataset) -> None:
+    def _save(kind: Literal["sr", "cad_sr", "seg", "sc"], name: str, dataset: Dataset) -> None:
         path = out_dir / name
         dataset.save_as(path, enforce_file_format=True)
         outputs.append(OutputFile(kind=kind, file=f"{OUTPUTS_DIR}/{name}",
@@ -155,33 +173,94 @@ def write_outputs(
                                   series_uid=str(dataset.SeriesInstanceUID)))
 
     headers = [v.header for v in views]
+    # One definition of the findings for every object that shows them (pipelines/findings.py).
+    findings = [find_findings(heatmap, identity.operating_point) for heatmap in heatmaps]
     segs: list[Dataset] = []
-    if cfg.seg.enabled:
-        spec = OutputSpec(cfg.seg.series_number, cfg.seg.series_description, cfg.uid_root)
-        for index, (view, heatmap) in enumerate(zip(views, heatmaps, strict=True)):
-            seg = build_seg(view.header, heatmap, identity, spec)
-            _save("seg", f"seg-{index + 1}-{view.entry.view_key}.dcm", seg)
-            segs.append(seg)
-    if cfg.sr.enabled:
+    wanted = wanted_objects(settings)
+    for kind, name, dataset in _heatmap_objects(settings, views, heatmaps, findings, identity):
+        if kind not in wanted:
+            continue
+        _save(kind, name, dataset)
+        if kind == "seg":
+            segs.append(dataset)
+    if cfg.sr.enabled and "sr" in wanted:
         spec = OutputSpec(cfg.sr.series_number, cfg.sr.series_description, cfg.uid_root)
         # The SR lists the run's SEGs as evidence, so a viewer can go from the scores to the maps.
-        _save("sr", "sr.dcm", build_sr(headers, result, identity, spec, seg_refs=segs))
+        by_uid = [v.entry.sop_uid for v in views]
+        _save("sr", "sr.dcm", build_sr(
+            headers, result, identity, spec, heatmaps=dict(zip(by_uid, heatmaps, strict=True)),
+            findings=dict(zip(by_uid, findings, strict=True)), seg_refs=segs))
+    if cfg.cad_sr.enabled and "cad_sr" in wanted:
+        spec = OutputSpec(cfg.cad_sr.series_number, cfg.cad_sr.series_description, cfg.uid_root,
+                          software_version=software_version())
+        _save("cad_sr", "cad-sr.dcm", build_cad_sr(headers, result, findings, identity, spec))
     return tuple(outputs)
 
 
-def send_outputs(settings: Settings, files: list[Path]) -> tuple[list[dict[str, Any]], str | None]:
+def wanted_objects(settings: Settings) -> frozenset[str]:
+    """The kinds of result object some destination gets (all of them when none is configured,
+    so a node without destinations still writes its results)."""
+    kinds = frozenset(get_args(ResultObject))
+    peers = settings.all_destinations
+    if not peers:
+        return kinds
+    return frozenset(kind for kind in kinds if any(d.wants(kind) for d in peers))
+
+
+def _heatmap_objects(
+    settings: Settings, views: list[LoadedView], heatmaps: list[np.ndarray],
+    findings: list[tuple[Finding, ...]], identity: ModelIdentity,
+) -> list[tuple[Literal["seg", "sc"], str, Dataset]]:
+    """The SEGs (`outputs.seg.kind`: binary, fractional or both) and the Secondary Capture
+    overlays (`outputs.sc.enabled`) of the scored images, with their file names."""
+    cfg = settings.outputs
+    objects: list[tuple[Literal["seg", "sc"], str, Dataset]] = []
+    wanted = wanted_objects(settings)  # what no destination gets is not even built
+    write_segs = cfg.seg.enabled and "seg" in wanted
+    version = software_version()
+    regions = OutputSpec(cfg.seg.series_number, cfg.seg.series_description, cfg.uid_root,
+                         software_version=version)
+    maps = OutputSpec(cfg.seg.fractional_series_number, cfg.seg.fractional_series_description,
+                      cfg.uid_root, software_version=version)
+    overlay = OutputSpec(cfg.sc.series_number, cfg.sc.series_description, cfg.uid_root,
+                         software_version=version)
+    for index, (view, heatmap, found) in enumerate(zip(views, heatmaps, findings, strict=True)):
+        stem = f"{index + 1}-{view.entry.view_key}"
+        if write_segs and cfg.seg.kind in ("binary", "both"):
+            objects.append(("seg", f"seg-{stem}.dcm",
+                            build_binary_seg(view.header, found, identity, regions)))
+        if write_segs and cfg.seg.kind in ("fractional", "both"):
+            objects.append(("seg", f"seg-map-{stem}.dcm",
+                            build_seg(view.header, heatmap, identity, maps)))
+        if cfg.sc.enabled and "sc" in wanted:
+            # The worker's pixels are in the model's orientation; the flips are their own inverse.
+            pixels = view.orientation.apply(view.pixels)
+            objects.append(("sc", f"sc-{stem}.dcm", build_overlay(
+                view.header, pixels, heatmap, found, identity, overlay, cfg.sc.max_side_px)))
+    return objects
+
+
+def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | None = None
+                 ) -> tuple[list[dict[str, Any]], str | None]:
     """Send to every destination with retries and backoff; (per-object log, failure reason).
 
+    `kinds` (aligned with `files`, `node.runs.OutputFile.kind`) lets each destination get only
+    the objects it asks for (`destinations[].objects`); without them every file goes everywhere.
     Each log item has the fields of `node.runs.SendResult`.
     """
     sends: list[dict[str, Any]] = []
     failures = []
-    for destination in settings.destinations:
-        pending = list(files)
+    for destination in settings.all_destinations:
+        mine = list(files) if kinds is None else [
+            f for f, kind in zip(files, kinds, strict=True) if destination.wants(kind)]
+        pending = list(mine)
         outcomes: dict[Path, SendOutcome] = {}
         for attempt in range(1, settings.send.attempts + 1):
             try:
-                results = send_files(settings, destination, pending)
+                if isinstance(destination, DicomWebDestination):
+                    results = stow_files(destination, pending)
+                else:
+                    results = send_files(settings, destination, pending)
             except Exception as error:  # an unexpected SCU failure is one failed attempt
                 log.warning("send_attempt_failed", destination=destination.name,
                             reason=type(error).__name__, attempt=attempt)
@@ -196,7 +275,7 @@ def send_outputs(settings: Settings, files: list[Path]) -> tuple[list[dict[str, 
                 log.warning("send_retry_scheduled", destination=destination.name,
                             pending=len(pending), attempt=attempt, retry_in_s=delay_s)
                 time.sleep(delay_s)
-        for path in files:
+        for path in mine:
             outcome = outcomes[path]
             status = None if outcome.status is None else f"0x{outcome.status:04X}"
             sends.append({"destination": destination.name, "file": path.name,
@@ -209,8 +288,20 @@ def send_outputs(settings: Settings, files: list[Path]) -> tuple[list[dict[str, 
     return sends, ("; ".join(failures) or None)
 
 
-def process_run(settings: Settings, spool: Spool, run_id: str, predictor: Predictor) -> str | None:
-    """Score and deliver one run; returns the final state, or None if it was not ours to do."""
+def process_run(settings: Settings, spool: Spool, run_id: str, predictor: Predictor, *,
+                pipeline: str | None = None, shadow: Shadow | None = None) -> str | None:
+    """Score and deliver one run; returns the final state, or None if it was not ours to do.
+
+    `settings` are the pipeline's (`Settings.for_pipeline`); a run of another pipeline (`pipeline`
+    None: the implicit one) is left in queued/ untouched. `shadow`: the pipeline's shadow bundle,
+    whose scores go into the record beside the live ones and nowhere else.
+    """
+    mine = None if pipeline in (None, "", IMPLICIT_PIPELINE) else pipeline
+    queued = spool.run_info(run_id)
+    if queued is not None and queued.pipeline != mine:
+        log.warning("run_of_another_pipeline", run_id=run_id, run_pipeline=queued.pipeline,
+                    worker_pipeline=mine)
+        return None
     with spool.hold_run(run_id) as run_dir:
         if run_dir is None:
             log.info("run_skipped_duplicate_delivery", run_id=run_id)
@@ -222,7 +313,7 @@ def process_run(settings: Settings, spool: Spool, run_id: str, predictor: Predic
             raise FileNotFoundError(f"run {run_id}: run.json is missing or unreadable")
         if superseded is not None:
             return _skip_superseded(spool, info, run_dir, superseded.superseded_by)
-        return _process_held_run(settings, spool, info, run_dir, predictor, audit)
+        return _process_held_run(settings, spool, info, run_dir, predictor, audit, shadow)
 
 
 def _skip_superseded(spool: Spool, info: RunInfo, run_dir: Path, superseded_by: str) -> str:
@@ -240,7 +331,7 @@ def _skip_superseded(spool: Spool, info: RunInfo, run_dir: Path, superseded_by: 
 
 def _process_held_run(
     settings: Settings, spool: Spool, info: RunInfo, run_dir: Path, predictor: Predictor,
-    audit: AuditLog,
+    audit: AuditLog, shadow: Shadow | None = None,
 ) -> str:
     started = time.time()
     attempts = info.attempts + 1
@@ -263,6 +354,9 @@ def _process_held_run(
         text = f"{type(error).__name__}: {error}"
         failure = RunFailure(kind=FailureKind.INTERNAL,
                              message=text[:500 - len(f"{FailureKind.INTERNAL}: ")])
+    shadow_scores = None
+    if shadow is not None and progress.views:  # after the live results went out
+        shadow_scores = shadow.score(progress.views, info.study_uid, score_views)
     state: Literal["done", "failed"] = "failed" if failure else "done"
     progress.timings_s["total"] = round(time.time() - started, 3)
     record = RunRecord(
@@ -281,8 +375,13 @@ def _process_held_run(
         missing_views=progress.missing_views,
         outputs=progress.outputs,
         sends=progress.sends,
+        pipeline=info.pipeline,
+        shadow=shadow_scores,
     )
     write_record(run_dir, record)
+    source = metrics.run_source(run_dir, manifest)
+    metrics.observe_run(record, source)
+    _record_drift(settings, record, source, predictor)
     spool.finish_run(info.run_id, state)
     reason = str(failure) if failure else None
     if failure:
@@ -322,9 +421,11 @@ def _score_write_send(
     the study cannot be scored)."""
     timings = progress.timings_s
     t0 = time.perf_counter()
-    views, skipped, undecodable = _load_views(run_dir, manifest)
+    views, skipped, undecodable = _load_views(run_dir, manifest,
+                                              settings.quality.low_contrast_fraction)
     timings["decode"] = round(time.perf_counter() - t0, 3)
-    progress.inputs = _describe_inputs(manifest, views, skipped)
+    outside = _outside_domain(info.run_id, views, getattr(predictor, "metadata", None))
+    progress.inputs = _describe_inputs(manifest, views, skipped, outside)
     if not views:
         reasons = sorted({s.reason for s in skipped}) or ["no instances"]
         if undecodable or not skipped:
@@ -339,6 +440,7 @@ def _score_write_send(
         log.warning("test_pause_before_inference", run_id=info.run_id, pause_s=pause_s)
         time.sleep(pause_s)
     result, heatmaps = score_views(views, predictor, info.study_uid)
+    progress.views = views
     for key, value in predictor.last_timings_s.items():
         timings[key] = round(value, 3)
     progress.scores = Scores(
@@ -357,7 +459,8 @@ def _score_write_send(
                                      run_dir / OUTPUTS_DIR)
     timings["write"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    sends, failure = send_outputs(settings, [run_dir / o.file for o in progress.outputs])
+    sends, failure = send_outputs(settings, [run_dir / o.file for o in progress.outputs],
+                                  [o.kind for o in progress.outputs])
     timings["send"] = round(time.perf_counter() - t0, 3)
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)
@@ -379,10 +482,48 @@ def _audit_sends(audit: AuditLog, info: RunInfo, sends: Sequence[SendResult]) ->
             audit.record("results_sent", **fields)
 
 
+def _outside_domain(run_id: str, views: list[LoadedView], metadata: object
+                    ) -> dict[str, tuple[str, ...]]:
+    """Each scored view outside the live bundle's declared domain: its `outside_domain:` flags,
+    and one `input_outside_domain` warning (run, view and reasons; no PHI)."""
+    domain = Domain.from_metadata(metadata if isinstance(metadata, Mapping) else None)
+    flags = {v.entry.sop_uid: domain_flags(v.header, domain) for v in views}
+    for view in views:
+        if flags[view.entry.sop_uid]:
+            log.warning("input_outside_domain", run_id=run_id, sop_uid=view.entry.sop_uid,
+                        view=view.entry.view_key,
+                        reasons=[f.split(":", 1)[1] for f in flags[view.entry.sop_uid]])
+    return {uid: found for uid, found in flags.items() if found}
+
+
 def _describe_inputs(manifest: Sequence[InstanceEntry], views: list[LoadedView],
-                     skipped: list[Skipped]) -> tuple[InputDescription, ...]:
+                     skipped: list[Skipped], outside: Mapping[str, tuple[str, ...]] | None = None
+                     ) -> tuple[InputDescription, ...]:
     reasons = {s.sop_uid: s.reason for s in skipped}
     scored = {v.entry.sop_uid for v in views}
-    return tuple(InputDescription.of(entry, scored=entry.sop_uid in scored,
-                                     reason=reasons.get(entry.sop_uid))
-                 for entry in manifest)
+    decoded = {v.entry.sop_uid: v.quality_flags for v in views}
+    outside = outside or {}
+    return tuple(InputDescription.of(
+        entry, scored=entry.sop_uid in scored, reason=reasons.get(entry.sop_uid),
+        quality_flags=merge_flags(entry_flags(entry), decoded.get(entry.sop_uid, ()),
+                                  outside.get(entry.sop_uid, ())))
+        for entry in manifest)
+
+
+def _record_drift(settings: Settings, record: RunRecord, source: metrics.RunSource,
+                  predictor: Predictor) -> None:
+    """A scored exam into its source's drift window (node/drift.py), with the bundle's reference
+    (`reference_scores` of its metadata). Monitoring: a failure is logged, never the run's."""
+    if record.scores is None or record.model is None:
+        return
+    metadata = getattr(predictor, "metadata", None)
+    reference = metadata.get(REFERENCE_KEY) if isinstance(metadata, Mapping) else None
+    key = SourceKey(record.model.name, record.model.version, source.calling_ae,
+                    source.manufacturer)
+    entry = ExamEntry(at=time.time(), run_id=record.run_id, exam=record.scores.exam,
+                      images=tuple(record.scores.views.values()))
+    try:
+        DriftStore(settings.spool.dir, settings.drift.window, settings.drift.max_sources).record(
+            key, entry, reference if isinstance(reference, Mapping) else None)
+    except OSError as error:
+        log.warning("drift_not_recorded", run_id=record.run_id, reason=error.strerror)

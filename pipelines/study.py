@@ -29,6 +29,7 @@ from node.vocabulary import (
     SCORABLE_SOP_CLASSES,
 )
 from pipelines.orientation import Orientation, orientation_from_tags
+from pipelines.quality import DEFAULT_LOW_CONTRAST_FRACTION, image_flags
 from pipelines.results import SCREENING_VIEWS
 
 # Rows x Columns above this is a lying header, not a mammogram: refused before any decoder
@@ -57,6 +58,7 @@ class LoadedView:
     header: Dataset
     orientation: Orientation
     pixels: npt.NDArray[np.float32]  # oriented, MONOCHROME2 sense
+    quality_flags: tuple[str, ...] = ()  # pipelines/quality.py, from the header and the pixels
 
 
 def select_views(run_dir: Path, manifest: Sequence[InstanceEntry] | None = None
@@ -125,8 +127,10 @@ def _check_pixel_data_before_decoding(ds: Dataset) -> None:
         raise InputError(f"compressed pixel data refused before decoding: {rejection.reason}")
 
 
-def decode_view(selected: SelectedView) -> LoadedView:
-    """Decode and orient one image; InputError with a reason if its pixels cannot be used."""
+def decode_view(selected: SelectedView,
+                low_contrast_fraction: float = DEFAULT_LOW_CONTRAST_FRACTION) -> LoadedView:
+    """Decode and orient one image; InputError with a reason if its pixels cannot be used. Its
+    quality flags (pipelines/quality.py) are computed here, from the header and pixels in hand."""
     try:
         ds = dcmread(selected.path)
     except Exception as error:
@@ -158,4 +162,5 @@ def decode_view(selected: SelectedView) -> LoadedView:
         header=ds,
         orientation=orientation,
         pixels=orientation.apply(pixels),
+        quality_flags=image_flags(ds, pixels, low_contrast_fraction),
     )

@@ -43,16 +43,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The fault suite shares one stack per package and measures the node's memory and recovery
 # under a known load: under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) all of it
-# goes to one worker, in order, while the other worker takes the independent tests.
+# goes to one worker, in order, while the other worker takes the independent tests. Each
+# integration module stays whole on one worker too: its module-scoped stack is started once and
+# its tests keep their order (several build on what the previous one sent).
 SERIAL_GROUP = "faults"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    faults_dir = Path(__file__).parent / "faults"
+    tests_dir = Path(__file__).parent
+    faults_dir, integration_dir = tests_dir / "faults", tests_dir / "integration"
     for item in items:
         if faults_dir in item.path.parents:
             item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
+        elif integration_dir in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group(f"integration-{item.path.stem}"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On an xdist worker, refuse to run if the groups above did not reach the scheduler (a
+    pytest/xdist pairing that drops them would silently split the fault suite)."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    grouped = [item for item in session.items if item.get_closest_marker("xdist_group")]
+    if grouped and not all("@" in item.nodeid for item in grouped):
+        raise pytest.UsageError("pytest-xdist did not apply the xdist_group marks: "
+                                "check the pytest pin in pyproject.toml")
 
 
 def require_binary(name: str) -> str:

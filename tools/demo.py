@@ -1,8 +1,10 @@
 """`make demo`: a screening study through the whole node, on loopback, then everything stopped.
 
-Starts Redis, an Orthanc playing the PACS, `mammo-node serve` and one worker; sends a synthetic
-4-view study with dcmtk's storescu; waits for the SR and SEG objects in Orthanc; prints the
-scores read back from the SR and the Orthanc IDs of what landed.
+Starts Redis, an Orthanc playing the PACS (with its DICOMweb plugin), `mammo-node serve`, one
+worker and OHIF (tools/stack/viewer.py). The hospital flow: a synthetic 4-view study is stored
+in Orthanc first and Orthanc sends it to the node; the SR and SEG objects come back beside the
+images. Prints the scores read back from the SR, the Orthanc IDs of what landed and the study's
+OHIF URL; `--keep` leaves it all browsable until Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pydicom import dcmread
 from pipelines.sr import read_sr_scores
 from tools.stack.make_study import make_study
 from tools.stack.node_stack import NodeStack
+from tools.stack.services import OrthancError, exit_on_termination_signals
+from tools.stack.viewer import ViewerServer, ohif_installed
 
 
 def _print_scores(scores: dict, operating_point: float | None) -> None:
@@ -37,28 +41,39 @@ def _print_scores(scores: dict, operating_point: float | None) -> None:
         print(f"  exam at the balanced operating point ({operating_point:.3f}): {verdict}")
     if scores.get("missing_views"):
         print(f"  views missing: {', '.join(scores['missing_views'])}")
+    for mark in scores.get("findings", []):  # regions at or above the operating point
+        print(f"  {'finding':<8} {mark['view']:<8} {mark['score'] or 0:>11.3f}  (region peak)")
 
 
 def run_demo(work_dir: Path, keep: bool) -> int:
-    stack = NodeStack(work_dir, quiet_period_s=5)
+    stack = NodeStack(work_dir, quiet_period_s=5, dicomweb=True)
+    viewer: ViewerServer | None = None
     print(f"Starting Redis, Orthanc, the node and a worker under {work_dir} ...")
     started = time.monotonic()
     try:
         stack.start()
-        print(f"  Orthanc (PACS)  REST {stack.orthanc.rest_url}  DICOM port {stack.orthanc.dicom_port}")
+        print(f"  Orthanc (PACS)  REST {stack.orthanc.rest_url}  DICOM port {stack.orthanc.dicom_port}"
+              f"  DICOMweb {stack.orthanc.dicomweb_url}")
         print(f"  mammo-node      AE MAMMO_NODE on 127.0.0.1:{stack.node_port}")
+        if ohif_installed():
+            viewer = ViewerServer(stack.orthanc.dicomweb_url).start()
+            print(f"  OHIF viewer     {viewer.url}")
+        else:
+            print("  OHIF viewer     not installed (run `make install`)")
         print(f"  ready in {time.monotonic() - started:.1f} s")
         paths = make_study(work_dir / "study", rows=2048, cols=1664, seed=7, lesions=["L-MLO"])
         study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-        print(f"\nSending a synthetic 4-view screening study ({len(paths)} images, 2048 x 1664) "
-              "with storescu ...")
+        print(f"\nThe modality stores a synthetic 4-view screening study ({len(paths)} images, "
+              "2048 x 1664) in the PACS; the PACS sends it to the node ...")
         sent_at = time.monotonic()
-        result = stack.storescu(paths)
-        if result.returncode != 0:
-            print(result.stderr, file=sys.stderr)
+        try:
+            stack.send_through_pacs(paths)
+        except OrthancError as err:  # the PACS could not send the study to the node
+            print(f"  the PACS could not send the study to the node: {err}", file=sys.stderr)
             return 1
         ids = stack.wait_for_results(study_uid, seg_count=len(paths), timeout_s=300)
-        print(f"  results stored in Orthanc {time.monotonic() - sent_at:.1f} s after sending")
+        print(f"  results stored in the PACS, beside the images, {time.monotonic() - sent_at:.1f} s "
+              "after the PACS sent the study")
         record = stack.wait_for_record(study_uid, timeout_s=30)
         sr = dcmread(io.BytesIO(stack.orthanc.get_instance_file(ids["sr"][0])))
         _print_scores(read_sr_scores(sr), record.get("scores", {}).get("operating_point"))
@@ -67,10 +82,13 @@ def run_demo(work_dir: Path, keep: bool) -> int:
         for seg_id in ids["seg"]:
             print(f"  SEG: {seg_id}")
         print(f"  browse: {stack.orthanc.rest_url}/studies  (while --keep is running)")
+        if viewer is not None:
+            print(f"  view the study in OHIF: {viewer.study_url(study_uid)}")
+            print("    (double-click the SR to see the findings, the SEG for the suspicious regions)")
         timings = record.get("timings_s", {})
         print("\nRun record: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
         if keep:
-            print("\n--keep: services left running; press Ctrl-C to stop them.")
+            print("\n--keep: services left running; Ctrl-C (or SIGTERM) stops them.", flush=True)
             try:
                 while True:
                     time.sleep(1)
@@ -78,7 +96,9 @@ def run_demo(work_dir: Path, keep: bool) -> int:
                 pass
         return 0
     finally:
-        print("\nStopping what the demo started ...")
+        print("\nStopping what the demo started ...", flush=True)
+        if viewer is not None:
+            viewer.stop()
         stack.stop()
 
 
@@ -87,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, help="working folder (default: a fresh temporary one)")
     parser.add_argument("--keep", action="store_true", help="leave the services up until Ctrl-C")
     args = parser.parse_args(argv)
+    exit_on_termination_signals()  # `kill` unwinds like Ctrl-C: everything started is stopped
     if args.dir:
         return run_demo(args.dir, args.keep)
     work_dir = Path(tempfile.mkdtemp(prefix="mammo-node-demo-"))

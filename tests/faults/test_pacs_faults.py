@@ -114,7 +114,8 @@ def test_pacs_down_longer_than_the_retries_then_it_retries_the_run(
     finally:
         stack.orthanc.start()
     [failed] = runs_of(stack, study_uid)["failed"]
-    assert failed["error"].startswith("send: pacs: 5 object(s) not stored after 6 attempts")
+    # the default objects: the SR, the Mammography CAD SR and one SEG per view
+    assert failed["error"].startswith("send: pacs: 6 object(s) not stored after 6 attempts")
     listed = _cli(stack, "runs", "list", "--state", "failed")
     assert listed.returncode == 0, listed.stderr
     [line] = [json.loads(x) for x in listed.stdout.splitlines()

@@ -113,8 +113,8 @@ def test_run_whose_results_cannot_be_delivered_is_parked_in_failed(tmp_path: Pat
     spool, run_id = _queued_run(tmp_path, settings)
     assert process_run(settings, spool, run_id, _Fixed()) == "failed"
     record = json.loads((spool.state_dir("failed") / run_id / RECORD_NAME).read_text())
-    assert record["error"].startswith("send: archive: 2 object(s) not stored after 2 attempts")
-    assert len(record["outputs"]) == 2  # SR + SEG written and kept for a retry
+    assert record["error"].startswith("send: archive: 3 object(s) not stored after 2 attempts")
+    assert len(record["outputs"]) == 3  # SR + SEG + CAD SR written and kept for a retry
     assert process_run(settings, spool, run_id, _Fixed()) is None  # a late duplicate: no-op
 
 

@@ -93,7 +93,8 @@ def assert_delivered_exactly_once(stack: NodeStack, study_uid: str, views: int,
     assert stored == ours, (stored, ours)
     assert len(stored["sr"]) == 1 and len(stored["seg"]) == views
     # Orthanc instance count for the study: the sources we did not send plus our objects only.
-    assert len(stack.orthanc.find_instances(study_uid=study_uid)) == 1 + views
+    # (The SR, the Mammography CAD SR and one SEG per view.)
+    assert len(stack.orthanc.find_instances(study_uid=study_uid)) == 2 + views
     assert all(s["ok"] for s in record["sends"])
     assert stack.echo() == 0, "the node must still answer C-ECHO"
     assert_memory_bounded(stack)

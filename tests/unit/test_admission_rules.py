@@ -7,16 +7,20 @@ import socket
 from pathlib import Path
 
 from node.admission import (
+    MAX_CONTEXTS_DESCRIBED,
     AssociationLimiter,
     PendingConnections,
     admission_rejection,
+    describe_refused_contexts,
     disk_rejection,
 )
+from node.pynetdicom_internals import RefusedContext
 from node.vocabulary import (
     MG_FOR_PRESENTATION,
     REJECT_CALLED_AE_NOT_RECOGNISED,
     REJECT_CALLING_AE_NOT_RECOGNISED,
     REJECT_LOCAL_LIMIT_EXCEEDED,
+    REJECT_NO_REASON_GIVEN,
     VERIFICATION,
 )
 from tests.support.settings import make_settings
@@ -76,3 +80,30 @@ def test_pending_connections_evict_the_oldest() -> None:
         for left, right in pairs:
             left.close()
             right.close()
+
+
+def test_more_presentation_contexts_than_the_cap_are_refused_after_the_ae_checks(
+        tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, listener=True, node={"max_presentation_contexts": 4})
+    assert admission_rejection(settings, "STORESCU", "MAMMO_NODE", "127.0.0.1", 4) is None
+    assert admission_rejection(settings, "STORESCU", "MAMMO_NODE", "127.0.0.1", 5) == (
+        REJECT_NO_REASON_GIVEN, "too_many_presentation_contexts")
+    assert REJECT_NO_REASON_GIVEN == (0x01, 0x01, 0x01)
+    # a stranger is told it is a stranger, however many contexts it brings
+    assert admission_rejection(settings, "STRANGER", "MAMMO_NODE", "127.0.0.1", 10_000) == (
+        REJECT_CALLING_AE_NOT_RECOGNISED, "calling_ae_title_not_recognised")
+
+
+def test_refused_contexts_are_described_without_a_peers_junk() -> None:
+    refused = [RefusedContext(3, "1.2.840.10008.5.1.4.1.1.2", ("1.2.840.10008.1.2.1",), 0x03),
+               RefusedContext(5, "1.2.3\x00<script>", ("../x",), 0x04)]
+    refused += [RefusedContext(7 + 2 * i, MG, (), 0x01) for i in range(40)]
+    described = describe_refused_contexts(refused)
+    assert described[0] == {"context_id": 3, "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                            "transfer_syntaxes": ["1.2.840.10008.1.2.1"],
+                            "reason": "abstract_syntax_not_supported"}
+    assert described[1]["sop_class_uid"] == "(invalid)"
+    assert described[1]["transfer_syntaxes"] == ["(invalid)"]
+    assert described[1]["reason"] == "transfer_syntaxes_not_supported"
+    assert described[2]["reason"] == "user_rejection"
+    assert len(described) == MAX_CONTEXTS_DESCRIBED

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.calibration import Calibration
 from pipelines.model import ModelRunner, load_bundle
 from tools.model import evaluate, metrics
 from tools.model.dataset import (
@@ -210,7 +211,16 @@ def test_precomputed_predictions_are_reported_as_given(manifest: Path, tmp_path:
     assert (m["localisation"]["hits"], m["localisation"]["images_judged"]) == (2, 3)
     images = _rows(out / "images.csv")
     assert [row["id"] for row in images] == [records[i].id for i in kept]
-    assert [float(row["score"]) for row in images] == pytest.approx(scores[kept].tolist(), abs=1e-6)
+    # The given scores are raw model outputs: put on the bundle's calibrated scale, the scale of
+    # its operating points (same ranking, so the AUC above is the raw one), with the raw
+    # reliability curve beside the calibrated one.
+    calibration = Calibration.from_metadata(json.loads((BUNDLE / "metadata.json").read_text()))
+    assert calibration is not None
+    assert [float(row["score"]) for row in images] == pytest.approx(
+        calibration.scores(scores[kept]).tolist(), abs=1e-6)
+    assert [b["count"] for b in m["calibration_raw"]] == [
+        b["count"] for b in metrics.calibration_bins(labels, scores[kept])]
+    assert "dotted curve" in (out / "report.md").read_text()
 
     fold_out = tmp_path / "fold1"
     assert evaluate.main(["--bundle", str(BUNDLE), "--manifest", str(manifest), "--predictions",

@@ -58,7 +58,9 @@ def test_shipped_metrics_are_recomputed_from_the_shipped_out_of_fold_predictions
     for r in rows:
         folds_of_woman.setdefault(r["group"], set()).add(r["fold"])
     assert all(len(folds) == 1 for folds in folds_of_woman.values()), "a woman split across folds"
-    chosen = operating_points(labels, scores)
+    # The operating points are on the scale the worker reports: the calibrated one.
+    calibration = runner.calibration
+    chosen = operating_points(labels, scores if calibration is None else calibration.scores(scores))
     for name, threshold in metadata["operating_points"].items():
         assert threshold == pytest.approx(chosen[name]["threshold"], abs=1e-3)
     hits = [r["hit"] for r in rows if r["hit"] is not None]
@@ -93,6 +95,54 @@ def test_views_of_different_sizes_go_in_one_call(runner) -> None:
 
 def test_bundle_is_small_enough_to_commit() -> None:
     assert (BUNDLE / "model.ts").stat().st_size < 5 * 1024 * 1024
+    assert (BUNDLE / "model.pt2").stat().st_size < 20 * 1024 * 1024
+
+
+def test_the_shipped_bundle_is_a_pt2_with_its_torchscript_copy(runner) -> None:
+    """model.pt2 (torch.export) is the model; the TorchScript copy kept beside it is checked by
+    its own sha256 and, loaded as an older bundle would be, scores exactly the same with one
+    `model_format_deprecated` warning (next test)."""
+    from node.bundle import file_sha256
+
+    metadata = runner.metadata
+    assert metadata["format"] == "pt2"
+    assert metadata["model_sha256"] == file_sha256(BUNDLE / "model.pt2")
+    assert metadata["torchscript_sha256"] == file_sha256(BUNDLE / "model.ts")
+    assert not isinstance(runner.module, torch.jit.ScriptModule)
+
+
+def test_the_shipped_torchscript_copy_still_loads_with_a_warning(runner, tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("model.ts", "predictions.jsonl", "README.md"):
+        shutil.copyfile(BUNDLE / name, legacy / name)
+    metadata = json.loads((BUNDLE / "metadata.json").read_text())
+    metadata["format"] = "torchscript"
+    metadata["model_sha256"] = metadata.pop("torchscript_sha256")
+    (legacy / "metadata.json").write_text(json.dumps(metadata))
+    with capture_logs() as logs:
+        scripted = load_bundle(legacy, "cpu")
+    warnings = [e for e in logs if e["event"] == "model_format_deprecated"]
+    assert len(warnings) == 1 and warnings[0]["format"] == "torchscript"
+    assert isinstance(scripted.module, torch.jit.ScriptModule)
+    rng = np.random.default_rng(7)
+    images = [rng.random((700, 560), np.float32) * 4095 for _ in range(3)]
+    for old, new in zip(scripted.predict(images), runner.predict(images), strict=True):
+        assert abs(old.probability - new.probability) <= 1e-6
+        assert np.abs(old.heatmap - new.heatmap).max() <= 1e-6
+
+
+def test_a_tampered_or_missing_pt2_is_refused(tmp_path: Path) -> None:
+    bundle = _copy(tmp_path)
+    with open(bundle / "model.pt2", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelError, match=r"model\.pt2: sha256"):
+        load_bundle(bundle, "cpu")
+    (bundle / "model.pt2").unlink()
+    with pytest.raises(ModelError, match="model.pt2 missing"):
+        load_bundle(bundle, "cpu")
 
 
 def test_same_input_same_output(runner) -> None:

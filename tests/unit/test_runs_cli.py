@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from node.audit import read_audit
 from node.cli import main
@@ -25,19 +23,15 @@ from node.runs import (
     write_run_info,
 )
 from node.spool import Spool, hash_key
+from tests.support.logging_state import logging_restored
 from tests.support.settings import write_config
 
 
 @pytest.fixture(autouse=True)
 def _keep_logging_as_it_was() -> Iterator[None]:
     """`main()` configures logging for the process; put it back for the tests that follow."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    structlog_config = structlog.get_config()
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**structlog_config)
+    with logging_restored():
+        yield
 
 
 @pytest.fixture

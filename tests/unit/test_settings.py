@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,8 +75,9 @@ def test_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _config_check(path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MAMMO_BROKER_PASSWORD": "set-for-the-check"}
     return subprocess.run([sys.executable, "-m", "node.cli", "config", "check", str(path)],
-                          capture_output=True, text=True, cwd=ROOT, check=False)
+                          capture_output=True, text=True, cwd=ROOT, check=False, env=env)
 
 
 def test_config_check_cli_exit_codes(tmp_path: Path) -> None:

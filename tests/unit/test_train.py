@@ -110,9 +110,9 @@ def test_init_from_bundle_loads_its_weights(unet_cv: Path, manifest: Path, tmp_p
     model = nets.build(config)
     model.load_state_dict(state, strict=True)
     x = torch.rand(2, 1, 64, 64)
-    scripted = torch.jit.load(str(bundle / "model.ts"))
+    exported = torch.export.load(str(bundle / "model.pt2")).module()
     with torch.inference_mode():
-        expected, got = scripted(x), model.eval()(x)
+        expected, got = exported(x), model.eval()(x)
     torch.testing.assert_close(got[0], expected[0])
     # and a fine-tuning run starting from it works end to end
     assert main(["--manifest", str(manifest), "--out", str(tmp_path / "ft"), "--arch", "unet",

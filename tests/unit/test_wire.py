@@ -9,18 +9,23 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from pynetdicom.pdu import A_ASSOCIATE_RQ
 
 from node.wire import (
     MAX_ASSOCIATE_PDU_BYTES,
     MAX_COMMAND_SET_BYTES,
     MAX_INLINE_DATA_SET_BYTES,
+    AssociateRequestSummary,
     MessageMeter,
     PeerClosed,
     WireLimits,
     WireViolation,
+    command_elements,
     command_field,
     pdu_cap,
     read_pdu,
+    summarise_associate_request,
+    without_presentation_contexts,
 )
 
 LIMITS = WireLimits(max_pdata_pdu_bytes=1000, max_message_bytes=5000, pdu_timeout_s=0.5,
@@ -113,3 +118,84 @@ def test_read_pdu_reports_a_peer_that_closes(pair: tuple[socket.socket, socket.s
     theirs.close()
     with pytest.raises(PeerClosed):
         read_pdu(ours, LIMITS, MessageMeter(LIMITS))
+
+
+# --- fragments have a place in a message, whatever the order (issue 11, hole 1) -----------------
+def _command(field: int, data_set_type: int = 0x0000) -> bytes:
+    return (struct.pack("<HHIH", 0x0000, 0x0100, 2, field)
+            + struct.pack("<HHIH", 0x0000, 0x0800, 2, data_set_type))
+
+
+def test_a_data_set_fragment_without_a_command_announcing_one_is_refused() -> None:
+    meter = MessageMeter(LIMITS)
+    assert meter.count(_p_data((0x00, b"x"))) == "data_set_without_command"  # before any command
+    meter = MessageMeter(LIMITS)
+    assert meter.count(_p_data((0x03, _command(0x0001)), (0x02, b"x" * 10))) is None
+    assert meter.count(_p_data((0x00, b"x"))) == "data_set_without_command"  # after a whole store
+    meter = MessageMeter(LIMITS)
+    assert meter.count(_p_data((0x03, _command(0x0030, 0x0101)))) is None  # C-ECHO, no data set
+    assert meter.count(_p_data((0x02, b"x"))) == "data_set_without_command"
+    meter = MessageMeter(LIMITS)
+    assert meter.count(_p_data((0x01, _command(0x0001)[:6]))) is None  # a command, unfinished
+    assert meter.count(_p_data((0x00, b"x"))) == "data_set_without_command"
+
+
+def test_a_command_in_the_middle_of_a_data_set_is_refused() -> None:
+    meter = MessageMeter(LIMITS)
+    assert meter.count(_p_data((0x03, _command(0x0001)), (0x00, b"x" * 10))) is None
+    assert meter.count(_p_data((0x03, _command(0x0001)))) == "command_during_data_set"
+
+
+def test_a_command_set_read_two_ways_is_refused() -> None:
+    """CommandField twice (C-STORE first, C-ECHO last): one reader would grant a C-STORE's cap to
+    a data set another holds in memory."""
+    twice = _command(0x0001) + struct.pack("<HHIH", 0x0000, 0x0100, 2, 0x0030)
+    assert MessageMeter(LIMITS).count(_p_data((0x03, twice))) == "command_set_malformed"
+    assert MessageMeter(LIMITS).count(_p_data((0x03, b"\x00\x00\x00"))) == "command_set_malformed"
+    other_group = struct.pack("<HHIH", 0x0008, 0x0100, 2, 1)
+    assert MessageMeter(LIMITS).count(_p_data((0x03, other_group))) == "command_set_malformed"
+    assert command_elements(twice) is None
+    assert command_elements(_command(0x0001)) == {0x0100: b"\x01\x00", 0x0800: b"\x00\x00"}
+
+
+def test_messages_follow_each_other_on_one_association() -> None:
+    meter = MessageMeter(LIMITS)
+    for _ in range(3):
+        assert meter.count(_p_data((0x03, _command(0x0001)), (0x00, b"x" * 900))) is None
+        assert meter.count(_p_data((0x02, b"x" * 900), (0x03, _command(0x0030, 0x0101)))) is None
+
+
+# --- an A-ASSOCIATE-RQ read without decoding it (hole 3) -----------------------------------------
+def _associate_rq(contexts: int) -> bytes:
+    body = struct.pack(">HH", 1, 0) + b"MAMMO_NODE".ljust(16) + b"STRANGER".ljust(16) + bytes(32)
+    body += struct.pack(">BBH", 0x10, 0, 21) + b"1.2.840.10008.3.1.1.1"
+    for context_id in range(contexts):
+        abstract = b"1.2.840.10008.1.1\x00"
+        item = struct.pack(">BBBB", 2 * context_id + 1, 0, 0, 0)
+        item += struct.pack(">BBH", 0x30, 0, len(abstract)) + abstract
+        item += struct.pack(">BBH", 0x40, 0, 18) + b"1.2.840.10008.1.2\x00"
+        body += struct.pack(">BBH", 0x20, 0, len(item)) + item
+    user = struct.pack(">BBHL", 0x51, 0, 4, 16384)
+    body += struct.pack(">BBH", 0x50, 0, len(user)) + user
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def test_an_associate_request_is_summarised_from_its_item_headers() -> None:
+    summary = summarise_associate_request(_associate_rq(3))
+    assert summary == AssociateRequestSummary("MAMMO_NODE", "STRANGER", 3)
+    assert summarise_associate_request(b"\x02" + bytes(80)) is None  # not a request
+    assert summarise_associate_request(_associate_rq(3)[:40]) is None  # too short
+
+
+def test_a_request_without_its_contexts_decodes_to_the_same_ae_titles_and_no_context() -> None:
+    stripped = without_presentation_contexts(_associate_rq(50))
+    assert summarise_associate_request(stripped) == AssociateRequestSummary(
+        "MAMMO_NODE", "STRANGER", 0)
+    assert len(stripped) < len(_associate_rq(1))
+    pdu = A_ASSOCIATE_RQ()
+    pdu.decode(stripped)
+    primitive = pdu.to_primitive()
+    assert primitive.calling_ae_title == "STRANGER"
+    assert primitive.called_ae_title == "MAMMO_NODE"
+    assert primitive.presentation_context_definition_list == []
+    assert primitive.maximum_length_received == 16384

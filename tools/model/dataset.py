@@ -1,9 +1,11 @@
 """Dataset manifests for the ML tools, and the mini-MIAS adapter.
 
 A manifest is JSON lines, one object per image (see `Record`); image and mask paths are absolute
-or relative to the manifest's folder. Folds and splits are grouped by `group` (one woman), so a
-woman's two breasts never sit on both sides of a split, and stratified by the group's worst label
-(malignant / benign only / normal).
+or relative to the manifest's folder. Images are PNG (or any PIL-readable format) or DICOM files
+(`mammo-node export-training` writes de-identified DICOM with such a manifest; keys other than
+the `Record` fields, like its `node_*` scores, are ignored here). Folds and splits are grouped
+by `group` (one woman), so a woman's two breasts never sit on both sides of a split, and
+stratified by the group's worst label (malignant / benign only / normal).
 
     python -m tools.model.dataset mias ../shared/data/mias --out manifest.jsonl
 
@@ -147,8 +149,41 @@ def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
 
 # ----------------------------------------------------------------------------- pixels
 
+def is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file (the "DICM" prefix), whatever its name."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def load_dicom_pixels(path: Path) -> np.ndarray:
+    """A single-frame grey DICOM image as stored (no flips), float32, MONOCHROME2 sense: the
+    worker's decoding (pipelines/study.py `decode_view`: MONOCHROME1 inverted over Bits Stored,
+    no rescale or window), so a model trains on what it will be given. Its orientation comes
+    from the record's `chest_wall` and `flip_rows`, which `mammo-node export-training` derives
+    from the image's tags with pipelines/orientation.py's rule."""
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise ValueError(f"{path}: expected a single-frame grey image")
+    pixels = np.asarray(ds.pixel_array, dtype=np.float32)
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", 16) or 16)
+        pixels = np.float32(2**bits - 1) - pixels
+    return pixels
+
+
 def load_pixels(record: Record) -> np.ndarray:
-    """The stored image as 2-D float32 (PNG 8- or 16-bit, any PIL-readable format)."""
+    """The stored image as 2-D float32: a DICOM file (`load_dicom_pixels`), or PNG 8- or 16-bit
+    (any PIL-readable format)."""
+    if is_dicom(record.image):
+        pixels = load_dicom_pixels(record.image)
+        if pixels.ndim != 2:
+            raise ValueError(f"{record.image}: expected a 2-D grey image, got {pixels.shape}")
+        return pixels
     from PIL import Image
 
     with Image.open(record.image) as opened:
@@ -169,6 +204,20 @@ def record_orientation(record: Record) -> Orientation:
 def to_model_orientation(pixels: np.ndarray, record: Record) -> np.ndarray:
     """The record's pixels turned chest wall left (`record_orientation`)."""
     return record_orientation(record).apply(pixels)
+
+
+def oriented_input(record: Record, pixels: np.ndarray, breast_mask: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The record's pixels turned chest wall left and, with `breast_mask`, segmented as the
+    worker segments them for a bundle with `input.breast_mask` (pipelines/breast.py:
+    `apply_breast_mask`: background level outside the breast, pectoral removed unless the record
+    is a CC view); the mask (oriented grid) or None."""
+    oriented = to_model_orientation(pixels, record)
+    if not breast_mask:
+        return oriented, None
+    from pipelines.breast import apply_breast_mask
+
+    return apply_breast_mask(oriented, record.view)
 
 
 def lesions_in_model_orientation(record: Record, shape: tuple[int, int]) -> tuple[Lesion, ...]:

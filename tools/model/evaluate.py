@@ -362,13 +362,19 @@ def plot_confusion(path: Path, name: str, point: dict[str, Any]) -> None:
 
 
 def plot_calibration(path: Path, result: dict[str, Any]) -> None:
+    """The reliability diagram: observed fraction abnormal per score bin (and, for a calibrated
+    bundle, the raw scores' curve before calibration), the counts below."""
     plt = _pyplot()
     bins = [b for b in result["calibration"] if b["count"]]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 5), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
+    raw = [b for b in result.get("calibration_raw") or [] if b["count"]]
+    if raw:
+        top.plot([b["mean_score"] for b in raw], [b["fraction_positive"] for b in raw], "s:",
+                 color="0.5", label="raw scores (before calibration)")
     top.plot([b["mean_score"] for b in bins], [b["fraction_positive"] for b in bins], "o-",
-             label="observed")
+             label="observed" + (" (calibrated scores)" if raw else ""))
     top.set_ylabel("fraction abnormal")
     top.set_ylim(0, 1)
     top.set_title("Calibration (10 equal-width bins)")
@@ -496,6 +502,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| score bin | images | mean score | fraction abnormal |", "|---|---|---|---|",
         *[f"| {c['lo']:.1f}–{c['hi']:.1f} | {c['count']} | {_fmt(c['mean_score'])} "
           f"| {_fmt(c['fraction_positive'])} |" for c in m["calibration"]],
+        *(["", "Scores calibrated by the bundle's Platt scaling; the dotted curve of the "
+            "plot is the raw scores' before it."] if m.get("calibration_raw") else []),
         "", "![calibration](calibration.png)", "",
         "## Localisation", "",
         f"Hit rate {_fmt(loc['hit_rate'])} ({loc['hits']}/{loc['images_judged']} abnormal images "
@@ -590,16 +598,22 @@ def evaluate(
     With `predictions`, `fold` picks the lines of that fold (the file's own fold numbers, so the
     folds are those its training run made).
     """
-    from pipelines.model import file_sha256, load_bundle, read_metadata
+    from node.bundle import file_sha256, model_path
+    from pipelines.calibration import Calibration
+    from pipelines.model import load_bundle, read_metadata
 
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = read_metadata(bundle_dir)
     operating_points = {str(k): float(v) for k, v in metadata["operating_points"].items()}
+    calibration = Calibration.from_metadata(metadata)
+    raw_scores: list[float] | None = None
     runner = None
     warning = None
     if predictions is None:
         runner = load_bundle(bundle_dir, device)
         outcomes = score_with_bundle(runner, records)
+        if calibration is not None:  # the runner calibrates; the raw curve from its inverse
+            raw_scores = [calibration.raw(o.score) for o in outcomes]
         scores_from = (f"the bundle itself ({bundle_dir}), each image scored as the worker scores "
                        "a DICOM view")
         training_data = str(metadata.get("training", {}).get("data", ""))
@@ -612,10 +626,20 @@ def evaluate(
         outcomes = outcomes_from_predictions(records, predictions, fold)
         scores_from = ("precomputed predictions (--predictions), e.g. the out-of-fold scores of "
                        "tools/model/train.py; images without a score in the file are left out")
+        if calibration is not None:  # raw model outputs, put on the bundle's calibrated scale
+            raw_scores = [o.score for o in outcomes]
+            for outcome, value in zip(outcomes, calibration.scores(raw_scores).tolist(),
+                                      strict=True):
+                outcome.score = float(value)
+            scores_from += ("; calibrated with the bundle's Platt scaling, the scale of its "
+                            "operating points")
     if not outcomes:
         raise ValueError("no images to evaluate")
 
     result = compute_metrics(outcomes, operating_points, seed=seed)
+    if raw_scores is not None:  # the reliability diagram before calibration, beside it
+        result["calibration_raw"] = metrics.calibration_bins(
+            [o.record.label for o in outcomes], raw_scores, bins=10)
     plot_roc(out_dir / "roc.png", result, operating_points)
     for name, point in result["operating_points"].items():
         plot_confusion(out_dir / f"confusion_{name}.png", name, point)
@@ -650,7 +674,7 @@ def evaluate(
 
     report = {
         "bundle": {"dir": str(bundle_dir), "name": metadata["name"], "version": metadata["version"],
-                   "model_sha256": file_sha256(bundle_dir / "model.ts"),
+                   "model_sha256": file_sha256(model_path(bundle_dir, metadata)),
                    "operating_points": operating_points},
         "data": {"source": data_source, "selection": selection,
                  "ids_sha256": hashlib.sha256(

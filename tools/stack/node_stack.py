@@ -2,14 +2,19 @@
 
 Used by `make demo`, the end-to-end tests and the benchmarks, so all three run exactly the same
 topology as docker-compose.yml. Everything is started on free ports under one folder and stopped
-by `stop()` (or the context manager), whatever happened.
+by `stop()` (or the context manager), whatever happened: `stop()` also runs at exit, every child
+gets SIGTERM if the process that started it dies (`setpriv --pdeathsig`, as in services.py), and
+a script that calls `services.exit_on_termination_signals()` turns SIGTERM into a normal exit, so a
+`kill` of the demo stops `serve` and the worker too.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +63,7 @@ class NodeStack:
         config_overrides: dict[str, Any] | None = None,
         with_worker: bool = True,
         dcmtk_tls_args: Sequence[str] = (),
+        dicomweb: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -66,6 +72,7 @@ class NodeStack:
         self.orthanc = OrthancService(
             self.directory / "orthanc",
             modalities={PACS_MODALITY_NAME: [NODE_AE_TITLE, "127.0.0.1", self.node_port]},
+            dicomweb=dicomweb,  # Orthanc's DICOMweb plugin, for a web viewer (tools/stack/viewer.py)
         )
         self.config_path = self.directory / "node.yaml"
         self.spool_dir = self.directory / "spool"
@@ -113,13 +120,18 @@ class NodeStack:
     def _spawn(self, name: str, *args: str, extra_env: dict[str, str] | None = None
                ) -> subprocess.Popen[bytes]:
         log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        command = [sys.executable, "-m", "node.cli", *args, "--config", str(self.config_path)]
+        setpriv = shutil.which("setpriv")
+        if setpriv:  # the child gets SIGTERM when this thread dies, however it dies
+            command = [setpriv, "--pdeathsig", "TERM", "--", *command]
         return subprocess.Popen(
-            [sys.executable, "-m", "node.cli", *args, "--config", str(self.config_path)],
+            command,
             cwd=ROOT, env={**self.env(), **(extra_env or {})}, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def start(self) -> NodeStack:
+        atexit.register(self.stop)
         self.redis.start()
         self.orthanc.start()
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
@@ -229,10 +241,12 @@ class NodeStack:
         return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
     def stop(self) -> None:
+        """Stop the worker, `serve`, Orthanc and Redis (idempotent; also registered with atexit)."""
         self._terminate(self.worker)
         self._terminate(self.node)
         self.orthanc.stop()
         self.redis.stop()
+        atexit.unregister(self.stop)
 
     def __enter__(self) -> NodeStack:
         return self.start()
@@ -257,6 +271,18 @@ class NodeStack:
              *self.dcmtk_tls_args, *extra, "127.0.0.1", str(self.node_port), *map(str, paths)],
             capture_output=True, text=True, check=False,
         )
+
+    # --- the hospital flow: the PACS holds the study and sends it to the node -----------------------
+    def send_through_pacs(self, paths: Sequence[Path], timeout_s: float = 300) -> str:
+        """Store the files in Orthanc (as the modality would), then have Orthanc C-STORE the
+        study to the node (`POST /modalities/MAMMO_NODE/store`), as a PACS routing rule does.
+        The results then land beside the images they reference. Returns Orthanc's study ID."""
+        study_ids = {self.orthanc.upload(path)["ParentStudy"] for path in paths}
+        if len(study_ids) != 1:
+            raise ValueError(f"the files belong to {len(study_ids)} studies, expected one")
+        [study_id] = study_ids
+        self.orthanc.store_to_modality(PACS_MODALITY_NAME, study_id, timeout_s=timeout_s)
+        return str(study_id)
 
     # --- results --------------------------------------------------------------------------------
     def result_ids(self, study_uid: str) -> dict[str, list[str]]:

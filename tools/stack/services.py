@@ -40,12 +40,18 @@ __all__ = [
     "RedisService",
     "ServiceError",
     "find_binary",
+    "find_dicomweb_plugin",
     "free_port",
+    "exit_on_termination_signals",
     "running_services",
     "stop_all",
 ]
 
 STOP_GRACE_S = 10.0
+# Orthanc's DICOMweb plugin (Debian `orthanc-dicomweb`), served under this root of the REST port
+DICOMWEB_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
+DICOMWEB_PLUGIN_NAME = "libOrthancDicomWeb.so"
+DICOMWEB_ROOT = "/dicom-web/"
 LOG_TAIL_BYTES = 4000
 
 _handed_out_ports: set[int] = set()
@@ -95,6 +101,18 @@ def find_binary(name: str, *extra_dirs: str) -> str:
     )
 
 
+def find_dicomweb_plugin() -> Path:
+    """Path of Orthanc's DICOMweb plugin library, from the Debian package `orthanc-dicomweb`."""
+    for directory in DICOMWEB_PLUGIN_DIRS:
+        candidate = Path(directory) / DICOMWEB_PLUGIN_NAME
+        if candidate.is_file():
+            return candidate
+    raise ServiceError(
+        f"{DICOMWEB_PLUGIN_NAME} not found in {', '.join(DICOMWEB_PLUGIN_DIRS)}: install the "
+        "Debian package orthanc-dicomweb with `make install` (tools/install.sh)"
+    )
+
+
 def running_services() -> list[_Service]:
     """Services started by this process and not stopped yet."""
     with _running_lock:
@@ -109,6 +127,28 @@ def stop_all() -> None:
 
 
 atexit.register(stop_all)
+
+
+def exit_on_termination_signals() -> None:
+    """SIGTERM and SIGHUP become `SystemExit` in the main thread, as SIGINT is KeyboardInterrupt.
+
+    Python's default for SIGTERM ends the process at once: no `finally`, no atexit, so whatever
+    it started keeps running. With this, `kill PID` unwinds like Ctrl-C does, and the `finally`
+    blocks and atexit handlers stop the services. A second signal while stopping is ignored, so
+    it cannot cut the stop short (children still die with their parent, see `die_with_parent`).
+    """
+    signals = (signal.SIGTERM, signal.SIGHUP)
+
+    def leave(signum: int, _frame: object) -> None:
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for sig in signals:
+        signal.signal(sig, leave)
+    # Python leaves SIGINT ignored when it started ignored (a job started with `&` by a script):
+    # Ctrl-C or `kill -INT` must still stop everything.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
@@ -347,7 +387,9 @@ class OrthancService(_Service):
     (``always_allow_store=False``) only listed modalities may store, like a real PACS, and
     the called AE title must be ``ae_title`` (``check_called_aet=True``). C-ECHO is open.
     Orthanc has no bind option: its ports listen on all interfaces; HTTP answers localhost
-    only (``RemoteAccessAllowed: false``).
+    only (``RemoteAccessAllowed: false``). ``dicomweb=True`` loads the DICOMweb plugin (Debian
+    ``orthanc-dicomweb``) under ``dicomweb_url``, with full study and series metadata, which
+    OHIF needs (tools/stack/viewer.py).
     """
 
     name = "orthanc"
@@ -367,6 +409,7 @@ class OrthancService(_Service):
         stable_age_s: int = 2,
         dicom_scu_timeout_s: int = 30,
         extra_config: Mapping[str, Any] | None = None,
+        dicomweb: bool = False,
         verbose: bool = False,
         die_with_parent: bool = True,
     ) -> None:
@@ -387,6 +430,7 @@ class OrthancService(_Service):
         self.stable_age_s = stable_age_s
         self.dicom_scu_timeout_s = dicom_scu_timeout_s
         self.extra_config = dict(extra_config or {})
+        self.dicomweb_plugin = find_dicomweb_plugin() if dicomweb else None
         self.verbose = verbose
         self.storage_dir = self.directory / "storage"
         self.config_path = self.directory / "orthanc.json"
@@ -399,6 +443,13 @@ class OrthancService(_Service):
     @property
     def host(self) -> str:
         return "127.0.0.1"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (QIDO-RS, WADO-RS, STOW-RS) of the plugin, without the final slash."""
+        if self.dicomweb_plugin is None:
+            raise ServiceError("Orthanc was configured without its DICOMweb plugin (dicomweb=False)")
+        return self.rest_url + DICOMWEB_ROOT.rstrip("/")
 
     def config(self) -> dict[str, Any]:
         """The JSON configuration Orthanc is started with."""
@@ -437,6 +488,19 @@ class OrthancService(_Service):
             "ExecuteLuaEnabled": False,
             "DeidentifyLogs": True,
         }
+        if self.dicomweb_plugin is not None:
+            config["Plugins"] = [str(self.dicomweb_plugin)]
+            # OHIF reads the whole study's metadata through QIDO/WADO-RS: "Full" answers from
+            # the stored files, so every attribute a viewer needs is there (not only the
+            # main DICOM tags Orthanc indexes).
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": DICOMWEB_ROOT,
+                "EnableWado": True,
+                "Ssl": False,
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+            }
         config.update(self.extra_config)
         return config
 

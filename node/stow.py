@@ -1,0 +1,86 @@
+"""Sending by DICOMweb STOW-RS (PS3.18 10.5) to a `dicomweb_destinations` entry.
+
+The counterpart of `node/scu.py:send_files` for a web archive (Orthanc's DICOMweb plugin, a
+cloud PACS): one POST of every file to `<url>/studies`, and one `SendOutcome` per file read from
+the response's Referenced SOP Sequence (stored: 0x0000, or its Warning Reason) and Failed SOP
+Sequence (its Failure Reason). No response, a refused connection or an HTTP error without a
+readable body gives no status (None), exactly like an association that never opened, so the
+caller's retries, backoff and `failed/` parking (pipelines/scoring.py) are the same for both
+protocols. dicomweb-client's own retries are switched off: one policy, the node's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset, dcmread
+
+from node.logs import get_logger
+from node.scu import SendOutcome
+from node.settings import DicomWebDestination
+
+log = get_logger("node.stow")
+
+FAILED_SOP_SEQUENCE = "FailedSOPSequence"
+REFERENCED_SOP_SEQUENCE = "ReferencedSOPSequence"
+# Failure Reason "Processing failure" (PS3.7 C.4.2): a failed instance listed without a reason.
+PROCESSING_FAILURE = 0x0110
+
+
+def _client(destination: DicomWebDestination) -> DICOMwebClient:
+    headers = {}
+    if destination.token_env:
+        token = os.environ.get(destination.token_env)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+    session = requests.Session()
+    session.trust_env = False  # no proxy from the environment: the URL says where results go
+    client = DICOMwebClient(url=destination.url, session=session, headers=headers,
+                            timeout=destination.timeout_s)
+    client.set_http_retry_params(retry=False)
+    return client
+
+
+def _statuses(response: Dataset) -> dict[str, int]:
+    """SOP Instance UID -> status, from a STOW-RS response body (PS3.18 10.5.3)."""
+    statuses: dict[str, int] = {}
+    for item in response.get(REFERENCED_SOP_SEQUENCE, []):
+        statuses[str(item.ReferencedSOPInstanceUID)] = int(item.get("WarningReason", 0) or 0)
+    for item in response.get(FAILED_SOP_SEQUENCE, []):
+        reason = item.get("FailureReason")
+        statuses[str(item.ReferencedSOPInstanceUID)] = int(reason) if reason is not None \
+            else PROCESSING_FAILURE
+    return statuses
+
+
+def _error_body(error: requests.HTTPError) -> Dataset:
+    """The DICOM JSON body of a failed STOW-RS (409 carries a Failed SOP Sequence), if any."""
+    response = error.response
+    if response is None or "json" not in response.headers.get("Content-Type", ""):
+        return Dataset()
+    try:
+        return Dataset.from_json(response.json())
+    except ValueError:
+        return Dataset()
+
+
+def stow_files(destination: DicomWebDestination, paths: list[Path]) -> list[SendOutcome]:
+    """STOW-RS every file in one request; never raises for a per-object failure."""
+    if not paths:
+        return []
+    datasets = [dcmread(p) for p in paths]
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    try:
+        response = _client(destination).store_instances(datasets)
+    except requests.HTTPError as error:
+        code = error.response.status_code if error.response is not None else None
+        log.warning("stow_failed", destination=destination.name, http_status=code)
+        response = _error_body(error)
+    except requests.RequestException as error:
+        log.warning("stow_failed", destination=destination.name, reason=type(error).__name__)
+        return [SendOutcome(uid, None) for uid in uids]
+    statuses = _statuses(response)
+    return [SendOutcome(uid, statuses.get(uid)) for uid in uids]

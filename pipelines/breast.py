@@ -1,0 +1,204 @@
+"""Breast segmentation: which pixels of a mammogram are breast tissue, for training and worker alike.
+
+Input: a 2-D image already in the bundle's orientation (`pipelines/orientation.py`: chest wall on
+the left, lateral side up), bright = dense, any size and bit depth. Output: a boolean mask on the
+same grid, True on the breast, False on
+
+- the background: below an Otsu threshold of the smoothed image (a percentile floor keeps a
+  nearly empty image sane), then the largest connected component with its holes filled;
+- film labels and markers: bright blobs not connected to that component;
+- the pectoral muscle (MLO views, or views of unknown type): the bright region in the upper-left
+  corner, kept only when its right edge fits a line that makes a triangle against the chest wall
+  (the line narrows going down and meets the left edge in the upper part of the image);
+- a border of `border_fraction` of the shorter side all around the image (scanner edges, film
+  borders and the chest-wall edge itself carry no lesion the model can localise).
+
+The work is done on a copy reduced to at most `WORK_SIDE` pixels per side and the mask mapped
+back to the full grid (nearest cell), so a 4096 x 3328 image costs tens of milliseconds.
+numpy and scipy only. `pipelines/preprocess.py:prepare_image` applies it when a bundle's
+metadata says `input.breast_mask: true`; `tools/model/dataset.py:oriented_input` applies the
+same function to training images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+WORK_SIDE = 512
+BORDER_FRACTION = 0.01
+
+
+def _reduce(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """Block mean by an integer factor so that the longer side is at most WORK_SIDE."""
+    rows, cols = image.shape
+    factor = max(1, int(np.ceil(max(rows, cols) / WORK_SIDE)))
+    if factor == 1:
+        return image.astype(np.float32, copy=True), 1
+    r, c = rows // factor * factor, cols // factor * factor
+    small = image[:r, :c].astype(np.float32).reshape(r // factor, factor, c // factor, factor)
+    reduced = small.mean(axis=(1, 3))
+    # Edge rows/columns that do not fill a block: repeat the last block row/column.
+    pad_r = int(np.ceil(rows / factor)) - reduced.shape[0]
+    pad_c = int(np.ceil(cols / factor)) - reduced.shape[1]
+    if pad_r or pad_c:
+        reduced = np.pad(reduced, ((0, pad_r), (0, pad_c)), mode="edge")
+    return reduced, factor
+
+
+def _expand(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    if factor == 1:
+        return mask
+    rows = np.minimum(np.arange(shape[0]) // factor, mask.shape[0] - 1)
+    cols = np.minimum(np.arange(shape[1]) // factor, mask.shape[1] - 1)
+    expanded: np.ndarray = mask[np.ix_(rows, cols)]
+    return expanded
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """The Otsu threshold of a 1-D sample (between-class variance maximised over a histogram)."""
+    values = values[np.isfinite(values)]
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return low
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight0 = np.cumsum(counts)
+    weight1 = weight0[-1] - weight0
+    sum0 = np.cumsum(counts * centres)
+    mean0 = sum0 / np.maximum(weight0, 1)
+    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    largest: np.ndarray = labels == (int(np.argmax(sizes)) + 1)
+    return largest
+
+
+def tissue_mask(smooth: np.ndarray) -> np.ndarray:
+    """Breast vs background and labels on the reduced, smoothed image."""
+    floor = float(np.percentile(smooth, 5))
+    level = max(otsu_threshold(smooth.ravel()), floor + 0.02 * (float(smooth.max()) - floor))
+    foreground = smooth > level
+    # Opening breaks thin bridges between a label and the breast before the largest component.
+    opened = ndimage.binary_opening(foreground, structure=np.ones((3, 3), bool), iterations=2)
+    breast = _largest_component(opened if opened.any() else foreground)
+    filled: np.ndarray = ndimage.binary_fill_holes(breast)
+    return filled
+
+
+def pectoral_mask(smooth: np.ndarray, breast: np.ndarray) -> np.ndarray:
+    """The pectoral muscle as a triangle in the upper-left corner, or all False if none fits.
+
+    The muscle's edge is the strongest drop of brightness going away from the chest wall: in each
+    of the breast's upper 60 % rows, the column of the steepest fall within the inner breast's
+    left 60 %. A line through those columns (RANSAC, fixed seed, then least squares on its
+    inliers) must carry a quarter of the rows from the top down, narrow going down, start within
+    5-70 % of the width from the chest wall (the breast's leftmost column over its top rows: a
+    scanned film may be padded) and meet it within 8-85 % of the height, and the fall across it
+    must be clear (a tenth of the breast's intensity range). The muscle is then every breast
+    pixel left of the line."""
+    rows, cols = smooth.shape
+    none = np.zeros_like(breast)
+    if breast.sum() < 100:
+        return none
+    first = int(np.flatnonzero(breast.any(axis=1))[0])  # the breast's top row
+    band = range(first, min(first + max(2, rows // 12), rows))
+    wall = int(np.median([np.flatnonzero(breast[r])[0] for r in band if breast[r].any()]))
+    inner = ndimage.binary_erosion(breast, iterations=max(2, cols // 60))  # off the skin line
+    fall = -ndimage.sobel(smooth, axis=1)  # > 0 where brightness drops going right
+    reach = wall + int(0.6 * cols)
+    found_rows, found_cols, strength = [], [], []
+    for r in range(first, min(first + int(0.6 * rows), rows)):
+        allowed = np.flatnonzero(inner[r, wall + 1:reach]) + wall + 1
+        if len(allowed) < 3:
+            continue
+        best = allowed[int(np.argmax(fall[r, allowed]))]
+        found_rows.append(r)
+        found_cols.append(best - wall)
+        strength.append(fall[r, best])
+    if len(found_rows) < max(5, rows // 20):
+        return none
+    r_arr = np.asarray(found_rows, np.float64)
+    c_arr = np.asarray(found_cols, np.float64)
+    tolerance = 0.03 * cols
+    rng = np.random.default_rng(0)
+    best_inliers = np.zeros(len(r_arr), bool)
+    for _ in range(300):
+        a, b = rng.choice(len(r_arr), 2, replace=False)
+        if r_arr[a] == r_arr[b]:
+            continue
+        slope = (c_arr[b] - c_arr[a]) / (r_arr[b] - r_arr[a])
+        if slope >= 0:
+            continue
+        inliers = np.abs(c_arr - (c_arr[a] + slope * (r_arr - r_arr[a]))) < tolerance
+        if inliers.sum() > best_inliers.sum():
+            best_inliers = inliers
+    if best_inliers.sum() < max(5, len(r_arr) // 4):
+        return none
+    slope, intercept = np.polyfit(r_arr[best_inliers] - first, c_arr[best_inliers], 1)
+    if slope >= 0 or not 0.05 * cols <= intercept <= 0.7 * cols:
+        return none
+    apex = first - intercept / slope
+    if not 0.08 * rows <= apex <= 0.85 * rows:
+        return none
+    if r_arr[best_inliers].min() > first + 0.15 * rows:  # the edge must start at the top
+        return none
+    values = smooth[breast]
+    contrast = float(np.percentile(values, 99) - np.percentile(values, 1))
+    # sobel's weights sum to 4 per unit step per pixel: the median fall, in intensity per pixel
+    if float(np.median(np.asarray(strength)[best_inliers])) / 4 < 0.1 * contrast / max(
+            2.0, cols / 100):
+        return none
+    grid_r, grid_c = np.mgrid[0:rows, 0:cols]
+    triangle: np.ndarray = (grid_c < wall + intercept + slope * (grid_r - first)) & breast
+    return triangle
+
+
+def breast_mask(image: np.ndarray, view: str | None = None,
+                border_fraction: float = BORDER_FRACTION) -> np.ndarray:
+    """Boolean mask of the breast on the image's grid (chest wall on the left).
+
+    `view`: "MLO" (pectoral removed when one is found), "CC" (not looked for) or None
+    (unknown: looked for, removed only when the triangle test passes)."""
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {array.shape}")
+    reduced, factor = _reduce(array)
+    smooth = ndimage.gaussian_filter(reduced, sigma=max(1.0, min(reduced.shape) / 200))
+    breast = tissue_mask(smooth)
+    if (view or "").upper() != "CC":
+        breast = _largest_component(breast & ~pectoral_mask(smooth, breast))
+    full = _expand(breast, factor, array.shape)
+    border = max(1, int(round(border_fraction * min(array.shape))))
+    full[:border, :] = False
+    full[-border:, :] = False
+    full[:, :border] = False
+    full[:, -border:] = False
+    return full
+
+
+def mask_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with every pixel outside the mask set to the background level (the 1st
+    percentile of the pixels outside it, or the image minimum if there are none)."""
+    array = np.asarray(image, dtype=np.float32)
+    outside = ~mask
+    if not outside.any():
+        return array.copy()
+    level = float(np.percentile(array[outside], 1))
+    return np.where(mask, array, np.float32(level)).astype(np.float32)
+
+
+def apply_breast_mask(image: np.ndarray, view: str | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(the image with the background level outside the breast, the breast mask): what training
+    (`tools/model/dataset.py:oriented_input`) and the worker (`pipelines/preprocess.py:
+    prepare_image`) feed a bundle with `input.breast_mask`."""
+    mask = breast_mask(image, view)
+    return mask_image(image, mask), mask
