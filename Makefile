@@ -31,6 +31,7 @@ lint: install
 bench: install
 	$(PYTHON) -m tools.bench.receive
 	$(PYTHON) -m tools.bench.e2e
+	$(PYTHON) -m tools.bench.throughput
 
 train: install
 	$(PYTHON) -m tools.model.train --mias ../shared/data/mias --out build/train/mias-unet-384 --arch unet --size 384 --patch 64 --cv 5 --epochs 40 --min-epochs 20 --val-every 20 --patience 0 --threads 2
