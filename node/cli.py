@@ -103,6 +103,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
               if args.pipeline is None else
               f"unknown pipeline {args.pipeline!r} (configured: {known})", file=sys.stderr)
         return 2
+    try:
+        config = _worker_overrides(config, args)
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    threads = config.worker.thread_count
+    if threads > 1 and args.concurrency > 1:
+        print(f"--concurrency {args.concurrency} with worker.threads {threads}: a worker with "
+              "threads is one process; start one `mammo-node worker` per process instead",
+              file=sys.stderr)
+        return 2
     # The pipeline's model, shadow and destinations in the top-level places.
     settings = config.for_pipeline(pipeline.name)
     # Load the bundle in a throwaway process first: a missing or mismatched bundle stops the
@@ -141,13 +152,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from pipelines.celery_app import configure
 
     app = configure(config, named)
+    if threads > 1:
+        # A threads pool scores `threads` studies at once in this process through one model
+        # (pipelines/batching.py), loaded here: there is no pool child to load it.
+        from pipelines.celery_app import load_in_this_process
+
+        load_in_this_process()
     try:
         app.worker_main([
             "worker",
             f"--loglevel={args.log_level}",
             f"--queues={pipeline.queue}",
-            f"--concurrency={args.concurrency}",
-            "--pool=prefork",
+            f"--concurrency={threads if threads > 1 else args.concurrency}",
+            f"--pool={'threads' if threads > 1 else 'prefork'}",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
@@ -156,6 +173,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
     finally:
         monitor.stop()
     return 0
+
+
+def _worker_overrides(config: Settings, args: argparse.Namespace) -> Settings:
+    """The settings with the worker options of the command line in `worker` (ConfigError when
+    a value is out of range)."""
+    options = {"threads": args.threads, "batch_views": args.batch_views,
+               "batch_wait_ms": args.batch_wait_ms}
+    given = {key: value for key, value in options.items() if value is not None}
+    if not given:
+        return config
+    from pydantic import ValidationError
+
+    from node.settings import WorkerSection
+
+    try:
+        worker = WorkerSection.model_validate({**config.worker.model_dump(), **given})
+    except ValidationError as error:
+        problems = "; ".join(f"worker.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in error.errors())
+        raise ConfigError(problems) from None
+    return config.model_copy(update={"worker": worker})
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -282,7 +320,23 @@ def cmd_runs_discard(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     spool = Spool(settings.spool.dir)
     study_uid = _study_uid_of(spool, args.run_id)
+    # With Redis claims a worker on another host holds the run by its lease, which its flock on
+    # a shared filesystem may not show here: discard only holding the lease ourselves.
+    from node.leases import Leases
+    leases = Leases.from_settings(settings)
+    lease = None
     try:
+        if leases is not None:
+            try:
+                lease = leases.acquire(args.run_id)
+            except TransientError as error:
+                print(f"cannot discard: cannot tell whether a worker holds the run ({error})",
+                      file=sys.stderr)
+                return 1
+            if lease is None:
+                print(f"cannot discard: run {args.run_id} is being worked on: try again when it "
+                      "is done", file=sys.stderr)
+                return 1
         from_state, _ = spool.discard_run(args.run_id, reason=args.reason or "")
     except FileNotFoundError:
         print(f"run {args.run_id!r} not found", file=sys.stderr)
@@ -290,6 +344,11 @@ def cmd_runs_discard(args: argparse.Namespace) -> int:
     except RunStateError as error:
         print(f"cannot discard: {error}", file=sys.stderr)
         return 1
+    finally:
+        if lease is not None:
+            lease.release()
+        if leases is not None:
+            leases.close()
     open_audit(settings, "cli").record("run_discarded", run_id=args.run_id, study_uid=study_uid,
                                        from_state=from_state, reason=args.reason or "",
                                        user=_operator())
@@ -512,7 +571,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="Celery worker that scores studies")
     worker.add_argument("--config", required=True)
-    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--concurrency", type=int, default=1,
+                        help="pool processes, each scoring one study at a time (without "
+                             "worker.threads)")
+    worker.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="studies scored at once in this one process through one shared "
+                             "model (overrides worker.threads)")
+    worker.add_argument("--batch-views", type=int, default=None, metavar="N",
+                        help="views per forward pass across studies (overrides "
+                             "worker.batch_views; 0: each study alone)")
+    worker.add_argument("--batch-wait-ms", type=float, default=None, metavar="MS",
+                        help="how long a batch waits for more views (overrides "
+                             "worker.batch_wait_ms)")
     worker.add_argument("--pipeline", default=None, metavar="NAME",
                         help="score the runs of this pipeline (settings `pipelines`; default: "
                              "the implicit one of a config without them)")

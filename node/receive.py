@@ -1,10 +1,14 @@
 """The C-STORE receive path: validate the received file, move it into the spool, answer a status.
 
 pynetdicom writes each incoming data set to a file under the spool's tmp/ as it arrives (chunked
-receive, node/pynetdicom_internals.py). `StoreReceiver.handle_store` then checks a few header tags
-and the pixel data against the command (node/validate.py), moves the file into incoming/ with one
-manifest line (node/spool.py) and returns the C-STORE status. Nothing else happens on the
-association thread.
+receive, node/pynetdicom_internals.py), and the kernel is asked to start writing it to disk every
+few MiB (`start_writeback`), so the fsync at the end waits for the tail only.
+`StoreReceiver.handle_store` then checks a few header tags and the pixel data against the command
+(node/validate.py), hands the file to the `GroupCommitter` and waits: the committer's thread
+moves it into incoming/ with its manifest line (node/spool.py `add_instances`: file fsync,
+rename, manifest fsync, folder fsync), together with whatever other associations received
+meanwhile, so concurrent associations share the fsyncs. Only then does the handler return the
+C-STORE status, so a success is never sent for an instance that is not on disk.
 
 When the disk fills mid-receive, or a data set starts while the spool is below its free-space
 watermark, the receive is abandoned (`refusal_before_writing`): nothing of the instance stays on
@@ -15,9 +19,11 @@ node/pynetdicom_internals.py.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -30,7 +36,7 @@ from node.audit import AuditLog
 from node.completion import AssociationTracker
 from node.logs import get_logger
 from node.pynetdicom_internals import association_tag, refusal_of
-from node.runs import InstanceEntry
+from node.runs import InstanceEntry, start_writeback
 from node.settings import Pipeline, Settings
 from node.spool import Spool, free_bytes, hash_key, study_key
 from node.uids import is_valid_uid
@@ -58,6 +64,102 @@ def _loggable_uid(value: object) -> str:
     return str(value) if is_valid_uid(str(value)) else "(invalid)"
 
 
+@dataclass
+class _Commit:
+    """One received file waiting for its group commit."""
+
+    path: Path
+    entry: InstanceEntry
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: Path | BaseException | None = None
+
+
+class GroupCommitter:
+    """Makes received instances durable in groups, on one thread of its own.
+
+    `commit` queues a file and waits until it is in incoming/ with its manifest line fsynced (or
+    raises why not). The thread takes everything queued at once (up to `max_batch`) and commits
+    it with `Spool.add_instances`, which issues each step's fsyncs at once, so associations
+    receiving at the same time share the filesystem's journal commits instead of queueing for
+    one each. Once the group's waiters are answered it deletes the earlier copies the group
+    replaced (`Spool.drop_replaced`), off their wait.
+    """
+
+    def __init__(self, spool: Spool, max_batch: int = 64) -> None:
+        self.spool = spool
+        self.max_batch = max_batch
+        self.groups = 0  # groups committed
+        self.waiting = 0  # instances queued or being committed, their senders waiting
+        self._queue: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def commit(self, path: Path, entry: InstanceEntry) -> Path:
+        """Block until `path` is durable in the spool; its path there. Raises OSError when it
+        could not be recorded (nothing of it may then be acknowledged)."""
+        pending = _Commit(path, entry)
+        with self._lock:
+            queued = not self._stopped
+            if queued:
+                if self._thread is None:  # started on first use
+                    self._thread = threading.Thread(target=self._run, name="group-commit",
+                                                    daemon=True)
+                    self._thread.start()
+                self.waiting += 1
+                self._queue.put(pending)
+        if not queued:  # stopped: a straggler commits on its own thread
+            return self.spool.add_instance(path, entry)
+        try:
+            pending.done.wait()
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        if isinstance(pending.outcome, BaseException):
+            raise pending.outcome
+        assert pending.outcome is not None
+        return pending.outcome
+
+    def stop(self) -> None:
+        """End the thread once what is queued is committed; later commits are done by their
+        callers."""
+        with self._lock:
+            self._stopped = True
+            thread, self._thread = self._thread, None
+            self._queue.put(None)  # after everything queued
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:  # stop after this group
+                    self._queue.put(None)
+                    break
+                group.append(more)
+            outcomes: list[Path | BaseException]
+            try:
+                outcomes = list(self.spool.add_instances([(c.path, c.entry) for c in group]))
+            except BaseException as error:  # noqa: BLE001 - every waiter must hear of it
+                outcomes = [error] * len(group)
+            self.groups += 1
+            for pending, outcome in zip(group, outcomes, strict=True):
+                pending.outcome = outcome
+                pending.done.set()
+            try:
+                self.spool.drop_replaced()
+            except Exception as error:  # noqa: BLE001 - the thread must outlive a failed delete
+                log.warning("replaced_copy_not_deleted", error=type(error).__name__)
+
+
 class StoreReceiver:
     """The listener's C-STORE handler and the receive policy its DIMSE provider asks."""
 
@@ -67,8 +169,16 @@ class StoreReceiver:
         self.spool = spool
         self.tracker = tracker
         self.audit = audit
+        self.committer = GroupCommitter(spool)
+
+    def close(self) -> None:
+        """Stop the commit thread (the listener stopped)."""
+        self.committer.stop()
 
     # --- asked while a data set arrives (StoreReceivePolicy) -----------------------------------
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        start_writeback(fd, offset, length)
+
     def spool_free_bytes(self) -> int:
         return free_bytes(self.settings.spool.dir)
 
@@ -107,7 +217,7 @@ class StoreReceiver:
                 return self._refuse_sop_class(path, entry, assoc_id)
         if status == StoreStatus.SUCCESS and entry is not None:
             try:
-                self.spool.add_instance(path, entry)
+                self.committer.commit(path, entry)
             except OSError as error:
                 status = StoreStatus.OUT_OF_RESOURCES
                 reason = f"write_failed:{error.strerror or error}"

@@ -116,6 +116,7 @@ class StoreSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.receiver.close()
 
     # --- per connection (pynetdicom_internals.ConnectionHost) -----------------------------------
     def serve_connection(self, sock: socket.socket, host: str, serve_association: ServeAssociation) -> None:

@@ -19,6 +19,7 @@ from celery import Celery
 from node.audit import AuditLog, open_audit
 from node.completion import AssociationTracker, due_studies
 from node.errors import TransientError
+from node.leases import Leases
 from node.logs import get_logger
 from node.monitoring import MonitoringServer, start_node_monitoring
 from node.queueing import build_publisher, publish_run, waiting_run_ids
@@ -128,6 +129,9 @@ class Reconciler:
     - A run in work/ whose lock has been free for `reconcile.abandoned_after_s` (seen free on
       two passes that far apart) was abandoned by a dead worker: back to queued/, unpublished,
       its attempts counter kept; one that already used `scoring.max_attempts` goes to failed/.
+      With `claims.mode: redis` "free" also means that no worker holds the run's lease
+      (node/leases.py), and the move is made holding the lease, so no worker takes the run
+      meanwhile; when Redis cannot answer, nothing is recovered in that pass.
     - A queued run published more than `reconcile.republish_after_s` ago whose message is
       neither waiting in the broker queue nor reserved by a worker within that time is
       unpublished, so the watcher publishes it again. A message that is merely waiting in a
@@ -146,6 +150,7 @@ class Reconciler:
         self.clock = clock
         self.audit = audit or open_audit(settings, "watcher")
         self._free_since: dict[str, float] = {}
+        self.leases = Leases.from_settings(settings)
 
     def tick(self) -> dict[str, list[str]]:
         """One pass; returns what it did: {"requeued": [...], "failed": [...], "republish": [...]}."""
@@ -162,35 +167,67 @@ class Reconciler:
             if run_id not in work:
                 del self._free_since[run_id]
         for run_id in work:
-            with self.spool.lock_if_free(run_id) as path:
-                free = path is not None
+            try:
+                free = self._free(run_id)
+            except TransientError as error:
+                log.warning("reconcile_broker_unavailable", reason=str(error))
+                return  # a worker may hold any of them: wait for the broker
             if not free:
                 self._free_since.pop(run_id, None)
                 continue
             first_free = self._free_since.setdefault(run_id, now)
             if now - first_free < self.settings.reconcile.abandoned_after_s:
                 continue
-            info = self.spool.run_info(run_id)
-            attempts = info.attempts if info else 0
-            study_uid = info.study_uid if info else ""
-            if attempts >= self.settings.scoring.max_attempts:
-                failure = attempts_exhausted(attempts)
-                record = RunRecord(run_id=run_id, study_uid=study_uid, state="failed",
-                                   attempts=attempts, error=failure,
-                                   completion_reason=info.completion_reason if info else None)
-                if self.spool.fail_abandoned(run_id, record):
-                    log.warning("run_abandoned_given_up", run_id=run_id, study_uid=study_uid,
-                                attempts=attempts)
-                    self.audit.record("study_failed", run_id=run_id, study_uid=study_uid,
-                                      reason=str(failure), attempts=attempts)
-                    done["failed"].append(run_id)
-            elif self.spool.requeue_abandoned(run_id):
-                log.warning("run_abandoned_requeued", run_id=run_id, study_uid=study_uid,
-                            attempts=attempts, free_for_s=round(now - first_free, 2))
-                self.audit.record("run_requeued", run_id=run_id, study_uid=study_uid,
-                                  reason="abandoned_by_dead_worker", attempts=attempts)
-                done["requeued"].append(run_id)
+            self._recover(run_id, now, first_free, done)
             self._free_since.pop(run_id, None)
+
+    def _free(self, run_id: str) -> bool:
+        """Nobody works on the run: its flock is free and, with Redis claims, no lease exists."""
+        if self.leases is not None and self.leases.held(run_id):
+            return False
+        with self.spool.lock_if_free(run_id) as path:
+            return path is not None
+
+    def _recover(self, run_id: str, now: float, first_free: float, done: dict[str, list[str]]
+                 ) -> None:
+        """Requeue (or fail) an abandoned run, holding its lease with Redis claims."""
+        if self.leases is None:
+            self._requeue_or_fail(run_id, now, first_free, done)
+            return
+        try:
+            lease = self.leases.acquire(run_id)
+        except TransientError as error:
+            log.warning("reconcile_broker_unavailable", reason=str(error))
+            return
+        if lease is None:
+            return  # a worker took it since we looked
+        try:
+            self._requeue_or_fail(run_id, now, first_free, done)
+        finally:
+            lease.release()
+
+    def _requeue_or_fail(self, run_id: str, now: float, first_free: float,
+                         done: dict[str, list[str]]) -> None:
+        info = self.spool.run_info(run_id)
+        attempts = info.attempts if info else 0
+        study_uid = info.study_uid if info else ""
+        if attempts >= self.settings.scoring.max_attempts:
+            failure = attempts_exhausted(attempts)
+            record = RunRecord(run_id=run_id, study_uid=study_uid, state="failed",
+                               attempts=attempts, error=failure,
+                               completion_reason=info.completion_reason if info else None)
+            if self.spool.fail_abandoned(run_id, record):
+                log.warning("run_abandoned_given_up", run_id=run_id, study_uid=study_uid,
+                            attempts=attempts)
+                self.audit.record("study_failed", run_id=run_id, study_uid=study_uid,
+                                  reason=str(failure), attempts=attempts)
+                done["failed"].append(run_id)
+        elif self.spool.requeue_abandoned(run_id):
+            log.warning("run_abandoned_requeued", run_id=run_id, study_uid=study_uid,
+                        attempts=attempts, free_for_s=round(now - first_free, 2))
+            self.audit.record("run_requeued", run_id=run_id, study_uid=study_uid,
+                              reason="abandoned_by_dead_worker", attempts=attempts)
+            done["requeued"].append(run_id)
 
     def _republish_lost(self, now: float, done: dict[str, list[str]]) -> None:
         limit_s = self.settings.reconcile.republish_after_s

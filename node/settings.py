@@ -274,6 +274,30 @@ class ScoringSection(_Frozen):
     max_attempts: int = Field(default=3, ge=1, le=100)
 
 
+class WorkerSection(_Frozen):
+    """How one `mammo-node worker` process scores (pipelines/batching.py).
+
+    Defaults: one study at a time per pool process, each study's views one forward pass. With
+    `threads` > 1 one process scores that many studies at once (Celery's threads pool) through
+    one shared model, batching views across studies up to `batch_views` per forward pass; a
+    batch closes at `batch_views` views or `batch_wait_ms` after its oldest view arrived.
+    """
+
+    # Studies in flight in one worker process; None: 1 without batching, else enough studies of
+    # four views to fill a batch and decode the next (batch_views // 4 + 1, at least 2).
+    threads: int | None = Field(default=None, ge=1, le=64)
+    # Views per forward pass across the studies in flight (a study is never split; one with
+    # more views goes alone); 0: each study's views alone. Needs more than one thread.
+    batch_views: int = Field(default=0, ge=0, le=1024)
+    batch_wait_ms: float = Field(default=0.0, ge=0, le=10_000)
+
+    @property
+    def thread_count(self) -> int:
+        if self.threads is not None:
+            return self.threads
+        return max(2, self.batch_views // 4 + 1) if self.batch_views else 1
+
+
 class ReconcileSection(_Frozen):
     """The service's periodic repair pass over the spool (see docs/RELIABILITY.md)."""
 
@@ -285,6 +309,23 @@ class ReconcileSection(_Frozen):
     abandoned_after_s: float = Field(default=10.0, ge=0)
     # How often finished runs older than spool.retention_days are purged.
     purge_interval_s: float = Field(default=3600.0, gt=0)
+
+
+class ClaimsSection(_Frozen):
+    """How a worker claims a run (docs/ARCHITECTURE.md, *Workers on other hosts*).
+
+    `mode: local` (default): a flock on work/<run_id>/lock, which needs every worker on the
+    node's host. `mode: redis`: a lease in the broker's Redis (`SET NX PX`, renewed by the worker
+    while it holds the run) and fenced writes, for workers on other hosts sharing the spool over
+    NFS. The node and every worker must use the same mode.
+    """
+
+    mode: Literal["local", "redis"] = "local"
+    # A worker that cannot renew its lease for this long loses the run: the reconciler gives it
+    # to another worker and the late one's writes are refused. Longer than any Redis stall a
+    # live worker should ride out; recovery after a worker host dies takes this long plus
+    # reconcile.abandoned_after_s.
+    lease_seconds: float = Field(default=30.0, ge=1, le=3600)
 
 
 DEFAULT_AUDIT_NAME = "audit.jsonl"  # in spool.dir, when audit.path is not set
@@ -409,7 +450,9 @@ class Settings(_Frozen):
     outputs: OutputsSection = OutputsSection()
     send: SendSection = SendSection()
     scoring: ScoringSection = ScoringSection()
+    worker: WorkerSection = WorkerSection()
     reconcile: ReconcileSection = ReconcileSection()
+    claims: ClaimsSection = ClaimsSection()
     audit: AuditSection = AuditSection()
     monitoring: MonitoringSection | None = None
     drift: DriftSection = DriftSection()

@@ -4,7 +4,8 @@
     incoming/<study_key>/    instances of a study still arriving, plus manifest.jsonl
     queued/<run_id>/         a claimed study waiting for a worker (run.json; published.json once
                              the Celery message is out)
-    work/<run_id>/           a worker holds it (flock on work/<run_id>/lock)
+    work/<run_id>/           a worker holds it (flock on work/<run_id>/lock; with
+                             `claims.mode: redis` also a Redis lease, node/leases.py)
     done/<run_id>/           results delivered; record.json says what happened
     failed/<run_id>/         gave up; record.json says why
     discarded/<run_id>/      IT discarded it (`mammo-node runs discard`); discarded.json says when
@@ -16,13 +17,15 @@ values: study and instance folders are named by a hash of their UID.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +128,9 @@ class Spool:
         self.root = Path(root)
         self._lock = threading.Lock()
         self._incoming: dict[str, dict[str, InstanceEntry]] | None = None  # None: not built yet
+        self._replaced: list[Path] = []  # earlier copies of resent instances (`add_instances`)
+        # fsyncs of a group at once (`add_instances`); threads start on the first group
+        self._fsyncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
 
     # --- layout -------------------------------------------------------------------------------
     @property
@@ -161,24 +167,115 @@ class Spool:
 
     # --- receiving ----------------------------------------------------------------------------
     def add_instance(self, received_path: Path, entry: InstanceEntry) -> Path:
-        """Make a received file durable in incoming/<study_key>/ and record it in the manifest.
+        """Make one received file durable in incoming/<study_key>/ with its manifest line
+        (`add_instances` for one); raises the OSError that kept it from being recorded."""
+        outcome = self.add_instances([(received_path, entry)])[0]
+        self.drop_replaced()
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
 
-        The file is fsynced before the rename and the manifest line after it, so an instance we
-        acknowledged survives a crash; a crash in between leaves a file without a manifest line
-        that was never acknowledged.
+    def add_instances(self, received: Sequence[tuple[Path, InstanceEntry]]
+                      ) -> list[Path | OSError]:
+        """Make received files durable in incoming/<study_key>/ and record them in their
+        manifests, as one group commit; per instance, its path in the spool or the OSError that
+        kept it from being recorded. Only an instance that got a path may be acknowledged.
+
+        Each file is fsynced before it is renamed into its study folder; then each folder gets
+        its manifest lines in one append and one fsync, and an fsync of the folder (and of
+        incoming/ for a folder this commit created). So an acknowledged instance survives a
+        crash, and a crash part way leaves files without manifest lines, never acknowledged.
+        The fsyncs of each of the two steps are issued at once, from a few threads, so that the
+        filesystem serves them with shared journal commits (one after the other, each pays a
+        commit of its own): instances received together by concurrent associations share them.
+
+        A file that replaces an earlier copy of the same instance (a resend) is swapped in by one
+        rename; the earlier copy keeps a link under tmp/ until `drop_replaced`, so freeing its
+        blocks is not part of the commit (tmp/ is purged at start, should a crash come first).
         """
-        key = study_key(entry.study_uid, entry.pipeline)
-        fsync_file(received_path)
+        outcomes: list[Path | OSError | None] = list(
+            self._at_once([functools.partial(fsync_file, path) for path, _ in received]))
         with self._lock:
-            folder = self.incoming_dir / key
-            folder.mkdir(exist_ok=True)
-            target = folder / entry.file
-            os.replace(received_path, target)
-            append_manifest(folder, [entry])
-            fsync_dir(folder)
-            if self._incoming is not None:
-                self._incoming.setdefault(key, {})[entry.sop_uid] = entry
-        return target
+            by_folder: dict[Path, list[int]] = {}
+            created: set[Path] = set()
+            for number, (path, entry) in enumerate(received):
+                if outcomes[number] is not None:
+                    continue
+                folder = self.incoming_dir / study_key(entry.study_uid, entry.pipeline)
+                try:
+                    if not folder.is_dir():
+                        folder.mkdir(exist_ok=True)
+                        created.add(folder)
+                    self._swap_in(path, folder / entry.file)
+                except OSError as error:
+                    outcomes[number] = error
+                    continue
+                by_folder.setdefault(folder, []).append(number)
+            # The renames, the manifest lines and new folders, durable together: no order among
+            # them matters (the files are durable already), so their fsyncs go out at once.
+            folders = list(by_folder)
+            calls = [functools.partial(append_manifest, folder,
+                                       [received[number][1] for number in by_folder[folder]])
+                     for folder in folders]
+            calls += [functools.partial(fsync_dir, folder) for folder in folders]
+            if created:
+                calls.append(functools.partial(fsync_dir, self.incoming_dir))
+            done = self._at_once(calls)
+            new_folders_failure = done[-1] if created else None
+            for index, folder in enumerate(folders):
+                failure = (done[index] or done[len(folders) + index]
+                           or (new_folders_failure if folder in created else None))
+                for number in by_folder[folder]:
+                    entry = received[number][1]
+                    outcomes[number] = failure if failure is not None else folder / entry.file
+                    if failure is None and self._incoming is not None:
+                        self._incoming.setdefault(folder.name, {})[entry.sop_uid] = entry
+        return [outcome if outcome is not None else OSError("not recorded")
+                for outcome in outcomes]
+
+    def _at_once(self, calls: Sequence[Callable[[], None]]) -> list[OSError | None]:
+        """Make the calls (fsyncs) on several threads at once when there are several: fsyncs
+        issued together share the filesystem's journal commits, where one after the other each
+        pays its own. The OSError of each, or None."""
+        def attempt(call: Callable[[], None]) -> OSError | None:
+            try:
+                call()
+            except OSError as error:
+                return error
+            return None
+
+        if len(calls) <= 1:
+            return [attempt(call) for call in calls]
+        return list(self._fsyncs.map(attempt, calls))
+
+    def _swap_in(self, path: Path, target: Path) -> None:
+        """Rename a received file to `target`; an earlier copy there stays linked under tmp/ until
+        `drop_replaced` (the caller holds the lock)."""
+        kept = self.tmp_dir / f"replaced-{uuid.uuid4().hex}.dcm"
+        try:
+            os.link(target, kept)
+        except OSError:  # nothing there yet (or no tmp/): the rename does it all
+            os.replace(path, target)
+            return
+        try:
+            os.replace(path, target)
+        except OSError:
+            kept.unlink(missing_ok=True)
+            raise
+        self._replaced.append(kept)
+
+    def drop_replaced(self) -> int:
+        """Delete the earlier copies that commits replaced (after their commit, off the sender's
+        wait); how many. The deletions are committed here too (fsync of tmp/), so that freeing
+        their blocks (and discarding them, on a filesystem mounted with `discard`) is not left
+        to the next instance's commit."""
+        with self._lock:
+            replaced, self._replaced = self._replaced, []
+        for path in replaced:
+            path.unlink(missing_ok=True)
+        if replaced:
+            fsync_dir(self.tmp_dir)
+        return len(replaced)
 
     def index_incoming(self) -> int:
         """(Re)build the index of incoming/ from the manifests on disk; the number of studies."""

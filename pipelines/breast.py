@@ -4,7 +4,7 @@ Input: a 2-D image already in the bundle's orientation (`pipelines/orientation.p
 the left, lateral side up), bright = dense, any size and bit depth. Output: a boolean mask on the
 same grid, True on the breast, False on
 
-- the background: below an Otsu threshold of the smoothed image (a percentile floor keeps a
+- the background: below an Otsu threshold of the smoothed image's log intensities (a percentile floor keeps a
   nearly empty image sane), then the largest connected component with its holes filled;
 - film labels and markers: bright blobs not connected to that component;
 - the pectoral muscle (MLO views, or views of unknown type): the bright region in the upper-left
@@ -84,7 +84,14 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def tissue_mask(smooth: np.ndarray) -> np.ndarray:
     """Breast vs background and labels on the reduced, smoothed image."""
     floor = float(np.percentile(smooth, 5))
-    level = max(otsu_threshold(smooth.ravel()), floor + 0.02 * (float(smooth.max()) - floor))
+    # Otsu on log intensities: on linear values a digital image's dark fatty tissue falls on the
+    # background side (the split is fat vs pectoral muscle); the log spreads the dark end.
+    # Values are first put on a 0-255 scale, so the threshold does not depend on the bit depth.
+    lowest = float(smooth.min())
+    scale = 255.0 / max(float(smooth.max()) - lowest, 1e-6)
+    log_level = float(np.expm1(otsu_threshold(np.log1p((smooth - lowest) * scale).ravel()))
+                      ) / scale + lowest
+    level = max(log_level, floor + 0.02 * (float(smooth.max()) - floor))
     foreground = smooth > level
     # Opening breaks thin bridges between a label and the breast before the largest component.
     opened = ndimage.binary_opening(foreground, structure=np.ones((3, 3), bool), iterations=2)

@@ -12,6 +12,7 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from node import metrics
+from node.leases import Leases
 from node.logs import configure_logging, get_logger
 from node.monitoring import forget_process
 from node.queueing import SCORE_TASK_NAME, celery_config
@@ -38,6 +39,8 @@ class _Process:
     runner: ModelRunner | None = None
     shadow: Shadow | None = None
     shadow_loaded = False
+    leases: Leases | None = None  # claims.mode: redis (one Redis client per process)
+    leases_made = False
 
 
 def configure(settings: Settings, pipeline: str | None = None) -> Celery:
@@ -53,6 +56,14 @@ def _settings() -> Settings:
         configure(load_settings(os.environ[CONFIG_ENV]), os.environ.get(PIPELINE_ENV) or None)
     assert _Process.settings is not None
     return _Process.settings
+
+
+def _leases() -> Leases | None:
+    """The run leases of this process (None with local claims)."""
+    if not _Process.leases_made:
+        _Process.leases = Leases.from_settings(_settings())
+        _Process.leases_made = True
+    return _Process.leases
 
 
 def _shadow() -> Shadow | None:
@@ -86,8 +97,15 @@ def _load_model_in_child(**_: Any) -> None:
     configure_logging(os.environ.get("MAMMO_NODE_LOG_LEVEL", "INFO"))
     identity = _runner().identity
     _shadow()
+    _leases()  # before any task: threads of a threads pool then share one client
     # Summed over the pool by the worker's endpoint and heartbeat (node/monitoring.py).
     metrics.MODEL_LOADED.labels(model=identity.name, model_version=identity.version).set(1)
+
+
+def load_in_this_process() -> None:
+    """A threads pool (`worker.threads` > 1) runs the tasks in the worker's own process: the
+    model is loaded there, before Celery starts, as a prefork child does at its start."""
+    _load_model_in_child()
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]
@@ -99,11 +117,15 @@ def _forget_child(**_: Any) -> None:
           reject_on_worker_lost=True)
 def score_study(self: Any, run_id: str) -> None:
     """Celery entry point: message carries the run id only. Results are ignored by design."""
+    from pipelines.batching import shared_predictor, shared_shadow
     from pipelines.scoring import process_run
 
     settings = _settings()
-    process_run(settings, Spool(settings.spool.dir), run_id, _runner(),
-                pipeline=_Process.pipeline, shadow=_shadow())
+    # worker.threads > 1: this process's one batcher, shared by the studies in flight.
+    process_run(settings, Spool(settings.spool.dir), run_id,
+                shared_predictor(_runner(), settings.worker),
+                pipeline=_Process.pipeline, shadow=shared_shadow(_shadow(), settings.worker),
+                leases=_leases())
 
 
 if CONFIG_ENV in os.environ:

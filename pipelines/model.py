@@ -31,10 +31,19 @@ from node.bundle import (
 from node.errors import ModelError
 from node.logs import get_logger
 from pipelines.calibration import Calibration
-from pipelines.preprocess import build_preprocess, input_size, mask_heatmap, prepare_image
+from pipelines.preprocess import (
+    Placement,
+    build_preprocess,
+    canvas_input,
+    input_size,
+    mask_heatmap,
+    prepare_image,
+    uses_canvas,
+)
 from pipelines.results import ModelIdentity
 
 DEFAULT_OPERATING_POINT = "balanced"
+CONTRALATERAL_KEY = "contralateral"  # metadata.json: read each breast against the other
 MAX_CPU_THREADS = 4
 
 log = get_logger("pipelines.model")
@@ -59,11 +68,22 @@ def read_metadata(bundle_dir: Path) -> dict[str, Any]:
         float(metadata["operating_points"][DEFAULT_OPERATING_POINT])
     except (KeyError, TypeError, ValueError) as error:
         raise ModelError(f"{path}: input/operating_points incomplete ({error!r})") from None
+    spacing = metadata["input"].get("pixel_spacing_mm")
+    if spacing is not None and not (isinstance(spacing, (int, float)) and 0.01 <= spacing <= 5):
+        raise ModelError(f"{path}: input.pixel_spacing_mm {spacing!r} is not a size in mm")
+    if spacing is not None and (height % 32 or width % 32):
+        raise ModelError(f"{path}: canvas {height}x{width} is not a multiple of 32")
     if not (16 <= height <= 4096 and 16 <= width <= 4096):
         raise ModelError(f"{path}: input size {height}x{width} out of range")
     if metadata["input"].get("orientation") != "chest_wall_left":
         raise ModelError(f"{path}: input.orientation must be 'chest_wall_left' "
                          f"(got {metadata['input'].get('orientation')!r})")
+    contra = metadata.get(CONTRALATERAL_KEY)
+    if contra is not None:
+        try:
+            float(contra["weight"]), float(contra["missing_other_logit"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelError(f"{path}: {CONTRALATERAL_KEY} incomplete ({error!r})") from None
     try:
         Calibration.from_metadata(metadata)
     except ModelError as error:
@@ -93,23 +113,54 @@ def cpu_threads() -> int:
 
 
 def heatmap_to_image_grid(heatmap: np.ndarray | torch.Tensor, rows: int, cols: int,
-                          calibration: Calibration | None = None) -> np.ndarray:
-    """Resize a model-grid heatmap to the image's exact rows x cols (then calibrate it, when the
+                          calibration: Calibration | None = None,
+                          placement: Placement | None = None) -> np.ndarray:
+    """Map a model-grid heatmap to the image's exact rows x cols (then calibrate it, when the
     bundle is calibrated: after the resize, so a region at or above a calibrated threshold is
     exactly the region of the raw map at or above the raw one).
 
-    The preprocessing resized the whole image (no crop, no padding), so model cell (i, j)
-    covers image rows [i, i+1) * rows / H and columns [j, j+1) * cols / W; bilinear resizing
-    with align_corners=False keeps those cell centres where they belong.
+    Without `placement` the preprocessing resized the whole image (no crop, no padding), so
+    model cell (i, j) covers image rows [i, i+1) * rows / H and columns [j, j+1) * cols / W;
+    bilinear resizing with align_corners=False keeps those cell centres where they belong. With
+    a `Placement` (a physical-canvas bundle: breast crop resampled into the canvas's top-left
+    corner) the canvas's content region is resized back onto the crop box and the rest of the
+    image is 0 (calibrated too: the caller masks the breast afterwards).
     """
     tensor = torch.as_tensor(heatmap, dtype=torch.float32)
     while tensor.ndim < 4:
         tensor = tensor[None]
-    resized = F.interpolate(tensor, size=(rows, cols), mode="bilinear", align_corners=False)
-    grid = resized[0, 0].clamp_(0.0, 1.0)
+    if placement is None:
+        resized = F.interpolate(tensor, size=(rows, cols), mode="bilinear", align_corners=False)
+        grid = resized[0, 0].clamp_(0.0, 1.0)
+    else:
+        if (placement.rows, placement.cols) != (rows, cols):
+            raise ValueError(f"placement for {placement.rows}x{placement.cols}, image {rows}x{cols}")
+        grid = placement.to_source(tensor[0, 0]).clamp_(0.0, 1.0)
     if calibration is not None:
         calibration.tensor_(grid)
     return grid.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _logit(values: torch.Tensor) -> torch.Tensor:
+    clamped = values.clamp(1e-6, 1.0 - 1e-6)
+    return torch.log(clamped) - torch.log1p(-clamped)
+
+
+def apply_contralateral(probabilities: torch.Tensor, heatmaps: torch.Tensor,
+                        others: Sequence[int | None], spec: dict[str, Any]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bundle trained to read a breast against the other one (`contralateral` in its
+    metadata): each image's logit and each of its heatmap cells' logits lose `weight` x the
+    image logit of the same view of the other breast (`others[i]`, an index into the batch), or
+    `weight` x `missing_other_logit` when the study has no such view. Raw scale, before the
+    calibration, which was fitted on scores adjusted the same way."""
+    logits = _logit(probabilities)
+    weight, missing = float(spec["weight"]), float(spec["missing_other_logit"])
+    offsets = torch.tensor([weight * (float(logits[j]) if j is not None else missing)
+                            for j in others], dtype=torch.float32)
+    adjusted = torch.sigmoid(logits - offsets)
+    shape = (-1,) + (1,) * (heatmaps.ndim - 1)
+    return adjusted, torch.sigmoid(_logit(heatmaps) - offsets.view(shape))
 
 
 class ModelRunner:
@@ -143,17 +194,40 @@ class ModelRunner:
         return probability.float().cpu(), heatmap.float().cpu()
 
     def predict(self, images: Sequence[np.ndarray],
-                views: Sequence[str | None] | None = None) -> list[ViewPrediction]:
+                views: Sequence[str | None] | None = None,
+                pixel_spacings: Sequence[float | None] | None = None,
+                contralateral: Sequence[int | None] | None = None) -> list[ViewPrediction]:
         """One forward pass for all views of a study (`views`, "MLO"/"CC" per image, only
-        matters to a bundle with `input.breast_mask`: no pectoral is looked for on a CC)."""
+        matters to a bundle with `input.breast_mask`: no pectoral is looked for on a CC;
+        `pixel_spacings`, mm per pixel or None per image, only to a bundle with
+        `input.pixel_spacing_mm`, which resamples each breast to its fixed pixel size;
+        `contralateral`, per image the index in `images` of the same view of the other breast
+        or None, only to a bundle with a `contralateral` block, see `apply_contralateral`)."""
         if not images:
             return []
         started = time.perf_counter()
-        prepared = [prepare_image(image, self.metadata, views[index] if views else None)
-                    for index, image in enumerate(images)]
-        batch = torch.stack([self.preprocess(pixels) for pixels, _ in prepared])
+        placements: list[Placement | None] = []
+        prepared: list[tuple[np.ndarray, np.ndarray | None]] = []
+        tensors = []
+        for index, image in enumerate(images):
+            view = views[index] if views else None
+            if uses_canvas(self.metadata):
+                spacing = pixel_spacings[index] if pixel_spacings else None
+                tensor, placement, mask = canvas_input(image, self.metadata, view, spacing)
+                tensors.append(tensor)
+                placements.append(placement)
+                prepared.append((image, mask))
+            else:
+                prepared.append(prepare_image(image, self.metadata, view))
+                tensors.append(self.preprocess(prepared[-1][0]))
+                placements.append(None)
+        batch = torch.stack(tensors)
         preprocessed = time.perf_counter()
         probabilities, heatmaps = self._forward(batch)
+        if self.metadata.get(CONTRALATERAL_KEY) is not None:
+            probabilities, heatmaps = apply_contralateral(
+                probabilities, heatmaps, list(contralateral or [None] * len(images)),
+                self.metadata[CONTRALATERAL_KEY])
         inferred = time.perf_counter()
         calibration = self.calibration
         predictions = []
@@ -163,7 +237,7 @@ class ModelRunner:
                 probability=probability if calibration is None else calibration.score(probability),
                 heatmap=mask_heatmap(heatmap_to_image_grid(
                     heatmaps[index], int(np.shape(image)[0]), int(np.shape(image)[1]),
-                    calibration), prepared[index][1]),
+                    calibration, placements[index]), prepared[index][1]),
             ))
         self.last_timings_s = {
             "preprocess": preprocessed - started,

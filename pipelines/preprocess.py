@@ -8,10 +8,12 @@ bundle's convention (chest wall on the left), bright = dense, any size and bit d
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.transforms.compose import Compose
 from monai.transforms.intensity.array import ScaleIntensityRangePercentiles
 from monai.transforms.spatial.array import Resize
@@ -83,3 +85,122 @@ def mask_heatmap(heatmap: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     if mask.shape != heatmap.shape:
         raise ValueError(f"breast mask {mask.shape} and heatmap {heatmap.shape} differ")
     return np.where(mask, heatmap, np.float32(0.0)).astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------- physical canvas
+#
+# A bundle whose metadata has `input.pixel_spacing_mm` is fed a breast at a fixed pixel size:
+# the oriented image (chest wall left) is segmented (`pipelines/breast.py`), cropped to the
+# breast's bounding box, resampled from the image's own pixel spacing to the bundle's, windowed
+# by the intensity percentiles of the breast pixels only, set to 0 outside the breast and
+# placed in the top-left corner of a fixed height x width canvas (chest wall on its left edge).
+# A breast larger than the canvas at that spacing is shrunk further to fit (`Placement.scale`
+# says by how much). `Placement` records where the canvas came from, so a canvas heatmap maps
+# back to the source grid exactly (`Placement.to_source`). Older bundles (whole image resized,
+# no `pixel_spacing_mm`) get a `Placement` of the whole image and map back as before.
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model canvas came from: source rows [top, bottom) x columns [left, right) were
+    resampled to canvas rows [0, height) x columns [0, width); the rest of the canvas is padding."""
+
+    rows: int
+    cols: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+    height: int
+    width: int
+    spacing_mm: float | None = None  # the canvas's pixel size on this image, when known
+
+    def to_source(self, heatmap: torch.Tensor) -> torch.Tensor:
+        """A canvas-grid map (H, W) on the source grid (rows, cols): its content region resized
+        (bilinear, align_corners=False: cell centres stay put) to the crop box, zero outside it."""
+        content = heatmap[None, None, : self.height, : self.width].float()
+        resized = F.interpolate(content, size=(self.bottom - self.top, self.right - self.left),
+                                mode="bilinear", align_corners=False)[0, 0]
+        if (self.top, self.left, self.bottom, self.right) == (0, 0, self.rows, self.cols):
+            return resized
+        full = torch.zeros(self.rows, self.cols, dtype=torch.float32)
+        full[self.top:self.bottom, self.left:self.right] = resized
+        return full
+
+    def point_to_canvas(self, x: float, y: float) -> tuple[float, float]:
+        """Source pixel (x = column, y = row) -> canvas pixel coordinates."""
+        sx = self.width / (self.right - self.left)
+        sy = self.height / (self.bottom - self.top)
+        return (x + 0.5 - self.left) * sx - 0.5, (y + 0.5 - self.top) * sy - 0.5
+
+    @property
+    def scale(self) -> float:
+        """Canvas pixels per source pixel (mean of both axes)."""
+        return 0.5 * (self.width / (self.right - self.left) + self.height / (self.bottom - self.top))
+
+
+def uses_canvas(metadata: dict[str, Any]) -> bool:
+    """Whether the bundle declares a physical pixel size (`input.pixel_spacing_mm`): breast crop,
+    resampling, breast-only windowing, fixed canvas. Bundles without it resize the whole image."""
+    return metadata["input"].get("pixel_spacing_mm") is not None
+
+
+def whole_image_placement(rows: int, cols: int, metadata: dict[str, Any]) -> Placement:
+    height, width = input_size(metadata)
+    return Placement(rows, cols, 0, rows, 0, cols, height, width)
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
+    rows_any, cols_any = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows_any) == 0:  # no breast found: the whole image
+        return 0, mask.shape[0], 0, mask.shape[1]
+    top = max(0, int(rows_any[0]) - margin)
+    bottom = min(mask.shape[0], int(rows_any[-1]) + 1 + margin)
+    left = max(0, int(cols_any[0]) - margin)
+    right = min(mask.shape[1], int(cols_any[-1]) + 1 + margin)
+    return top, bottom, left, right
+
+
+def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None = None,
+                 pixel_spacing_mm: float | None = None
+                 ) -> tuple[torch.Tensor, Placement, np.ndarray]:
+    """(1, H, W) canvas tensor in [0, 1], its `Placement`, and the breast mask on the source grid.
+
+    `pixel_spacing_mm`: the image's pixel size (PixelSpacing, else ImagerPixelSpacing); None
+    (unknown) is taken as the spacing the bundle was trained on (`input.assumed_pixel_spacing_mm`,
+    the worker flags such an image `outside_domain:pixel_spacing_missing`)."""
+    from pipelines.breast import breast_mask
+
+    spec = metadata["input"]
+    height, width = input_size(metadata)
+    target = float(spec["pixel_spacing_mm"])
+    source = pixel_spacing_mm if pixel_spacing_mm and pixel_spacing_mm > 0 else float(
+        spec.get("assumed_pixel_spacing_mm", target))
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {array.shape}")
+    mask = breast_mask(array, view)
+    margin = int(round(float(spec.get("crop_margin_mm", 2.0)) / source))
+    top, bottom, left, right = _bounding_box(mask, margin)
+    scale = min(source / target, height / (bottom - top), width / (right - left))
+    out_h = max(1, min(height, int(round((bottom - top) * scale))))
+    out_w = max(1, min(width, int(round((right - left) * scale))))
+    crop = torch.from_numpy(np.ascontiguousarray(array[top:bottom, left:right]))
+    crop_mask = torch.from_numpy(np.ascontiguousarray(mask[top:bottom, left:right]))
+    resized = F.interpolate(crop[None, None], size=(out_h, out_w), mode="bilinear",
+                            align_corners=False, antialias=True)[0, 0]
+    inside = F.interpolate(crop_mask[None, None].float(), size=(out_h, out_w), mode="bilinear",
+                           align_corners=False, antialias=True)[0, 0] >= 0.5
+    intensity = spec["intensity"]
+    values = resized[inside] if bool(inside.any()) else resized.flatten()
+    quantiles = torch.quantile(values[:: max(1, values.numel() // 200_000)].double(), torch.tensor(
+        [float(intensity["lower_percentile"]) / 100, float(intensity["upper_percentile"]) / 100],
+        dtype=torch.float64)).float()
+    low, high = float(quantiles[0]), float(quantiles[1])
+    scaled = ((resized - low) / max(high - low, 1e-6)).clamp_(0.0, 1.0)
+    scaled = torch.where(inside, scaled, torch.zeros((), dtype=torch.float32))
+    canvas = torch.zeros(1, height, width, dtype=torch.float32)
+    canvas[0, :out_h, :out_w] = scaled
+    placement = Placement(array.shape[0], array.shape[1], top, bottom, left, right, out_h, out_w,
+                          target * (source / target) / scale)
+    return canvas, placement, mask

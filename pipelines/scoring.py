@@ -17,7 +17,9 @@ sleep while it holds a run, just before inference: the fault tests use it to kil
 from __future__ import annotations
 
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from node import metrics
 from node.audit import AuditLog, open_audit
 from node.drift import REFERENCE_KEY, DriftStore, ExamEntry, SourceKey
 from node.errors import InputError
+from node.leases import Lease, LeaseLost, Leases, hold_claimed_run
 from node.logs import get_logger
 from node.runs import (
     FailureKind,
@@ -68,7 +71,7 @@ from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyR
 from pipelines.seg import build_binary_seg, build_seg
 from pipelines.shadow import Shadow
 from pipelines.sr import build_sr
-from pipelines.study import LoadedView, Skipped, decode_view, select_views
+from pipelines.study import LoadedView, Skipped, decode_view, predict_views, select_views
 
 log = get_logger("pipelines.scoring")
 
@@ -121,7 +124,7 @@ def score_views(
     views: list[LoadedView], predictor: Predictor, study_uid: str
 ) -> tuple[StudyResult, list[np.ndarray]]:
     """Per-view probability and heatmap on the source grid; breast = max of views, exam = max."""
-    predictions = predictor.predict([v.pixels for v in views])
+    predictions = predict_views(predictor, views)  # views' type and pixel size when needed
     scores, heatmaps = [], []
     for view, prediction in zip(views, predictions, strict=True):
         scores.append(
@@ -289,12 +292,18 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
 
 
 def process_run(settings: Settings, spool: Spool, run_id: str, predictor: Predictor, *,
-                pipeline: str | None = None, shadow: Shadow | None = None) -> str | None:
+                pipeline: str | None = None, shadow: Shadow | None = None,
+                leases: Leases | None = None) -> str | None:
     """Score and deliver one run; returns the final state, or None if it was not ours to do.
 
     `settings` are the pipeline's (`Settings.for_pipeline`); a run of another pipeline (`pipeline`
     None: the implicit one) is left in queued/ untouched. `shadow`: the pipeline's shadow bundle,
     whose scores go into the record beside the live ones and nowhere else.
+
+    With `claims.mode: redis` the run is held under a lease (`leases`, made from `settings`
+    when not given; node/leases.py), checked before each step that writes into the run folder,
+    moves the run or sends: a worker that lost it (cut off, stalled) leaves everything to the
+    worker that holds it now and returns None.
     """
     mine = None if pipeline in (None, "", IMPLICIT_PIPELINE) else pipeline
     queued = spool.run_info(run_id)
@@ -302,26 +311,49 @@ def process_run(settings: Settings, spool: Spool, run_id: str, predictor: Predic
         log.warning("run_of_another_pipeline", run_id=run_id, run_pipeline=queued.pipeline,
                     worker_pipeline=mine)
         return None
-    with spool.hold_run(run_id) as run_dir:
-        if run_dir is None:
-            log.info("run_skipped_duplicate_delivery", run_id=run_id)
-            return None
-        audit = open_audit(settings, "worker")
-        superseded = read_superseded(run_dir)
-        info = read_run_info(run_dir)
-        if info is None:
-            raise FileNotFoundError(f"run {run_id}: run.json is missing or unreadable")
-        if superseded is not None:
-            return _skip_superseded(spool, info, run_dir, superseded.superseded_by)
-        return _process_held_run(settings, spool, info, run_dir, predictor, audit, shadow)
+    own_leases = leases is None
+    if own_leases:
+        leases = Leases.from_settings(settings)
+    try:
+        with hold_claimed_run(spool, run_id, leases) as held:
+            if held is None:
+                log.info("run_skipped_duplicate_delivery", run_id=run_id)
+                return None
+            run_dir, lease = held
+            try:
+                audit = open_audit(settings, "worker")
+                superseded = read_superseded(run_dir)
+                info = read_run_info(run_dir)
+                if info is None:
+                    raise FileNotFoundError(f"run {run_id}: run.json is missing or unreadable")
+                if superseded is not None:
+                    return _skip_superseded(spool, info, run_dir, superseded.superseded_by, lease)
+                return _process_held_run(settings, spool, info, run_dir, predictor, audit,
+                                         shadow, lease)
+            except LeaseLost as error:
+                # Another worker has (or will have) the run: nothing of this attempt is kept.
+                log.warning("run_lease_lost", run_id=run_id, reason=str(error))
+                return None
+    finally:
+        if own_leases and leases is not None:
+            leases.close()
 
 
-def _skip_superseded(spool: Spool, info: RunInfo, run_dir: Path, superseded_by: str) -> str:
+def _fence(lease: Lease | None, step: str) -> None:
+    """Before a step that writes into the run folder, moves the run or sends: LeaseLost unless
+    this worker still holds the run (always true with local claims: the flock is held)."""
+    if lease is not None:
+        lease.check(step)
+
+
+def _skip_superseded(spool: Spool, info: RunInfo, run_dir: Path, superseded_by: str,
+                     lease: Lease | None = None) -> str:
     """A later run of the study took over these instances before we started: nothing to score."""
     record = RunRecord(run_id=info.run_id, study_uid=info.study_uid, state="done",
                        completion_reason=info.completion_reason, superseded_by=superseded_by,
                        outputs=(), sends=(),
                        not_scored=f"superseded by run {superseded_by} before scoring")
+    _fence(lease, "record")
     write_record(run_dir, record)
     spool.finish_run(info.run_id, "done")
     log.info("run_superseded", run_id=info.run_id, study_uid=record.study_uid,
@@ -331,10 +363,11 @@ def _skip_superseded(spool: Spool, info: RunInfo, run_dir: Path, superseded_by: 
 
 def _process_held_run(
     settings: Settings, spool: Spool, info: RunInfo, run_dir: Path, predictor: Predictor,
-    audit: AuditLog, shadow: Shadow | None = None,
+    audit: AuditLog, shadow: Shadow | None = None, lease: Lease | None = None,
 ) -> str:
     started = time.time()
     attempts = info.attempts + 1
+    _fence(lease, "attempt")
     write_run_info(run_dir, info.model_copy(update={"attempts": attempts}))
     manifest = read_manifest(run_dir)  # the one read of this run's manifest
     progress = _Progress(timings_s=_waiting_times(manifest, info, started))
@@ -346,7 +379,9 @@ def _process_held_run(
             failure = attempts_exhausted(attempts - 1)
         else:
             failure = _score_write_send(settings, info, run_dir, manifest, predictor, progress,
-                                        audit)
+                                        audit, lease)
+    except LeaseLost:
+        raise  # not this worker's run any more: no record, no move
     except InputError as error:
         failure = RunFailure(kind=FailureKind.INPUT, message=str(error))
     except Exception as error:  # a bug must park the run, not lose it
@@ -378,10 +413,12 @@ def _process_held_run(
         pipeline=info.pipeline,
         shadow=shadow_scores,
     )
+    _fence(lease, "record")
     write_record(run_dir, record)
     source = metrics.run_source(run_dir, manifest)
     metrics.observe_run(record, source)
     _record_drift(settings, record, source, predictor)
+    _fence(lease, "finish")
     spool.finish_run(info.run_id, state)
     reason = str(failure) if failure else None
     if failure:
@@ -415,7 +452,7 @@ def _waiting_times(manifest: Sequence[InstanceEntry], info: RunInfo, started: fl
 
 def _score_write_send(
     settings: Settings, info: RunInfo, run_dir: Path, manifest: Sequence[InstanceEntry],
-    predictor: Predictor, progress: _Progress, audit: AuditLog,
+    predictor: Predictor, progress: _Progress, audit: AuditLog, lease: Lease | None = None,
 ) -> RunFailure | None:
     """The run's work, step by step into `progress`; the send failure, if any (InputError when
     the study cannot be scored)."""
@@ -455,16 +492,37 @@ def _score_write_send(
                  views_scored=len(result.views), exam_score=progress.scores.exam,
                  model=predictor.identity.name, model_version=predictor.identity.version)
     t0 = time.perf_counter()
-    progress.outputs = write_outputs(settings, views, result, heatmaps, predictor.identity,
-                                     run_dir / OUTPUTS_DIR)
+    # This attempt's own folder, published whole by one rename: two attempts never mix files.
+    attempt_dir = run_dir / f"{OUTPUTS_DIR}.attempt-{uuid.uuid4().hex[:12]}"
+    try:
+        outputs = write_outputs(settings, views, result, heatmaps, predictor.identity,
+                                attempt_dir)
+        _fence(lease, "publish")
+        _publish_outputs(attempt_dir, run_dir / OUTPUTS_DIR)
+    except BaseException:
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        raise
+    progress.outputs = outputs
     timings["write"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
+    _fence(lease, "send")
     sends, failure = send_outputs(settings, [run_dir / o.file for o in progress.outputs],
                                   [o.kind for o in progress.outputs])
     timings["send"] = round(time.perf_counter() - t0, 3)
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)
     return RunFailure(kind=FailureKind.SEND, message=failure) if failure else None
+
+
+def _publish_outputs(attempt_dir: Path, outputs_dir: Path) -> None:
+    """Make an attempt's folder the run's outputs/ by rename. Outputs an earlier attempt of the
+    run published (it died or lost its lease before the record) are replaced: the same objects,
+    since result UIDs derive from the study, the images and the model (node/uids.py)."""
+    if outputs_dir.exists():
+        replaced = attempt_dir.with_name(f"{attempt_dir.name}.replaced")
+        os.rename(outputs_dir, replaced)
+        shutil.rmtree(replaced, ignore_errors=True)
+    os.rename(attempt_dir, outputs_dir)
 
 
 def _audit_sends(audit: AuditLog, info: RunInfo, sends: Sequence[SendResult]) -> None:

@@ -8,9 +8,11 @@ exactly.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +31,7 @@ from node.vocabulary import (
     SCORABLE_SOP_CLASSES,
 )
 from pipelines.orientation import Orientation, orientation_from_tags
-from pipelines.quality import DEFAULT_LOW_CONTRAST_FRACTION, image_flags
+from pipelines.quality import DEFAULT_LOW_CONTRAST_FRACTION, image_flags, pixel_spacing_of
 from pipelines.results import SCREENING_VIEWS
 
 # Rows x Columns above this is a lying header, not a mammogram: refused before any decoder
@@ -59,6 +61,36 @@ class LoadedView:
     orientation: Orientation
     pixels: npt.NDArray[np.float32]  # oriented, MONOCHROME2 sense
     quality_flags: tuple[str, ...] = ()  # pipelines/quality.py, from the header and the pixels
+    pixel_spacing_mm: float | None = None  # PixelSpacing, else ImagerPixelSpacing; None: unknown
+
+
+def contralateral_indices(views: Sequence[LoadedView]) -> list[int | None]:
+    """For each view, the index of the same view (CC, MLO) of the other breast, or None."""
+    where = {(view.entry.laterality, view.entry.view): index for index, view in enumerate(views)}
+    other = {"L": "R", "R": "L"}
+    return [where.get((other.get(view.entry.laterality, ""), view.entry.view)) for view in views]
+
+
+def predict_views(predictor: Any, views: Sequence[LoadedView]) -> list[Any]:
+    """The predictor's predictions of the loaded views. A bundle with a physical pixel size
+    (`input.pixel_spacing_mm`) is also given each view's type and pixel spacing, which its
+    preprocessing needs (breast crop resampled to a fixed mm per pixel), and, when it reads a
+    breast against the other (`contralateral`), where each view's counterpart is; other
+    predictors get the pixels alone, as before."""
+    pixels = [view.pixels for view in views]
+    metadata = getattr(predictor, "metadata", None)
+    if not (isinstance(metadata, dict) and metadata.get("input", {}).get("pixel_spacing_mm")):
+        return list(predictor.predict(pixels))
+    accepts = inspect.signature(predictor.predict).parameters
+    kinds = [view.entry.view for view in views]
+    extra: dict[str, Any] = {}
+    if "contralateral" in accepts and metadata.get("contralateral") is not None:
+        extra["contralateral"] = contralateral_indices(views)
+    if "pixel_spacings" in accepts:
+        return list(predictor.predict(pixels, kinds, **extra,
+                                      pixel_spacings=[view.pixel_spacing_mm for view in views]))
+    # a wrapper that forwards the view types only: the bundle's assumed spacing is used
+    return list(predictor.predict(pixels, kinds))
 
 
 def select_views(run_dir: Path, manifest: Sequence[InstanceEntry] | None = None
@@ -163,4 +195,5 @@ def decode_view(selected: SelectedView,
         orientation=orientation,
         pixels=orientation.apply(pixels),
         quality_flags=image_flags(ds, pixels, low_contrast_fraction),
+        pixel_spacing_mm=pixel_spacing_of(ds),
     )

@@ -12,11 +12,15 @@ so the per-test safety net leaves it running; all services stop at session end r
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from tools.stack import services
 
@@ -98,6 +102,26 @@ def _stop_leaked_services() -> Iterator[None]:
     for svc in reversed(services.running_services()):
         if id(svc) not in before and not svc.persist:
             svc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Put the process's logging back as it was after each test.
+
+    Code under test (`mammo-node` commands, a worker loading its model) calls
+    `node.logs.configure_logging`, which binds the root handler to the `sys.stderr` of that
+    moment (a capture that pytest closes when the test ends) and replaces the exception hooks;
+    a later test's background thread would then log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    thread_hook, sys_hook = threading.excepthook, sys.excepthook
+    structlog_config = structlog.get_config()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    threading.excepthook, sys.excepthook = thread_hook, sys_hook
+    structlog.configure(**structlog_config)
+    logging.captureWarnings(False)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -27,7 +27,7 @@ from node.scp import StoreSCP
 from node.scu import echo, send_files
 from node.settings import Settings, load_settings
 from node.tls import client_context
-from tests.support.dicom_wire import connect, running_listener, wait_closed
+from tests.support.dicom_wire import connect, running_listener, wait_closed, wait_until
 from tests.support.settings import make_settings, write_config
 from tools.stack.make_study import make_study
 from tools.stack.services import find_binary, free_port
@@ -187,6 +187,9 @@ def test_a_client_without_a_trusted_certificate_is_refused(node: StoreSCP, pki: 
     before = len(_handshake_failures(node))
     assoc = _associate(node, _client_context(pki, chain))
     assert not assoc.is_established
+    # With TLS 1.3 the client may learn of the refusal before the node's connection thread has
+    # written its audit record: wait for it (bounded), then check there is exactly one.
+    assert wait_until(lambda: len(_handshake_failures(node)) > before, timeout_s=10)
     failures = _handshake_failures(node)[before:]
     assert len(failures) == 1 and failures[0]["host"] == "127.0.0.1"
     _assert_still_serving(node, pki)

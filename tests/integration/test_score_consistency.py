@@ -2,7 +2,8 @@
 
 The numbers in an evaluation report only describe the deployed node if both paths agree: same
 pixel values, same orientation (the right breast is mirrored chest wall left on both paths), same
-preprocessing, same model, and the heatmap back on the source grid with the same flips undone.
+preprocessing (at the same pixel size: the PNG's manifest record states the spacing the DICOM
+header gives), same model, and the heatmap back on the source grid with the same flips undone.
 The DICOM goes through the worker's own functions (pipelines.study select/decode/orient and
 pipelines.scoring.score_views, as process_run calls them); the PNG through
 tools.model.evaluate.score_record. 8-bit and 16-bit, a left and a right breast, CC and MLO.
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pipelines.model import ModelRunner, load_bundle
+from pipelines.quality import pixel_spacing_of
 from pipelines.scoring import score_views
 from pipelines.study import decode_view, select_views
 from tests.support.spooled import spool_datasets
@@ -71,6 +73,7 @@ def test_png_and_dicom_of_the_same_pixels_score_the_same(
             id=view_key, image=_write_png(tmp_path / f"{view_key}.png", pixels), group="w1",
             laterality=laterality, view=view, label=1, malignant=None,
             chest_wall="right" if laterality == "R" else "left",
+            pixel_spacing_mm=pixel_spacing_of(ds),  # a manifest states it, as a header does
         )
     run_dir = tmp_path / "run"
     spool_datasets(run_dir, datasets)
@@ -111,7 +114,7 @@ def test_a_cc_stored_lateral_side_down_is_turned_the_same_way(
     spool_datasets(tmp_path / "run", [ds])
     record = Record(id="R-CC", image=_write_png(tmp_path / "r-cc.png", pixels), group="w1",
                     laterality="R", view="CC", label=0, malignant=None, chest_wall="right",
-                    flip_rows=True)
+                    flip_rows=True, pixel_spacing_mm=pixel_spacing_of(ds))
     selected, _ = select_views(tmp_path / "run")
     views = [decode_view(s) for s in selected]
     assert (views[0].orientation.flip_columns, views[0].orientation.flip_rows) == (True, True)

@@ -49,7 +49,10 @@ def test_synthetic_views_breast_without_background_pectoral_or_border(view_key: 
     assert mask.shape == image.shape and mask.dtype == bool
     tissue, pectoral = _truth(view)
     assert mask[tissue].mean() > 0.88  # the breast is kept
-    assert mask[~tissue & ~pectoral].mean() < 0.01  # background is not
+    # background is not: the log-intensity threshold keeps the faint band where the breast
+    # fades into the background at the skin line (about 1.7 % of the background here), which a
+    # linear Otsu drops together with all dark fatty tissue of a digital image
+    assert mask[~tissue & ~pectoral].mean() < 0.025
     if view == "MLO":
         assert mask[pectoral].mean() < 0.05  # the pectoral wedge is cut off
     border = max(1, round(0.01 * min(image.shape)))
@@ -89,8 +92,12 @@ def test_masked_image_has_the_background_level_outside() -> None:
 
 
 def test_off_by_default_the_metadata_hook_changes_nothing() -> None:
-    metadata = json.loads((REPO / "models/mias-baseline/metadata.json").read_text())
-    assert not uses_breast_mask(metadata)  # the shipped bundle does not ask for it
+    # a bundle that does not ask for it (0.2.x, whole image resized); the shipped 0.3.0 does
+    metadata = {"input": {"height": 384, "width": 384, "orientation": "chest_wall_left",
+                          "intensity": {"lower_percentile": 0.5, "upper_percentile": 99.5}}}
+    assert not uses_breast_mask(metadata)
+    shipped = json.loads((REPO / "models/mias-baseline/metadata.json").read_text())
+    assert uses_breast_mask(shipped) == bool(shipped["input"].get("breast_mask", False))
     image = _oriented("L-MLO")
     same, mask = prepare_image(image, metadata, "MLO")
     assert same is image and mask is None

@@ -39,7 +39,8 @@ def test_node_never_imports_pipelines_torch_or_monai() -> None:
 PYNETDICOM_INTERNALS = "node/pynetdicom_internals.py"
 PRIVATE_PYNETDICOM_NAMES = {"_read_pdu_data", "_decode_pdu", "_idle_timer", "_negotiate_as_acceptor",
                             "_create_association", "_servers", "_data_set_file", "_config",
-                            "_process_recv_primitive", "_handlers", "_recv_pdu", "_reactor_checkpoint"}
+                            "_process_recv_primitive", "_handlers", "_recv_pdu", "_reactor_checkpoint",
+                            "_kill_thread", "_run_loop_delay"}
 RUN_FILE_NAMES = {"manifest.jsonl", "run.json", "record.json", "record.previous.json",
                   "published.json", "superseded.json", "discarded.json"}
 

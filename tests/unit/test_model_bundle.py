@@ -12,7 +12,7 @@ import torch
 
 from node.errors import ModelError
 from pipelines.model import heatmap_to_image_grid, load_bundle
-from pipelines.preprocess import build_preprocess
+from pipelines.preprocess import build_preprocess, canvas_input, uses_canvas
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "models" / "mias-baseline"
@@ -35,11 +35,19 @@ def test_committed_bundle_is_a_trained_model_with_measured_metrics(runner) -> No
     assert 0.0 < runner.identity.operating_point < 1.0
     card = (BUNDLE / "README.md").read_text()
     assert "Research use only" in card and "Suckling" in card
-    training = metadata["training"]  # rebuilt by the issue-3 tools, with the exact commands
-    assert training["command"].startswith("python -m tools.model.train ")
-    assert training["export_command"].startswith("python -m tools.model.export ")
-    assert training["command"] in card and training["arch_config"]["size"] == \
-        metadata["input"]["height"]
+    training = metadata["training"]  # rebuilt by tools/model, with the exact commands
+    assert training["command"] in card and training["export_command"] in card
+    if uses_canvas(metadata):  # frozen ImageNet trunk + cell head (tools/model/cells.py)
+        assert training["command"].startswith("python -m tools.model.cells extract ")
+        assert training["export_command"].startswith("python -m tools.model.cells final ")
+        assert training["arch_config"]["canvas"] == [metadata["input"]["height"],
+                                                     metadata["input"]["width"]]
+        assert "nested cross-validation" in metrics["split"]
+        assert "Apache-2.0" in card
+    else:
+        assert training["command"].startswith("python -m tools.model.train ")
+        assert training["export_command"].startswith("python -m tools.model.export ")
+        assert training["arch_config"]["size"] == metadata["input"]["height"]
     assert set(metadata["operating_points"]) == {"balanced", "high_sensitivity"}
 
 
@@ -94,8 +102,8 @@ def test_views_of_different_sizes_go_in_one_call(runner) -> None:
 
 
 def test_bundle_is_small_enough_to_commit() -> None:
-    assert (BUNDLE / "model.ts").stat().st_size < 5 * 1024 * 1024
-    assert (BUNDLE / "model.pt2").stat().st_size < 20 * 1024 * 1024
+    total = sum(path.stat().st_size for path in BUNDLE.iterdir() if path.is_file())
+    assert total < 25 * 1024 * 1024
 
 
 def test_the_shipped_bundle_is_a_pt2_with_its_torchscript_copy(runner) -> None:
@@ -167,21 +175,49 @@ def test_model_cell_maps_onto_the_source_pixels_it_covers(rows: int, cols: int) 
         assert j * cell_cols - 1 <= peak_col <= (j + 1) * cell_cols + 1
 
 
+def _breast_with_block(rows: int, cols: int) -> np.ndarray:
+    """A breast (half disc against the left edge) with a bright block inside it."""
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    image = np.where((yy - rows / 2) ** 2 + xx**2 <= (0.45 * rows) ** 2, 300.0, 0.0)
+    image[rows // 2: rows // 2 + rows // 10, cols // 4: cols // 4 + rows // 10] = 1000.0
+    return image.astype(np.float32)
+
+
 def test_preprocess_is_what_the_model_sees(runner) -> None:
     """A bright block in the image shows up at the matching place of the model input."""
-    image = np.zeros((2000, 1600), np.float32)
-    image[1000:1200, 400:600] = 1000.0
-    tensor = build_preprocess(runner.metadata)(image)
+    rows, cols = 2000, 1600
+    image = _breast_with_block(rows, cols)
+    top, left, size = rows // 2, cols // 4, rows // 10
+    if uses_canvas(runner.metadata):
+        tensor, placement, _ = canvas_input(image, runner.metadata, "CC", 0.1)
+        y0, x0 = placement.point_to_canvas(left, top)[::-1]
+        y1, x1 = placement.point_to_canvas(left + size, top + size)[::-1]
+    else:
+        tensor = build_preprocess(runner.metadata)(image)
+        height, width = tensor.shape[-2:]
+        y0, y1 = top / rows * height, (top + size) / rows * height
+        x0, x1 = left / cols * width, (left + size) / cols * width
     height, width = tensor.shape[-2:]
     row, col = np.unravel_index(int(torch.argmax(tensor[0])), (height, width))
-    assert 1000 / 2000 * height - 1 <= row <= 1200 / 2000 * height + 1
-    assert 400 / 1600 * width - 1 <= col <= 600 / 1600 * width + 1
+    assert y0 - 1 <= row <= y1 + 1 and x0 - 1 <= col <= x1 + 1
 
 
 def test_model_grid_maps_back_within_one_cell_on_a_portrait_image(runner) -> None:
     """The bundle's own grid, a 4096 x 3328 detector image: cell centres land on their pixels."""
     height, width = runner.metadata["output"]["heatmap_size"]
     rows, cols = 4096, 3328
+    if uses_canvas(runner.metadata):  # the canvas's content region is the crop box
+        _, placement, _ = canvas_input(_breast_with_block(rows, cols), runner.metadata, "CC", 0.07)
+        i, j = placement.height // 3, (2 * placement.width) // 3
+        heatmap = np.zeros((height, width), np.float32)
+        heatmap[i, j] = 1.0
+        mapped = heatmap_to_image_grid(heatmap, rows, cols, None, placement)
+        peak_row, peak_col = np.unravel_index(int(np.argmax(mapped)), mapped.shape)
+        cell_rows = (placement.bottom - placement.top) / placement.height
+        cell_cols = (placement.right - placement.left) / placement.width
+        assert abs(peak_row - (placement.top + (i + 0.5) * cell_rows)) <= cell_rows
+        assert abs(peak_col - (placement.left + (j + 0.5) * cell_cols)) <= cell_cols
+        return
     i, j = height // 3, (2 * width) // 3
     heatmap = np.zeros((height, width), np.float32)
     heatmap[i, j] = 1.0
@@ -261,9 +297,40 @@ def test_a_real_mias_film_goes_through(runner) -> None:
     from PIL import Image
 
     film = np.asarray(Image.open(MIAS / "mdb001.png"), dtype=np.float32)
-    tensor = build_preprocess(runner.metadata)(film[:, ::-1])  # mdb001: chest wall on the right
+    oriented = film[:, ::-1]  # mdb001: chest wall on the right
+    if uses_canvas(runner.metadata):
+        tensor, placement, mask = canvas_input(oriented, runner.metadata, "MLO", 0.2)
+        assert placement.spacing_mm == pytest.approx(runner.metadata["input"]["pixel_spacing_mm"])
+        assert 0.1 < mask.mean() < 0.6  # a breast, not the film or nothing
+    else:
+        tensor = build_preprocess(runner.metadata)(oriented)
     assert tuple(tensor.shape) == (1, *runner.metadata["output"]["heatmap_size"])
     assert tensor.dtype == torch.float32 and 0.0 <= float(tensor.min()) <= float(tensor.max()) <= 1.0
     [prediction] = runner.predict([film])
     assert prediction.heatmap.shape == film.shape
     assert 0.0 <= prediction.probability <= 1.0
+
+
+@pytest.mark.skipif(not (MIAS / "mdb001.png").is_file(), reason="../shared/data/mias absent")
+def test_heatmap_stays_on_the_breast(runner) -> None:
+    """What the radiologist sees: no heatmap value, and so no peak or region mark, off the
+    breast (film background, labels, pectoral muscle) or on the image border."""
+    from PIL import Image
+
+    from pipelines.breast import breast_mask
+
+    if not uses_canvas(runner.metadata):
+        pytest.skip("a whole-image bundle without a breast mask")
+    for name in ("mdb001", "mdb028", "mdb102"):
+        film = np.asarray(Image.open(MIAS / f"{name}.png"), dtype=np.float32)
+        oriented = film[:, ::-1] if film[256:768, 512:].mean() > film[256:768, :512].mean() \
+            else film
+        [prediction] = runner.predict([oriented], ["MLO"], pixel_spacings=[0.2])
+        heatmap = prediction.heatmap
+        mask = breast_mask(oriented, "MLO")
+        assert float(heatmap[~mask].max(initial=0.0)) == 0.0
+        assert mask[np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)]
+        border = 10
+        assert float(heatmap[:border].max()) == float(heatmap[-border:].max()) == 0.0
+        assert float(heatmap[:, :border].max()) == float(heatmap[:, -border:].max()) == 0.0
+        assert heatmap.max() > 0.0

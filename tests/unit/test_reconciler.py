@@ -364,3 +364,43 @@ def test_supersede_notes_lost_in_a_crash_are_written_by_the_reconciler(tmp_path:
     reconciler.tick()
     assert spool.superseded_by(first) == second
     assert json.loads((first_dir / RECORD_NAME).read_text())["superseded_by"] == second
+
+
+@pytest.mark.integration
+@pytest.mark.requires_bin("redis-server")
+def test_with_redis_claims_a_run_is_requeued_only_once_its_lease_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker on another host holds the lease but no flock the node can see: the run stays in
+    work/ while the lease lives, and goes back to queued/ once it expired; Redis out of reach
+    recovers nothing."""
+    with RedisService(tmp_path / "redis") as redis_service:
+        monkeypatch.setenv("MAMMO_BROKER_PASSWORD", redis_service.password)
+        settings = make_settings(
+            tmp_path,
+            broker={"url": f"redis://127.0.0.1:{redis_service.port}/0", "publish_timeout_s": 1},
+            scoring={"max_attempts": 2}, claims={"mode": "redis", "lease_seconds": 30},
+            reconcile={"interval_s": 1, "republish_after_s": 30, "abandoned_after_s": 5},
+            audit={"path": str(tmp_path / "audit.jsonl")},
+        )
+        clock = [1000.0]
+        reconciler = _reconciler(settings, clock)
+        assert reconciler.leases is not None
+        run_id = _queued_run(reconciler.spool)
+        _abandon(reconciler.spool, run_id, attempts=1)  # in work/, flock free
+        remote = reconciler.leases.acquire(run_id)  # the remote worker's live lease
+        assert remote is not None
+        for _ in range(3):
+            clock[0] += 60
+            assert reconciler.tick()["requeued"] == []
+        assert reconciler.spool.locate(run_id)[0] == "work"  # type: ignore[index]
+        redis_service.stop()
+        clock[0] += 60
+        assert reconciler.tick()["requeued"] == []  # cannot tell: wait
+        redis_service.start()  # empty: the lease is gone, as after its time ran out
+        assert reconciler.tick()["requeued"] == []  # free once
+        clock[0] += 5
+        assert reconciler.tick()["requeued"] == [run_id]
+        assert reconciler.spool.locate(run_id)[0] == "queued"  # type: ignore[index]
+        assert not reconciler.leases.held(run_id)  # the reconciler's own lease, released
+        assert not remote.renew()  # the remote worker's fence now refuses it

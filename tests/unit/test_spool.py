@@ -60,6 +60,54 @@ def test_torn_manifest_line_is_ignored(spool: Spool) -> None:
     assert [e.sop_uid for e in read_manifest(folder)] == ["1.2.3.4.5"]
 
 
+def _received(spool: Spool, entry: InstanceEntry, content: bytes = b"DICM") -> Path:
+    tmp = spool.tmp_dir / f"recv-{entry.sop_uid}"
+    tmp.write_bytes(content)
+    return tmp
+
+
+def test_a_group_commit_records_every_instance_of_every_study(spool: Spool) -> None:
+    spool.incoming_studies()  # the index exists: the commit must keep it up to date
+    entries = [_entry("1.2.3.1"), _entry("1.2.3.2", view="MLO"),
+               _entry("1.2.4.1", study_uid="1.2.4", lat="L")]
+    outcomes = spool.add_instances([(_received(spool, e), e) for e in entries])
+    assert outcomes == [spool.incoming_dir / hash_key(e.study_uid) / e.file for e in entries]
+    assert all(isinstance(path, Path) and path.read_bytes() == b"DICM" for path in outcomes)
+    assert not list(spool.tmp_dir.iterdir())
+    by_study = {s.study_uid: {e.sop_uid for e in s.instances} for s in spool.incoming_studies()}
+    assert by_study == {"1.2.3": {"1.2.3.1", "1.2.3.2"}, "1.2.4": {"1.2.4.1"}}
+    on_disk = Spool(spool.root)  # what a restarted node reads back
+    assert {e.sop_uid for s in on_disk.incoming_studies() for e in s.instances} == {
+        "1.2.3.1", "1.2.3.2", "1.2.4.1"}
+
+
+def test_an_instance_that_cannot_be_committed_fails_alone(spool: Spool) -> None:
+    good, lost = _entry("1.2.3.1"), _entry("1.2.3.2", view="MLO")
+    gone = spool.tmp_dir / "vanished.dcm"  # its file is not there to fsync
+    outcomes = spool.add_instances([(_received(spool, good), good), (gone, lost)])
+    assert isinstance(outcomes[0], Path) and outcomes[0].is_file()
+    assert isinstance(outcomes[1], FileNotFoundError)
+    [study] = spool.incoming_studies()
+    assert [e.sop_uid for e in study.instances] == ["1.2.3.1"]
+    assert [e.sop_uid for e in read_manifest(spool.incoming_dir / hash_key("1.2.3"))] == ["1.2.3.1"]
+
+
+def test_a_resent_instance_replaces_the_earlier_copy_which_is_deleted_after_the_commit(
+        spool: Spool) -> None:
+    entry = _entry("1.2.3.1")
+    [first] = spool.add_instances([(_received(spool, entry, b"first"), entry)])
+    [second] = spool.add_instances([(_received(spool, entry, b"second"), entry)])
+    assert first == second and isinstance(second, Path) and second.read_bytes() == b"second"
+    [kept] = spool.tmp_dir.iterdir()  # the earlier copy, linked until the commit is done
+    assert kept.read_bytes() == b"first" and kept.name.startswith("replaced-")
+    assert spool.drop_replaced() == 1
+    assert not list(spool.tmp_dir.iterdir())
+    assert second.read_bytes() == b"second"
+    [study] = spool.incoming_studies()
+    assert len(study.instances) == 1
+    assert spool.purge_tmp() == 0
+
+
 def test_claim_moves_the_study_to_queued_and_records_why(spool: Spool) -> None:
     _receive(spool, _entry("1.2.3.4.5"))
     run_id = spool.claim_study(hash_key("1.2.3"), "quiet_period")

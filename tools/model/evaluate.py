@@ -78,7 +78,12 @@ def score_pixels(runner: Any, pixels: np.ndarray, record: Record) -> Any:
     from pipelines.model import ViewPrediction
 
     orientation = record_orientation(record)
-    prediction = runner.predict([orientation.apply(pixels)])[0]
+    metadata = getattr(runner, "metadata", None) or {}
+    if metadata.get("input", {}).get("pixel_spacing_mm"):  # the view and pixel size, as the worker
+        prediction = runner.predict([orientation.apply(pixels)], [record.view],
+                                    pixel_spacings=[record.pixel_spacing_mm])[0]
+    else:
+        prediction = runner.predict([orientation.apply(pixels)])[0]
     heatmap = orientation.apply(np.asarray(prediction.heatmap, dtype=np.float32))
     return ViewPrediction(probability=float(prediction.probability), heatmap=heatmap)
 

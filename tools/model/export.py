@@ -132,12 +132,14 @@ def measure_inference(bundle: Path, threads: int) -> dict[str, float]:
     one = [rng.integers(0, 256, (1024, 832)).astype(np.float32)]
     study = [rng.integers(0, 4096, (2294, 1914)).astype(np.float32) for _ in range(4)]
     out = {}
-    for name, images in (("image_1024x832_ms", one), ("study_4x2294x1914_ms", study)):
-        runner.predict(images)
+    for name, images, spacing in (("image_1024x832_ms", one, 0.2),
+                                  ("study_4x2294x1914_ms", study, 0.1)):
+        views, spacings = ["MLO"] * len(images), [spacing] * len(images)
+        runner.predict(images, views, spacings)
         timings = []
         for _ in range(5):
             started = time.perf_counter()
-            runner.predict(images)
+            runner.predict(images, views, spacings)
             timings.append(time.perf_counter() - started)
         out[name] = round(1000 * float(np.median(timings)), 1)
     out["threads"] = threads
@@ -297,13 +299,54 @@ one `input_outside_domain` line; it still scores the image.
 """
 
 
+def _contralateral_text(metadata: dict[str, Any]) -> str:
+    c = metadata.get("contralateral")
+    if not c:
+        return ""
+    return ("\n**Contralateral reading**: each view is read against the same view of the other "
+            "breast of the\nstudy (`pipelines/study.py` pairs them, `pipelines/model.py:"
+            f"apply_contralateral`): {c['description']}.")
+
+
+def _input_text(metadata: dict[str, Any]) -> str:
+    i = metadata["input"]
+    height, width = i["height"], i["width"]
+    if i.get("pixel_spacing_mm") is None:
+        return (f"Input: one mammogram, oriented chest wall left (nipple right), bright = dense; "
+                f"the whole image\narea-resized to {height} x {width} (no crop), intensities "
+                "scaled by the 0.5–99.5 percentiles\n(`pipelines.preprocess.build_preprocess`, "
+                "the same function in training and in the worker).")
+    return (f"Input: one mammogram, oriented chest wall left (nipple right), bright = dense; the "
+            f"breast\n(`pipelines/breast.py` mask: background, labels and, on MLO, the pectoral "
+            f"muscle removed) cropped\nto its bounding box, resampled from the image's own pixel "
+            f"spacing (PixelSpacing, else\nImagerPixelSpacing) to **{i['pixel_spacing_mm']} mm "
+            f"pixels**, intensities scaled by the 0.5–99.5 percentiles of the\nbreast pixels, "
+            f"0 off the breast, placed top-left on a {height} x {width} canvas "
+            f"({height * i['pixel_spacing_mm']:.0f} x\n{width * i['pixel_spacing_mm']:.0f} mm; "
+            "a larger breast is shrunk to fit) (`pipelines.preprocess.canvas_input`, the same\n"
+            "function in training and in the worker). The worker maps the canvas heatmap back "
+            "onto the crop box\nand zeroes it off the breast.")
+
+
+def _resolution_text(metadata: dict[str, Any]) -> str:
+    i = metadata["input"]
+    height, width = i["height"], i["width"]
+    if i.get("pixel_spacing_mm") is None:
+        return (f"Calcifications are mostly invisible at this resolution; the heatmap is coarse "
+                f"({height} x\n  {width} grid, ≈ {200 * 1024 / height:.0f} µm per cell on MIAS) "
+                "and resized to the source.")
+    cell = metadata.get("training", {}).get("arch_config", {}).get("level", "16")
+    return (f"Calcifications are mostly invisible at {i['pixel_spacing_mm']} mm; the heatmap "
+            f"has one value per\n  {int(cell) * i['pixel_spacing_mm']:.1f} mm cell, "
+            "interpolated to the source.")
+
+
 def model_card(metadata: dict[str, Any], notes: str) -> str:
     m, t = metadata["metrics"], metadata["training"]
     p = metadata["operating_points_detail"]
     lo, hi = m["normal_vs_abnormal_auc_ci95"]
     mlo, mhi = m["malignant_vs_rest_auc_ci95"]
     hits = f"{m['lesion_hits'][0]}/{m['lesion_hits'][1]}"
-    height, width = metadata["input"]["height"], metadata["input"]["width"]
     inference = t.get("inference", {})
     rows = "".join(
         f"| {name} | {v['threshold']:.4f} | {v['sensitivity']:.3f} | {v['specificity']:.3f} |\n"
@@ -318,12 +361,10 @@ scanned film; it has never been validated on full-field digital mammography or o
 population.
 
 ## What it does
-Input: one mammogram, oriented chest wall left (nipple right), bright = dense; the whole image
-area-resized to {height} x {width} (no crop), intensities scaled by the 0.5–99.5 percentiles
-(`pipelines.preprocess.build_preprocess`, the same function in training and in the worker).
+{_input_text(metadata)}
 Outputs: {metadata['output']['score']}; and a heatmap of lesion likelihood (the SEG content),
 mapped back to the source image's exact rows x columns. The node reports per view, per breast
-(max of its views) and per exam (max of breasts).
+(max of its views) and per exam (max of breasts).{_contralateral_text(metadata)}
 {_format_text(metadata)}
 
 ## Data
@@ -383,8 +424,7 @@ the reference the node's drift monitoring compares each source's scores with.
   MLO only; CC views and digital images go through the same preprocessing but were never seen
   in training.
 - Wide confidence intervals: about {t['abnormal'] // 5} abnormal images per test fold.
-- Calcifications are mostly invisible at this resolution; the heatmap is coarse ({height} x
-  {width} grid, ≈ {200 * 1024 / height:.0f} µm per cell on MIAS) and resized to the source.
+- {_resolution_text(metadata)}
 - The score is not a calibrated probability for a screening population: at best it is
   calibrated to MIAS's prevalence (36 % abnormal images), where screening finds cancer in about
   0.5–1 % of exams.

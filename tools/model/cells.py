@@ -1,0 +1,991 @@
+"""Frozen ImageNet EfficientNet-Lite trunk + per-cell linear head, chosen by nested CV on CPU.
+
+Three steps, each a sub-command:
+
+    python -m tools.model.cells extract --mias ../shared/data/mias --out build/cells/lite0
+    python -m tools.model.cells nested --features build/cells/lite0 --out build/cells/nested
+    python -m tools.model.cells final --features build/cells/lite0 \
+        --nested build/cells/nested/nested.json --out models/mias-baseline
+
+`extract` feeds every film, through the shared physical canvas (`pipelines/preprocess.py:
+canvas_input`: chest wall left, breast crop, 0.4 mm pixels, breast-only windowing, 768 x 512
+canvas), to the frozen trunk once (and its vertical mirror, the one augmentation that keeps the
+chest wall on the left) and caches the feature maps at stride 16 and 32 with per-cell labels from
+the lesion circles (inside = lesion, a ring around it ignored, every other breast cell of every
+film background, cells outside the breast ignored; films with an abnormality but no circle
+contribute no cell). `nested` runs repeated grouped cross-validation (by woman): within each outer
+training part, an inner grouped CV picks the recipe (feature level, L2 strength, score pooling,
+contralateral use) by inner out-of-fold AUC; the outer test fold is scored once with the recipe
+picked. `final` picks the shipped recipe by grouped CV over all films, scores it out of fold
+(calibration, operating points), fits it on all films and writes the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tools.model.dataset import (
+    Record,
+    grouped_folds,
+    lesions_in_model_orientation,
+    load_pixels,
+    mias_records,
+    to_model_orientation,
+)
+from tools.model.metrics import auc, bootstrap_auc_ci
+
+CANVAS = (768, 512)
+SPACING_MM = 0.4
+RING_MM = 10.0  # cells within a lesion's radius + this are neither lesion nor background
+BLOCK16 = {"efficientnet-lite0": 10, "efficientnet-lite2": 14}  # last block at stride 16
+SEED = 20261130
+CONTRA_WEIGHT = 0.5  # "diff": this breast's logit minus this times the other breast's
+CONTRALATERAL_KEY = "contralateral"  # in metadata.json (pipelines/model.py applies it)
+CONTEXT_PX = 64  # canvas padding the trunk sees beyond the breast crop when caching
+
+
+def input_metadata(canvas: tuple[int, int] = CANVAS, spacing: float = SPACING_MM) -> dict[str, Any]:
+    """The `input` part of the bundle's metadata: what `canvas_input` reads."""
+    return {
+        "height": canvas[0], "width": canvas[1], "channels": 1,
+        "orientation": "chest_wall_left", "photometric": "MONOCHROME2 (bright = dense)",
+        "pixel_spacing_mm": spacing, "assumed_pixel_spacing_mm": 0.2, "crop_margin_mm": 2.0,
+        "crop": "breast bounding box (pipelines/breast.py mask, pectoral removed on MLO), "
+                "placed top-left on the canvas, chest wall on the left edge",
+        "breast_mask": True,
+        "intensity": {
+            "lower_percentile": 0.5, "upper_percentile": 99.5, "within": "breast",
+            "description": "breast-mask crop resampled to pixel_spacing_mm (bilinear, "
+                           "antialiased), percentiles 0.5-99.5 of the breast pixels scaled to "
+                           "[0, 1], clipped, 0 outside the breast and on the padding",
+        },
+    }
+
+
+class LiteTrunk(nn.Module):
+    """EfficientNet-Lite's stem and blocks, frozen: (stride-16 map, stride-32 map) of a
+    grayscale canvas in [0, 1] (scaled to [-1, 1] and repeated to 3 channels, the Lite
+    models' ImageNet preprocessing)."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__()
+        from tools.model.nets import lite_network
+
+        net = lite_network(arch, True, 512)
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)  # type: ignore[arg-type]
+        blocks = list(net._blocks)  # type: ignore[arg-type]
+        split = BLOCK16[arch] + 1
+        self.blocks16 = nn.Sequential(*blocks[:split])
+        self.blocks32 = nn.Sequential(*blocks[split:])
+        # drop_connect is training-only; eval() makes each block deterministic.
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb = (x * 2.0 - 1.0).expand(-1, 3, -1, -1)
+        f16 = self.blocks16(self.stem(rgb))
+        return f16, self.blocks32(f16)
+
+
+def _lite_block_forward_check(arch: str) -> None:
+    """The Lite library's blocks take drop_connect_rate as an argument; in eval mode it is unused."""
+    del arch
+
+
+def cell_labels(lesions: list[tuple[float, float, float]], stride: int, grid: tuple[int, int],
+                ring_px: float) -> np.ndarray:
+    """Per-cell label on a stride grid (canvas coordinates): 1 inside a circle, -1 in the ring,
+    0 elsewhere."""
+    rows, cols = grid
+    cy = (np.arange(rows) + 0.5) * stride - 0.5
+    cx = (np.arange(cols) + 0.5) * stride - 0.5
+    yy, xx = np.meshgrid(cy, cx, indexing="ij")
+    label = np.zeros(grid, np.int8)
+    for x, y, r in lesions:
+        d = np.sqrt((xx - x) ** 2 + (yy - y) ** 2)
+        label[(d <= r + ring_px) & (label == 0)] = -1
+    for x, y, r in lesions:
+        d = np.sqrt((xx - x) ** 2 + (yy - y) ** 2)
+        label[d <= max(r, stride * 0.75)] = 1
+    return label
+
+
+def cell_mask(canvas: torch.Tensor, stride: int) -> np.ndarray:
+    """Breast cells: at least half of the cell's canvas pixels are breast (non-zero)."""
+    inside = (canvas > 0).float()[None]
+    return (F.avg_pool2d(inside, stride)[0, 0] >= 0.5).numpy()
+
+
+def extract(args: argparse.Namespace) -> int:
+    from pipelines.preprocess import canvas_input
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = mias_records(args.mias)
+    metadata = {"input": input_metadata()}
+    trunk = LiteTrunk(args.arch)
+    started = time.time()
+    f16s, f32s, m16s, m32s, l16s, l32s, info = [], [], [], [], [], [], []
+    for index, record in enumerate(records):
+        pixels = load_pixels(record)
+        oriented = to_model_orientation(pixels, record)
+        canvas, placement, _ = canvas_input(oriented, metadata, record.view,
+                                            record.pixel_spacing_mm)
+        lesions = []
+        for le in lesions_in_model_orientation(record, pixels.shape):
+            x, y = placement.point_to_canvas(le.x, le.y)
+            lesions.append((x, y, le.r * placement.scale))
+        ring = RING_MM / SPACING_MM
+        views = [canvas]
+        if args.vflip:
+            views.append(torch.flip(canvas, dims=[1]))
+        # The trunk sees the content region plus a margin of canvas padding (rounded to 32
+        # pixels), not the whole canvas: the same features on the breast at a third of the cost;
+        # the cached maps are then placed on the full canvas grid (padding cells are masked).
+        box_h = min(CANVAS[0], -(-(placement.height + CONTEXT_PX) // 32) * 32)
+        box_w = min(CANVAS[1], -(-(placement.width + CONTEXT_PX) // 32) * 32)
+        with torch.inference_mode():
+            g16, g32 = trunk(canvas[None, :, :box_h, :box_w])
+            if args.vflip:  # the mirror's content sits at the bottom of the canvas
+                g16f, g32f = trunk(torch.flip(canvas, dims=[1])[None, :, CANVAS[0] - box_h:, :box_w])
+        f16 = torch.zeros(len(views), g16.shape[1], CANVAS[0] // 16, CANVAS[1] // 16)
+        f32 = torch.zeros(len(views), g32.shape[1], CANVAS[0] // 32, CANVAS[1] // 32)
+        f16[:1, :, : box_h // 16, : box_w // 16] = g16[:1]
+        f32[:1, :, : box_h // 32, : box_w // 32] = g32[:1]
+        if args.vflip:
+            f16[1:, :, (CANVAS[0] - box_h) // 16:, : box_w // 16] = g16f
+            f32[1:, :, (CANVAS[0] - box_h) // 32:, : box_w // 32] = g32f
+        for v, view_canvas in enumerate(views):
+            flipped = [(x, CANVAS[0] - 1 - y, r) for x, y, r in lesions] if v else lesions
+            f16s.append(f16[v].half().numpy())
+            f32s.append(f32[v].half().numpy())
+            m16s.append(cell_mask(view_canvas, 16))
+            m32s.append(cell_mask(view_canvas, 32))
+            l16s.append(cell_labels(flipped, 16, f16.shape[2:], ring))
+            l32s.append(cell_labels(flipped, 32, f32.shape[2:], ring))
+            info.append({"id": record.id, "group": record.group, "label": record.label,
+                         "malignant": int(record.malignant or 0), "laterality": record.laterality,
+                         "flip": v, "has_lesions": bool(lesions),
+                         "lesions": [[round(c, 2) for c in le] for le in flipped],
+                         "placement": [placement.top, placement.bottom, placement.left,
+                                       placement.right, placement.height, placement.width]})
+        if index % 20 == 0:
+            print(f"{index}/{len(records)} {time.time() - started:.0f}s", file=sys.stderr, flush=True)
+    np.savez(out / "features.npz", f16=np.stack(f16s), f32=np.stack(f32s), m16=np.stack(m16s),
+             m32=np.stack(m32s), l16=np.stack(l16s), l32=np.stack(l32s))
+    (out / "info.json").write_text(json.dumps({"arch": args.arch, "canvas": CANVAS,
+                                               "vflip": bool(args.vflip),
+                                               "spacing_mm": SPACING_MM, "ring_mm": RING_MM,
+                                               "wall_s": round(time.time() - started, 1),
+                                               "images": info}))
+    print(f"extracted {len(info)} views in {time.time() - started:.0f}s", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- head and scores
+
+@dataclass
+class Features:
+    """Cached maps of the films (flip 0) and their vertical mirrors (flip 1)."""
+
+    level: dict[str, np.ndarray]  # "16": (N, C, h, w) float16 ...
+    mask: dict[str, np.ndarray]
+    label: dict[str, np.ndarray]
+    info: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, folder: Path) -> Features:
+        data = np.load(folder / "features.npz")
+        info = json.loads((folder / "info.json").read_text())["images"]
+        return cls({"16": data["f16"], "32": data["f32"]}, {"16": data["m16"], "32": data["m32"]},
+                   {"16": data["l16"], "32": data["l32"]}, info)
+
+
+def level_maps(feats: Features, level: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features (N, C, h, w) float32, mask, labels) of a feature level:
+    "16": stride-16 block output + upsampled stride-32 output (cells of 6.4 mm);
+    "32": stride-32 output + 2x2-pooled stride-16 output (cells of 12.8 mm)."""
+    f16 = torch.from_numpy(feats.level["16"]).float()
+    f32 = torch.from_numpy(feats.level["32"]).float()
+    if level == "16":
+        up = F.interpolate(f32, size=f16.shape[2:], mode="nearest")
+        maps = torch.cat([f16, up], 1)
+        return maps.numpy(), feats.mask["16"], feats.label["16"]
+    pooled = F.avg_pool2d(f16, 2)
+    return torch.cat([f32, pooled], 1).numpy(), feats.mask["32"], feats.label["32"]
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 200
+                 ) -> tuple[np.ndarray, float]:
+    """Class-balanced L2 logistic regression (LBFGS), on standardised inputs."""
+    xt = torch.from_numpy(x).float()
+    yt = torch.from_numpy(y).float()
+    pos = float(yt.sum())
+    weight = torch.where(yt > 0, (len(yt) - pos) / max(pos, 1.0), torch.ones(()))
+    weight = weight / weight.mean()
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (F.binary_cross_entropy_with_logits(xt @ w + b, yt, weight=weight)
+                + l2 * (w * w).sum())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().numpy(), float(b.detach())
+
+
+class CellModel:
+    """Standardisation + logistic weights for one feature level."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, w: np.ndarray, b: float) -> None:
+        self.mean, self.std, self.w, self.b = mean, std, w, b
+
+    def logits(self, maps: np.ndarray) -> np.ndarray:
+        """(N, C, h, w) -> (N, h, w) cell logits."""
+        weight = (self.w / self.std).astype(np.float32)
+        bias = np.float32(self.b - float((self.mean / self.std) @ self.w))
+        return np.einsum("nchw,c->nhw", maps, weight, optimize=True) + bias
+
+
+def training_cells(maps: np.ndarray, mask: np.ndarray, label: np.ndarray, idx: np.ndarray,
+                   info: list[dict[str, Any]], negatives: int, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for i in idx:
+        usable = mask[i] & (label[i] >= 0)
+        if info[i]["label"] == 1 and not info[i]["has_lesions"]:
+            continue
+        pos = np.argwhere(usable & (label[i] == 1))
+        neg = np.argwhere(usable & (label[i] == 0))
+        if len(neg) > negatives:
+            neg = neg[rng.choice(len(neg), negatives, replace=False)]
+        for cells, y in ((pos, 1), (neg, 0)):
+            if len(cells):
+                xs.append(maps[i][:, cells[:, 0], cells[:, 1]].T)
+                ys.append(np.full(len(cells), y, np.float32))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_cells(maps: np.ndarray, mask: np.ndarray, label: np.ndarray, idx: np.ndarray,
+              info: list[dict[str, Any]], l2: float, seed: int, negatives: int = 48) -> CellModel:
+    x, y = training_cells(maps, mask, label, idx, info, negatives, np.random.default_rng(seed))
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    w, b = fit_logistic((x - mean) / std, y, l2)
+    return CellModel(mean, std, w, b)
+
+
+POOLINGS = ("max", "top3", "top10", "smooth3max")
+
+
+def pool_scores(logits: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
+    """(N, h, w) logits -> (N,) image scores over the breast cells."""
+    out = np.empty(len(logits), np.float64)
+    if pooling == "smooth3max":
+        smoothed = F.avg_pool2d(torch.from_numpy(logits)[:, None], 3, 1, 1,
+                                count_include_pad=False)[:, 0].numpy()
+    for i in range(len(logits)):
+        values = (smoothed[i] if pooling == "smooth3max" else logits[i])[mask[i]]
+        if values.size == 0:
+            values = logits[i].ravel()
+        if pooling in ("max", "smooth3max"):
+            out[i] = values.max()
+        else:
+            k = min(int(pooling[3:]), values.size)
+            out[i] = np.sort(values)[-k:].mean()
+    return out
+
+
+def contralateral(scores: np.ndarray, info: list[dict[str, Any]], mode: str) -> np.ndarray:
+    """"none": the score itself; "diff": minus half the other breast's score (same woman, same
+    view, same flip), so a finding present in one breast only stands out."""
+    if mode == "none":
+        return scores
+    index = {(d["group"], d["laterality"], d["flip"]): i for i, d in enumerate(info)}
+    out = scores.copy()
+    for i, d in enumerate(info):
+        other = index.get((d["group"], "L" if d["laterality"] == "R" else "R", d["flip"]))
+        if other is not None:
+            out[i] = scores[i] - CONTRA_WEIGHT * scores[other]
+    return out
+
+
+def image_scores(logits: np.ndarray, mask: np.ndarray, info: list[dict[str, Any]],
+                 pooling: str, contra: str, tta: bool) -> np.ndarray:
+    """Scores of the films (flip 0), averaged with their mirrors' (flip 1) when `tta`."""
+    scores = contralateral(pool_scores(logits, mask, pooling), info, contra)
+    flips = np.array([d["flip"] for d in info])
+    base = scores[flips == 0]
+    if tta and (flips == 1).any():
+        base = 0.5 * (base + scores[flips == 1])
+    return base
+
+
+def peak_hits(logits: np.ndarray, mask: np.ndarray, info: list[dict[str, Any]], stride: int,
+              peaks: list[tuple[float, float]] | None = None) -> tuple[int, int, list[bool | None]]:
+    """Heatmap peak (breast cells only, film not mirror) inside a lesion circle (at least a cell);
+    `peaks` receives each film's peak (x, y) in canvas pixels."""
+    hits = total = 0
+    per: list[bool | None] = []
+    for i, d in enumerate(info):
+        if d["flip"]:
+            continue
+        grid = np.where(mask[i], logits[i], -np.inf)
+        r, c = np.unravel_index(int(np.argmax(grid)), grid.shape)
+        px, py = (c + 0.5) * stride - 0.5, (r + 0.5) * stride - 0.5
+        if peaks is not None:
+            peaks.append((float(px), float(py)))
+        if not d["lesions"]:
+            per.append(None)
+            continue
+        hit = any((px - x) ** 2 + (py - y) ** 2 <= max(rad, stride / 2) ** 2
+                  for x, y, rad in d["lesions"])
+        per.append(bool(hit))
+        hits += hit
+        total += 1
+    return hits, total, per
+
+
+# ----------------------------------------------------------------------------- nested CV
+
+GRID_LEVELS = ("16", "32")
+GRID_L2 = (1e-3, 1e-2, 1e-1)
+GRID_POOL = POOLINGS
+GRID_CONTRA = ("none", "diff")
+
+
+def film_index(info: list[dict[str, Any]]) -> tuple[list[Record], np.ndarray]:
+    """Light records of the films (flip 0) for grouped_folds, and map film -> its two rows."""
+    films = [d for d in info if d["flip"] == 0]
+    records = [Record(d["id"], Path(d["id"]), d["group"], d["laterality"], "MLO", d["label"],
+                      d["malignant"], "left") for d in films]
+    rows = {(d["id"], d["flip"]): i for i, d in enumerate(info)}
+    pairs = np.array([[rows[(d["id"], 0)], rows.get((d["id"], 1), rows[(d["id"], 0)])]
+                      for d in films])
+    return records, pairs
+
+
+@dataclass
+class Level:
+    """One feature level of one cached feature set (`name:level` in recipe keys)."""
+
+    maps: np.ndarray
+    mask: np.ndarray
+    label: np.ndarray
+    info: list[dict[str, Any]]
+    pairs: np.ndarray  # film -> its rows (film, mirror) in this set
+    arch: str
+    stride: int
+
+
+def load_levels(folders: list[str]) -> tuple[dict[str, Level], list[Record], dict[str, Any]]:
+    """Every level of every feature folder (all on the same films), keyed `folder-name:level`."""
+    levels: dict[str, Level] = {}
+    records: list[Record] = []
+    metas: dict[str, Any] = {}
+    for folder in folders:
+        path = Path(folder)
+        feats = Features.load(path)
+        meta = json.loads((path / "info.json").read_text())
+        films, pairs = film_index(feats.info)
+        if records and [r.id for r in films] != [r.id for r in records]:
+            raise SystemExit(f"{folder}: other films than {folders[0]}")
+        records = films
+        metas[path.name] = {k: v for k, v in meta.items() if k != "images"}
+        metas[f"{path.name}-nomirror"] = {**metas[path.name], "vflip": False}
+        for level in GRID_LEVELS:
+            maps, mask, label = level_maps(feats, level)
+            levels[f"{path.name}:{level}"] = Level(maps, mask, label, feats.info, pairs,
+                                                   meta["arch"], int(level))
+            if meta.get("vflip"):  # the same set without its mirrors: mirrors become a choice
+                alone = np.stack([pairs[:, 0], pairs[:, 0]], 1)
+                levels[f"{path.name}-nomirror:{level}"] = Level(
+                    maps, mask, label, feats.info, alone, meta["arch"], int(level))
+    return levels, records, metas
+
+
+def evaluate_recipes(levels: dict[str, Level], train_films: np.ndarray, test_films: np.ndarray,
+                     seed: int, l2s: tuple[float, ...] = GRID_L2,
+                     hits: dict[Any, Any] | None = None) -> dict[tuple[Any, ...], np.ndarray]:
+    """Scores of `test_films` under every recipe, each head fitted on `train_films` (films and,
+    in a set with mirrors, their mirrors); with `hits`, the lesion hits of each head's peak on
+    the test films too."""
+    out: dict[tuple[Any, ...], np.ndarray] = {}
+    for key, lv in levels.items():
+        rows = np.unique(lv.pairs[train_films].ravel())
+        test_rows = np.unique(lv.pairs[test_films].ravel())
+        sub_info = [lv.info[i] for i in test_rows]
+        for l2 in l2s:
+            model = fit_cells(lv.maps, lv.mask, lv.label, rows, lv.info, l2, seed)
+            logits = model.logits(lv.maps[test_rows])
+            if hits is not None:
+                peaks: list[tuple[float, float]] = []
+                hit, total, per = peak_hits(logits, lv.mask[test_rows], sub_info, lv.stride,
+                                            peaks)
+                films = [d for d in sub_info if not d["flip"]]
+                hits[(key, l2)] = (hit, total, per, peaks, [d["placement"] for d in films])
+            for pooling, contra in itertools.product(GRID_POOL, GRID_CONTRA):
+                # both films of a woman are in the same fold, so the other breast is there too
+                # mirrors are training samples only: the film alone is scored, as the bundle does
+                out[(key, l2, pooling, contra)] = image_scores(
+                    logits, lv.mask[test_rows], sub_info, pooling, contra, tta=False)
+    return out
+
+
+SPACES = {"single": ("none",), "contralateral": ("none", "diff")}
+
+
+def nested(args: argparse.Namespace) -> int:
+    """Repeated nested CV. Every head is fitted once per (outer fold, inner fold) and scored
+    under every pooling and contralateral mode; the inner choice is made separately within
+    each selection space (`SPACES`: "single" = one image alone, what the bundle's contract
+    ships; "contralateral" = the other breast's score may be used), so the two estimates come
+    from the same folds and fits."""
+    torch.set_num_threads(args.threads)
+    levels, records, metas = load_levels(args.features.split(","))
+    labels = np.array([r.label for r in records])
+    malignant = np.array([r.malignant or 0 for r in records])
+    groups = np.array([r.group for r in records])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results: dict[str, list[dict[str, Any]]] = {space: [] for space in SPACES}
+    all_inner: list[dict[str, Any]] = []
+    for repeat in range(args.repeats):
+        seed = SEED + repeat
+        oof = {space: np.full(len(records), np.nan) for space in SPACES}
+        chosen: dict[str, list[dict[str, Any]]] = {space: [] for space in SPACES}
+        hits_total = {space: [0, 0] for space in SPACES}
+        film_hit: dict[str, list[Any]] = {space: [None] * len(records) for space in SPACES}
+        film_peak: dict[str, list[Any]] = {space: [None] * len(records) for space in SPACES}
+        film_place: dict[str, list[Any]] = {space: [None] * len(records) for space in SPACES}
+        recipe_oof: dict[tuple[Any, ...], np.ndarray] = {}
+        for fold, test in enumerate(grouped_folds(records, args.folds, seed)):
+            test = np.array(sorted(test))
+            train = np.setdiff1d(np.arange(len(records)), test)
+            sub = [records[i] for i in train]
+            inner_scores: dict[tuple[Any, ...], np.ndarray] = {}
+            for inner_test in grouped_folds(sub, args.inner, seed + 100 + fold):
+                it = train[np.array(sorted(inner_test))]
+                itr = np.setdiff1d(train, it)
+                for key, values in evaluate_recipes(levels, itr, it, seed).items():
+                    inner_scores.setdefault(key, np.full(len(records), np.nan))[it] = values
+            inner_auc = {key: auc(labels[train], v[train]) for key, v in inner_scores.items()}
+            outer_hits: dict[Any, Any] = {}
+            outer = evaluate_recipes(levels, train, test, seed, hits=outer_hits)
+            for key, values in outer.items():
+                recipe_oof.setdefault(key, np.full(len(records), np.nan))[test] = values
+            for space, contras in SPACES.items():
+                allowed = {k: v for k, v in inner_auc.items() if k[3] in contras}
+                best = max(allowed, key=lambda k: (allowed[k], -GRID_L2.index(k[1])))
+                oof[space][test] = outer[best]
+                hit, total, per, peaks, places = outer_hits[(best[0], best[1])]
+                for k, film in enumerate(test):
+                    film_hit[space][film] = per[k]
+                    film_peak[space][film] = [round(v, 2) for v in peaks[k]]
+                    film_place[space][film] = places[k]
+                hits_total[space][0] += hit
+                hits_total[space][1] += total
+                chosen[space].append({"fold": fold, "recipe": list(best),
+                                      "inner_auc": round(allowed[best], 4),
+                                      "test_auc": round(auc(labels[test], outer[best]), 4)})
+                print(f"repeat {repeat} fold {fold} {space}: {best} inner {allowed[best]:.3f} "
+                      f"test {auc(labels[test], outer[best]):.3f} "
+                      f"({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
+            all_inner.append({"repeat": repeat, "fold": fold,
+                              "inner_auc": {"|".join(map(str, k)): round(v, 4)
+                                            for k, v in inner_auc.items()}})
+        for space in SPACES:
+            scores = oof[space]
+            low, high = bootstrap_auc_ci(labels, scores, groups, n=2000, seed=seed)
+            mlow, mhigh = bootstrap_auc_ci(malignant, scores, groups, n=2000, seed=seed)
+            hit = hits_total[space]
+            results[space].append({
+                "repeat": repeat, "seed": seed, "folds": chosen[space],
+                "auc": round(auc(labels, scores), 4), "auc_ci95": [round(low, 4), round(high, 4)],
+                "malignant_auc": round(auc(malignant, scores), 4),
+                "malignant_auc_ci95": [round(mlow, 4), round(mhigh, 4)],
+                "lesion_hits": hit, "lesion_hit_rate": round(hit[0] / max(1, hit[1]), 4),
+                "oof": [round(float(v), 5) for v in scores],
+                "hit": film_hit[space], "peak_canvas_xy": film_peak[space],
+                "placement": film_place[space],
+                # each fixed recipe's pooled outer-fold AUC: a diagnostic table, never a choice
+                "recipes_outer_auc": {"|".join(map(str, k)): round(auc(labels, v), 4)
+                                      for k, v in recipe_oof.items()},
+            })
+    (out / "nested.json").write_text(json.dumps({
+        "features": args.features.split(","), "feature_sets": metas, "spaces": results,
+        "inner": all_inner,
+        "folds": args.folds, "inner_folds": args.inner,
+        "grid": {"level": sorted(levels), "l2": GRID_L2, "pooling": GRID_POOL,
+                 "contra": GRID_CONTRA},
+        "ids": [r.id for r in records],
+        "wall_s": round(time.time() - started, 1)}, indent=1))
+    for space, reps in results.items():
+        for r in reps:
+            print(f"{space} repeat {r['repeat']}: AUC {r['auc']} {r['auc_ci95']} malignant "
+                  f"{r['malignant_auc']} {r['malignant_auc_ci95']} hits {r['lesion_hits']}",
+                  file=sys.stderr)
+    return 0
+
+
+class CellHeadModel(nn.Module):
+    """The bundle's network: frozen trunk, per-cell linear head, pooled image score.
+
+    forward(x (B, 1, H, W) canvas in [0, 1]) -> (probability (B,), heatmap (B, 1, H, W)):
+    breast cells are those whose canvas pixels are at least half non-zero (the canvas is 0
+    outside the breast); the heatmap is the cells' lesion probability, 0 off the breast, resized
+    to the canvas; the probability is the sigmoid of the pooled cell logits over breast cells."""
+
+    def __init__(self, trunk: LiteTrunk, level: str, weight: np.ndarray, bias: float,
+                 pooling: str) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.level = level
+        self.stride = int(level)
+        self.pooling = pooling
+        self.head = nn.Conv2d(len(weight), 1, 1)
+        with torch.no_grad():
+            kernel = torch.from_numpy(np.asarray(weight, np.float32))
+            self.head.weight.copy_(kernel[None, :, None, None])
+            self.head.bias.fill_(float(bias))
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f16, f32 = self.trunk(x)
+        if self.level == "16":
+            maps = torch.cat([f16, F.interpolate(f32, size=f16.shape[2:], mode="nearest")], 1)
+        else:
+            maps = torch.cat([f32, F.avg_pool2d(f16, 2)], 1)
+        logits = self.head(maps)
+        inside = F.avg_pool2d((x > 0).float(), self.stride) >= 0.5
+        pooled = logits
+        if self.pooling == "smooth3max":
+            pooled = F.avg_pool2d(logits, 3, 1, 1, count_include_pad=False)
+        masked = pooled.masked_fill(~inside, -1.0e4).flatten(1)
+        if self.pooling.startswith("top"):
+            score = masked.topk(int(self.pooling[3:]), dim=1).values.mean(1)
+        else:
+            score = masked.amax(1)
+        probability = torch.sigmoid(score)
+        cells = torch.sigmoid(logits) * inside.float()
+        heatmap = F.interpolate(cells, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return probability, heatmap
+
+
+def select_recipe(levels: dict[str, Level], records: list[Record], folds: int, seed: int,
+                  contras: tuple[str, ...] = GRID_CONTRA
+                  ) -> tuple[tuple[Any, ...], dict[str, float]]:
+    """The recipe with the best grouped-CV AUC over `records` (the same rule as each outer
+    fold's inner selection, here over all films: the shipped recipe)."""
+    labels = np.array([r.label for r in records])
+    every = np.arange(len(records))
+    scores: dict[tuple[Any, ...], np.ndarray] = {}
+    for test in grouped_folds(records, folds, seed):
+        test = np.array(sorted(test))
+        for key, values in evaluate_recipes(levels, np.setdiff1d(every, test), test,
+                                            seed).items():
+            scores.setdefault(key, np.full(len(records), np.nan))[test] = values
+    aucs = {key: auc(labels, v) for key, v in scores.items() if key[3] in contras}
+    best = max(aucs, key=lambda k: (aucs[k], -GRID_L2.index(k[1])))
+    return best, {"|".join(map(str, k)): round(v, 4) for k, v in aucs.items()}
+
+
+def final(args: argparse.Namespace) -> int:
+    """Select the shipped recipe (grouped CV over all films, the inner rule of `nested`), fit it
+    on all films and write the bundle: predictions.jsonl, the calibration and the operating
+    points come from repeat 0's nested out-of-fold predictions."""
+    from node.bundle import LEGACY_SHA_KEY, MODEL_FILE, PT2_FILE, file_sha256
+    from pipelines.model import load_bundle
+    from tools.model import export as ex
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    nested_result = json.loads(Path(args.nested).read_text())
+    levels, records, metas = load_levels(feature_folders(nested_result))
+    if nested_result["ids"] != [r.id for r in records]:
+        raise SystemExit("nested.json was run on other films")
+    best, selection_aucs = select_recipe(levels, records, args.folds, SEED + 1000,
+                                         SPACES[args.space])
+    key, l2, pooling, contra = best
+    print(f"shipped recipe {best}", file=sys.stderr)
+    lv = levels[key]
+    level = str(lv.stride)
+    meta = metas[key.split(":")[0]]
+    maps, mask, label, info, pairs = lv.maps, lv.mask, lv.label, lv.info, lv.pairs
+    stored = {r.id: r for r in mias_records(args.mias)}
+    # predictions.jsonl: repeat 0's nested out-of-fold predictions (the recipe each outer fold's
+    # inner CV chose, in the space shipped), from which the card's metrics, the calibration and the
+    # operating points follow
+    first = nested_result["spaces"][args.space][0]
+    first_folds = grouped_folds(records, nested_result["folds"], first["seed"])
+    fold_of = {int(i): f for f, idx in enumerate(first_folds) for i in idx}
+    rows_out = []
+    for film, record in enumerate(records):
+        place = first["placement"][film]
+        rows_out.append({
+            "id": record.id, "group": record.group, "label": int(record.label),
+            "malignant": int(record.malignant or 0), "fold": fold_of[film],
+            "score": round(float(1 / (1 + np.exp(-first["oof"][film]))), 6),
+            "hit": first["hit"][film],
+            "peak_xy": stored_point(tuple(first["peak_canvas_xy"][film]), place,
+                                    stored[record.id])})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = out / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in rows_out), encoding="utf-8")
+    # the shipped head, on all films
+    model = fit_cells(maps, mask, label, np.unique(pairs.ravel()), info, l2, SEED)
+    weight = model.w / model.std
+    bias = model.b - float((model.mean / model.std) @ model.w)
+    net = CellHeadModel(LiteTrunk(meta["arch"]), level, weight, bias, pooling)
+    program = export_canvas(net, CANVAS)
+    program.example_inputs = None  # not needed to load or run: 3 MB less in git
+    ex.save_exported(program, out / PT2_FILE)
+    legacy = None
+    if args.torchscript:  # the TorchScript copy older workers load (checked by its sha256)
+        trace_canvas(net, CANVAS).save(str(out / MODEL_FILE))
+        legacy = file_sha256(out / MODEL_FILE)
+    elif (out / MODEL_FILE).exists():
+        (out / MODEL_FILE).unlink()
+    wall = time.time() - started + sum(float(m.get("wall_s", 0)) for m in metas.values()) + float(
+        nested_result.get("wall_s", 0))
+    metadata = bundle_metadata(args, meta, nested_result, (level, l2, pooling, contra), selection_aucs,
+                               file_sha256(out / PT2_FILE), wall, records)
+    if legacy:
+        metadata[LEGACY_SHA_KEY] = legacy
+    if contra == "diff":  # pipelines/model.py: the other breast's score lowers this one's
+        own = pool_scores(model.logits(maps[pairs[:, 0]]), mask[pairs[:, 0]], pooling)
+        metadata[CONTRALATERAL_KEY] = {
+            "weight": CONTRA_WEIGHT,
+            "missing_other_logit": round(float(np.mean(own)), 6),
+            "description": f"image logit and every heatmap cell's logit minus {CONTRA_WEIGHT} x "
+                           "the image logit of the same view of the other breast in the same "
+                           "study, before calibration; without that view, minus "
+                           f"{CONTRA_WEIGHT} x the mean image logit of the training films "
+                           "(missing_other_logit; never measured: every MIAS film has its pair)",
+        }
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    ex.calibrate_metadata(metadata, predictions)
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    save_calibration_plot(out / "calibration.png", rows_out, metadata)
+    load_bundle(out, "cpu")
+    metadata["training"]["inference"] = ex.measure_inference(out, args.threads)
+    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
+    ex._write_bundle_texts(out, metadata, notes)
+    load_bundle(out, "cpu")
+    print(f"bundle written to {out} ({time.time() - started:.0f}s)", file=sys.stderr)
+    return 0
+
+
+def save_calibration_plot(path: Path, rows: list[dict[str, Any]], metadata: dict[str, Any]
+                          ) -> None:
+    """The reliability diagram of the out-of-fold scores, raw and Platt-calibrated
+    (tools/model/evaluate.py's plot)."""
+    from pipelines.calibration import Calibration
+    from tools.model import metrics
+    from tools.model.evaluate import plot_calibration
+
+    labels = np.array([r["label"] for r in rows])
+    raw = np.array([r["score"] for r in rows], dtype=np.float64)
+    calibration = Calibration.from_metadata(metadata)
+    calibrated = calibration.scores(raw) if calibration is not None else raw
+    plot_calibration(path, {"calibration": metrics.calibration_bins(labels, calibrated, bins=10),
+                            "calibration_raw": metrics.calibration_bins(labels, raw, bins=10)})
+
+
+def stored_point(point: tuple[float, float], placement: list[int], record: Record,
+                 shape: tuple[int, int] = (1024, 1024)) -> list[float]:
+    """A canvas point (x, y) in the stored film's pixels: back through the crop box, then the
+    orientation flips (each its own inverse)."""
+    from tools.model.dataset import record_orientation
+
+    top, bottom, left, right, height, width = placement
+    x = left + (point[0] + 0.5) * (right - left) / width - 0.5
+    y = top + (point[1] + 0.5) * (bottom - top) / height - 0.5
+    sx, sy = record_orientation(record).map_point(x, y, shape)
+    return [round(sx, 1), round(sy, 1)]
+
+
+def _canvas_samples(canvas: tuple[int, int], n: int, generator: torch.Generator) -> torch.Tensor:
+    """Breast-like inputs: a positive region in the top-left, zeros around it."""
+    x = torch.zeros(n, 1, *canvas)
+    x[:, :, : canvas[0] * 2 // 3, : canvas[1] // 2] = 0.05 + 0.95 * torch.rand(
+        n, 1, canvas[0] * 2 // 3, canvas[1] // 2, generator=generator)
+    return x
+
+
+def trace_canvas(model: nn.Module, canvas: tuple[int, int]) -> torch.jit.ScriptModule:
+    """TorchScript trace at batch 2, checked against eager at batches 1 and 3."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        traced = torch.jit.trace(model, _canvas_samples(canvas, 2, generator), check_trace=False)
+        for n in (1, 3):
+            x = _canvas_samples(canvas, n, generator)
+            for e, g in zip(model(x), traced(x), strict=True):
+                if e.shape != g.shape or not torch.allclose(e, g, atol=1e-4):
+                    raise SystemExit(f"traced model differs from eager at batch {n}")
+    return traced
+
+
+def export_canvas(model: nn.Module, canvas: tuple[int, int]) -> torch.export.ExportedProgram:
+    """torch.export at batch 2 with a dynamic batch; checked against eager at batches 1 and 3
+    on breast-like inputs (a positive region, zeros around it)."""
+    from tools.model.export import EXPORT_ATOL
+
+    generator = torch.Generator().manual_seed(0)
+
+    def sample(n: int) -> torch.Tensor:
+        x = torch.zeros(n, 1, *canvas)
+        x[:, :, : canvas[0] * 2 // 3, : canvas[1] // 2] = 0.05 + 0.95 * torch.rand(
+            n, 1, canvas[0] * 2 // 3, canvas[1] // 2, generator=generator)
+        return x
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (sample(2),), dynamic_shapes=({0: batch},))
+    module = program.module()
+    with torch.inference_mode():
+        for n in (1, 3):
+            x = sample(n)
+            for e, g in zip(model(x), module(x), strict=True):
+                if e.shape != g.shape or not torch.allclose(e, g, atol=EXPORT_ATOL * 10, rtol=0):
+                    raise SystemExit(f"exported program differs from eager at batch {n}")
+    return program
+
+
+def feature_folders(nested_result: dict[str, Any]) -> list[str]:
+    features = nested_result["features"]
+    return [features] if isinstance(features, str) else list(features)
+
+
+def extract_command(folder: str, meta: dict[str, Any]) -> str:
+    mirrors = " --vflip" if meta.get("vflip") else ""
+    return (f"python -m tools.model.cells extract --mias ../shared/data/mias --out {folder} "
+            f"--arch {meta.get('arch', 'efficientnet-lite0')}{mirrors} --threads 2")
+
+
+def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_result: dict[str, Any],
+                    best: tuple[Any, ...], selection_aucs: dict[str, float], sha256: str,
+                    wall: float, records: list[Record]) -> dict[str, Any]:
+    from pipelines.quality import DOMAIN_KEY
+    from tools.model import nets
+    from tools.model.export import FORMAT_VERSION, MIAS_DATA
+
+    level, l2, pooling, contra = best
+    reps = nested_result["spaces"][args.space]
+    first = reps[0]
+    hits = [sum(r["lesion_hits"][0] for r in reps), sum(r["lesion_hits"][1] for r in reps)]
+    folds = nested_result["folds"]
+    spread = [r["auc"] for r in reps]
+    pooling_text = {"max": "maximum", "top3": "mean of the 3 highest",
+                    "top10": "mean of the 10 highest",
+                    "smooth3max": "maximum of the 3x3-smoothed"}[pooling]
+    domain = {
+        "description": "digitised screen-film mammograms (mini-MIAS), MLO views, resampled "
+                       f"to {SPACING_MM} mm pixels from the image's own pixel spacing, shown "
+                       "bright = dense",
+        "modalities": ["MG"],
+        "pixel_spacing_mm": [0.15, 0.25],
+        "pixel_spacing_trained_mm": 0.2,
+        "views": ["MLO"],
+        "photometric_interpretations": ["MONOCHROME1", "MONOCHROME2"],
+        "presentation_intents": ["FOR PRESENTATION"],
+        "note": "MONOCHROME1 is inverted by the worker before scoring; every image is resampled "
+                f"to {SPACING_MM} mm from its own pixel spacing, so a digital (FFDM) image is "
+                "seen at the right physical scale, but digital detector pixel sizes (0.05-0.1 "
+                "mm) stay outside the domain and are flagged: FFDM contrast, CC views and For "
+                "Processing images were never seen in training",
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "format": "pt2",
+        "name": args.name,
+        "version": args.version,
+        "input": input_metadata(),
+        "output": {
+            "contract": "forward(x: float32 (B,1,H,W)) -> (probability (B,), heatmap (B,1,H,W))",
+            "heatmap_size": list(CANVAS),
+            "score": "probability of an abnormality needing work-up, benign or malignant",
+            "heatmap": f"per-cell lesion likelihood in [0, 1] ({level}-pixel cells, "
+                       f"{int(level) * SPACING_MM:.1f} mm), 0 off the breast, on the input canvas "
+                       "(linear lesion head on frozen ImageNet features)",
+        },
+        DOMAIN_KEY: domain,
+        "operating_points": {"balanced": 0.5, "high_sensitivity": 0.5},
+        "metrics": {
+            "split": f"nested cross-validation: {len(reps)} repeats x {folds} outer folds grouped "
+                     f"by woman (left/right pair) and stratified (malignant / benign only / "
+                     f"normal women), seeds {[r['seed'] for r in reps]}; inside each outer "
+                     f"training part a {nested_result['inner_folds']}-fold grouped inner CV "
+                     "chose the recipe (feature set, level, L2, score pooling"
+                     + (", contralateral or not" if args.space == "contralateral" else
+                        "; one image alone") + ") by "
+                     "inner out-of-fold AUC; each outer test fold scored once with the recipe "
+                     "its inner CV chose. Reported: repeat 0's pooled outer-fold predictions; "
+                     f"the repeats' AUCs {spread} give the spread",
+            "normal_vs_abnormal_auc": first["auc"],
+            "normal_vs_abnormal_auc_ci95": first["auc_ci95"],
+            "malignant_vs_rest_auc": first["malignant_auc"],
+            "malignant_vs_rest_auc_ci95": first["malignant_auc_ci95"],
+            "fold_aucs": [f["test_auc"] for f in first["folds"]],
+            "repeat_aucs": spread,
+            "repeat_malignant_aucs": [r["malignant_auc"] for r in reps],
+            "lesion_hit_rate": first["lesion_hit_rate"],
+            "lesion_hits": first["lesion_hits"],
+            "lesion_hits_all_repeats": hits,
+            "ci_method": "bootstrap over groups (women), 2000 rounds, percentile",
+            "recipes_chosen": [[f["recipe"] for f in r["folds"]] for r in reps],
+            "by_space": {space: {
+                "repeat_aucs": [r["auc"] for r in rs],
+                "auc_ci95_repeat0": rs[0]["auc_ci95"],
+                "repeat_malignant_aucs": [r["malignant_auc"] for r in rs],
+                "malignant_auc_ci95_repeat0": rs[0]["malignant_auc_ci95"],
+                "repeat_lesion_hits": [r["lesion_hits"] for r in rs],
+            } for space, rs in nested_result["spaces"].items()},
+        },
+        "training": {
+            "data": MIAS_DATA,
+            "images": len(records), "abnormal": int(sum(r.label for r in records)),
+            "malignant": int(sum(int(r.malignant or 0) for r in records)),
+            "groups": len({r.group for r in records}),
+            "arch": f"{meta['arch']}-frozen+cell-logistic",
+            "arch_config": {"arch": meta["arch"], "pretrained": True, "frozen": True,
+                            "mirrors": bool(meta.get("vflip")),
+                            "level": level, "l2": l2, "pooling": pooling,
+                            "contralateral": contra, "canvas": list(CANVAS),
+                            "pixel_spacing_mm": SPACING_MM},
+            "architecture": f"{meta['arch']} (ImageNet weights, frozen, stem to last block) as a "
+                            "fully convolutional feature extractor; per-cell features "
+                            + ("stride-16 block output + upsampled stride-32 output"
+                               if level == "16" else
+                               "stride-32 block output + 2x2-pooled stride-16 output")
+                            + f"; a logistic lesion head per cell (1x1 convolution, L2 {l2:g}); "
+                            f"image score = sigmoid of the {pooling_text} cell logits inside "
+                            "the breast",
+            "supervision": "cells whose centre lies inside a lesion circle = lesion; cells within "
+                           f"the radius + {RING_MM:g} mm ignored; every other breast cell of every "
+                           "film = background (48 sampled per film); off-breast cells and films "
+                           "with an abnormality but no circle ignored; class-balanced logistic "
+                           "loss, LBFGS",
+            "augmentation": ("each film's vertical mirror (the chest wall stays left) cached "
+                             "as a second training sample; the film alone is scored"
+                             if meta.get("vflip") else "none (the trunk is frozen, the head "
+                             "fitted on the cached features of the films)"),
+            "schedule": "LBFGS to convergence (at most 200 iterations) on cached features; "
+                        f"recipe chosen by {folds}-fold grouped CV over all films "
+                        f"(shipped: level {level}, L2 {l2:g}, pooling {pooling}, contralateral "
+                        f"{contra})",
+            "recipe_selection_aucs": selection_aucs,
+            "seed": SEED,
+            "command": " && ".join(
+                [extract_command(folder, nested_result.get("feature_sets", {}).get(
+                    Path(folder).name, meta)) for folder in feature_folders(nested_result)]
+                + [f"python -m tools.model.cells nested --features "
+                   f"{','.join(feature_folders(nested_result))} --out "
+                   f"{Path(args.nested).parent} --threads 2"]),
+            "export_command": "python -m tools.model.cells final " + " ".join(
+                sys.argv[2:] if sys.argv[1:2] == ["final"] else []),
+            "weights": nets.LITE_WEIGHTS_LICENCE,
+            "torch": torch.__version__,
+            "machine": "x86_64, 2 threads (shared)",
+            "device": "cpu",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "wall_time_s": round(wall, 1),
+        },
+        "model_sha256": sha256,
+    }
+
+
+def report(args: argparse.Namespace) -> int:
+    """Markdown tables of a nested run: the nested estimates per selection space, the recipes
+    each outer fold chose, and every fixed recipe's pooled outer-fold AUC (mean over repeats;
+    a diagnostic of the whole grid, never used to choose)."""
+    result = json.loads(Path(args.nested).read_text())
+    lines = [f"Nested run `{args.nested}` (features {', '.join(feature_folders(result))}; "
+             f"{result['folds']} outer x {result['inner_folds']} inner folds; wall "
+             f"{result['wall_s'] / 60:.1f} min)", "",
+             "| selection space | repeat | normal vs abnormal AUC (95 % CI) | malignant vs rest "
+             "(95 % CI) | lesion hits | recipes chosen (outer folds) |", "|---|---|---|---|---|---|"]
+    for space, reps in result["spaces"].items():
+        for r in reps:
+            chosen = "; ".join(" ".join(str(v) for v in f["recipe"]) for f in r["folds"])
+            lines.append(
+                f"| {space} | {r['repeat']} | {r['auc']:.3f} ({r['auc_ci95'][0]:.3f}–"
+                f"{r['auc_ci95'][1]:.3f}) | {r['malignant_auc']:.3f} "
+                f"({r['malignant_auc_ci95'][0]:.3f}–{r['malignant_auc_ci95'][1]:.3f}) | "
+                f"{r['lesion_hits'][0]}/{r['lesion_hits'][1]} | {chosen} |")
+    reps = next(iter(result["spaces"].values()))
+    keys = list(reps[0]["recipes_outer_auc"])
+    columns = [(p, c) for c in GRID_CONTRA for p in GRID_POOL]
+    rows = sorted({tuple(k.split("|")[:2]) for k in keys})
+    lines += ["", "Every fixed recipe, pooled outer-fold AUC, mean of the repeats (diagnostic "
+              "only: no choice was made on it):", "",
+              "| features:level | L2 | " + " | ".join(f"{p} {c}" for p, c in columns) + " |",
+              "|---|---|" + "---|" * len(columns)]
+    for level, l2 in rows:
+        cells = []
+        for pooling, contra in columns:
+            key = f"{level}|{l2}|{pooling}|{contra}"
+            cells.append(f"{np.mean([r['recipes_outer_auc'][key] for r in reps]):.3f}")
+        lines.append(f"| {level} | {l2} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.model.cells", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ext = sub.add_parser("extract")
+    ext.add_argument("--mias", required=True)
+    ext.add_argument("--out", required=True)
+    ext.add_argument("--arch", default="efficientnet-lite0", choices=sorted(BLOCK16))
+    ext.add_argument("--vflip", action=argparse.BooleanOptionalAction, default=False)
+    ext.add_argument("--threads", type=int, default=2)
+    nst = sub.add_parser("nested")
+    nst.add_argument("--features", required=True)
+    nst.add_argument("--out", required=True)
+    nst.add_argument("--repeats", type=int, default=3)
+    nst.add_argument("--folds", type=int, default=5)
+    nst.add_argument("--inner", type=int, default=4)
+    nst.add_argument("--threads", type=int, default=2)
+    fin = sub.add_parser("final")
+    fin.add_argument("--nested", required=True, help="nested.json of the nested run")
+    fin.add_argument("--out", required=True)
+    fin.add_argument("--mias", required=True, help="the films (their orientation, for peak_xy)")
+    fin.add_argument("--name", default="mias-baseline")
+    fin.add_argument("--version", default="0.3.0")
+    fin.add_argument("--notes", default=None)
+    fin.add_argument("--space", default="single", choices=sorted(SPACES),
+                     help="single: one image alone; contralateral: the other breast's score may "
+                          "be used (the worker pairs the views of a study)")
+    fin.add_argument("--folds", type=int, default=5)
+    fin.add_argument("--threads", type=int, default=2)
+    fin.add_argument("--torchscript", action=argparse.BooleanOptionalAction, default=True,
+                     help="also write model.ts, a TorchScript copy")
+    rep = sub.add_parser("report")
+    rep.add_argument("--nested", required=True)
+    args = parser.parse_args(argv)
+    return {"extract": extract, "nested": nested, "final": final,
+            "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
