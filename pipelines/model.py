@@ -237,7 +237,7 @@ class ModelRunner:
                 probability=probability if calibration is None else calibration.score(probability),
                 heatmap=mask_heatmap(heatmap_to_image_grid(
                     heatmaps[index], int(np.shape(image)[0]), int(np.shape(image)[1]),
-                    calibration, placements[index]), prepared[index][1]),
+                    calibration, placements[index]), prepared[index][1], in_place=True),
             ))
         self.last_timings_s = {
             "preprocess": preprocessed - started,

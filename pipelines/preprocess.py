@@ -78,12 +78,20 @@ def prepare_image(image: np.ndarray, metadata: dict[str, Any],
     return apply_breast_mask(image, view)
 
 
-def mask_heatmap(heatmap: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """The heatmap with zero outside the breast (and on the border), or unchanged without a mask."""
+def mask_heatmap(heatmap: np.ndarray, mask: np.ndarray | None, *, in_place: bool = False
+                 ) -> np.ndarray:
+    """The heatmap with zero outside the breast (and on the border), or unchanged without a mask.
+
+    `in_place`: the caller owns a float32 heatmap and gives it up: it is masked where it lies
+    (a multiply by the boolean mask, ~10 × faster than a new full-size array at 4096 × 3328;
+    the maps are finite, clamped to [0, 1])."""
     if mask is None:
         return heatmap
     if mask.shape != heatmap.shape:
         raise ValueError(f"breast mask {mask.shape} and heatmap {heatmap.shape} differ")
+    if in_place and heatmap.dtype == np.float32 and heatmap.flags.writeable:
+        np.multiply(heatmap, mask, out=heatmap)
+        return heatmap
     return np.where(mask, heatmap, np.float32(0.0)).astype(np.float32, copy=False)
 
 
