@@ -34,8 +34,10 @@ bench: install
 	$(PYTHON) -m tools.bench.throughput
 
 train: install
-	$(PYTHON) -m tools.model.train --mias ../shared/data/mias --out build/train/mias-unet-384 --arch unet --size 384 --patch 64 --cv 5 --epochs 40 --min-epochs 20 --val-every 20 --patience 0 --threads 2
-	$(PYTHON) -m tools.model.export build/train/mias-unet-384 --out models/mias-baseline --name mias-baseline --version 0.2.1 --notes models/mias-baseline/experiments.md --threads 2
+	$(PYTHON) -m tools.model.cells extract --mias ../shared/data/mias --out build/cells/lite0f --arch efficientnet-lite0 --vflip --threads 2
+	$(PYTHON) -m tools.model.cells nested --features build/cells/lite0f --out build/cells/nested-f --threads 2
+	$(PYTHON) -m tools.model.cells final --nested build/cells/nested-f/nested.json --out build/cells/bundle-0.3.0 --mias ../shared/data/mias --space contralateral --name mias-baseline --version 0.3.0 --threads 2
+	@echo "bundle in build/cells/bundle-0.3.0: compare its card with models/mias-baseline, then copy it there to ship it"
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
