@@ -36,8 +36,8 @@ def _reduce(image: np.ndarray) -> tuple[np.ndarray, int]:
     if factor == 1:
         return image.astype(np.float32, copy=True), 1
     r, c = rows // factor * factor, cols // factor * factor
-    small = image[:r, :c].astype(np.float32).reshape(r // factor, factor, c // factor, factor)
-    reduced = small.mean(axis=(1, 3))
+    small = image[:r, :c].reshape(r // factor, factor, c // factor, factor)
+    reduced = small.mean(axis=(1, 3), dtype=np.float32)
     # Edge rows/columns that do not fill a block: repeat the last block row/column.
     pad_r = int(np.ceil(rows / factor)) - reduced.shape[0]
     pad_c = int(np.ceil(cols / factor)) - reduced.shape[1]
@@ -178,7 +178,7 @@ def breast_mask(image: np.ndarray, view: str | None = None,
 
     `view`: "MLO" (pectoral removed when one is found), "CC" (not looked for) or None
     (unknown: looked for, removed only when the triangle test passes)."""
-    array = np.asarray(image, dtype=np.float32)
+    array = np.asarray(image)  # any dtype: only the reduced copy is float32
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {array.shape}")
     reduced, factor = _reduce(array)

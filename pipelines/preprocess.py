@@ -123,12 +123,16 @@ class Placement:
     width: int
     spacing_mm: float | None = None  # the canvas's pixel size on this image, when known
 
-    def to_source(self, heatmap: torch.Tensor) -> torch.Tensor:
+    def to_source(self, heatmap: torch.Tensor,
+                  finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """A canvas-grid map (H, W) on the source grid (rows, cols): its content region resized
-        (bilinear, align_corners=False: cell centres stay put) to the crop box, zero outside it."""
+        (bilinear, align_corners=False: cell centres stay put) to the crop box, passed through
+        `finish` when given (on the crop box only), zero outside it."""
         content = heatmap[None, None, : self.height, : self.width].float()
         resized = F.interpolate(content, size=(self.bottom - self.top, self.right - self.left),
                                 mode="bilinear", align_corners=False)[0, 0]
+        if finish is not None:
+            resized = finish(resized)
         if (self.top, self.left, self.bottom, self.right) == (0, 0, self.rows, self.cols):
             return resized
         full = torch.zeros(self.rows, self.cols, dtype=torch.float32)
@@ -184,7 +188,7 @@ def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None =
     target = float(spec["pixel_spacing_mm"])
     source = pixel_spacing_mm if pixel_spacing_mm and pixel_spacing_mm > 0 else float(
         spec.get("assumed_pixel_spacing_mm", target))
-    array = np.asarray(image, dtype=np.float32)
+    array = np.asarray(image)  # converted to float32 only on the crop, not the whole image
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {array.shape}")
     mask = breast_mask(array, view)
@@ -193,7 +197,7 @@ def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None =
     scale = min(source / target, height / (bottom - top), width / (right - left))
     out_h = max(1, min(height, int(round((bottom - top) * scale))))
     out_w = max(1, min(width, int(round((right - left) * scale))))
-    crop = torch.from_numpy(np.ascontiguousarray(array[top:bottom, left:right]))
+    crop = torch.from_numpy(np.ascontiguousarray(array[top:bottom, left:right], dtype=np.float32))
     crop_mask = torch.from_numpy(np.ascontiguousarray(mask[top:bottom, left:right]))
     resized = F.interpolate(crop[None, None], size=(out_h, out_w), mode="bilinear",
                             align_corners=False, antialias=True)[0, 0]
@@ -201,10 +205,10 @@ def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None =
                            align_corners=False, antialias=True)[0, 0] >= 0.5
     intensity = spec["intensity"]
     values = resized[inside] if bool(inside.any()) else resized.flatten()
-    quantiles = torch.quantile(values[:: max(1, values.numel() // 200_000)].double(), torch.tensor(
-        [float(intensity["lower_percentile"]) / 100, float(intensity["upper_percentile"]) / 100],
-        dtype=torch.float64)).float()
-    low, high = float(quantiles[0]), float(quantiles[1])
+    # numpy's linear-interpolated quantiles (a partial sort) equal torch.quantile's (a full sort)
+    sample = values[:: max(1, values.numel() // 200_000)].numpy().astype(np.float64)
+    low, high = (float(np.float32(v)) for v in np.quantile(sample, [
+        float(intensity["lower_percentile"]) / 100, float(intensity["upper_percentile"]) / 100]))
     scaled = ((resized - low) / max(high - low, 1e-6)).clamp_(0.0, 1.0)
     scaled = torch.where(inside, scaled, torch.zeros((), dtype=torch.float32))
     canvas = torch.zeros(1, height, width, dtype=torch.float32)

@@ -73,7 +73,7 @@ def wrong_body_part(header: Dataset) -> bool:
     return bool(part) and part != "BREAST"
 
 
-def contrast_fraction(pixels: npt.NDArray[np.floating], bits_stored: int) -> float:
+def contrast_fraction(pixels: npt.NDArray[np.number[Any]], bits_stored: int) -> float:
     """The 1st-99th percentile range of the pixels inside the breast, as a fraction of the range
     `bits_stored` allows. The breast is what lies above the background: brighter than a tenth of
     the way from the 0.5th to the 99.5th percentile of the image (MONOCHROME2 sense)."""
@@ -92,7 +92,7 @@ def contrast_fraction(pixels: npt.NDArray[np.floating], bits_stored: int) -> flo
     return float((p99 - p1) / float(2 ** max(1, bits_stored) - 1))
 
 
-def image_flags(header: Dataset, pixels: npt.NDArray[np.floating],
+def image_flags(header: Dataset, pixels: npt.NDArray[np.number[Any]],
                 low_contrast_fraction: float = DEFAULT_LOW_CONTRAST_FRACTION) -> tuple[str, ...]:
     """What the header and the decoded pixels say (MONOCHROME2 sense, any orientation)."""
     flags = []

@@ -180,20 +180,24 @@ def decode_view(selected: SelectedView,
         raise InputError(f"undecodable pixel data: {type(error).__name__}: {error}"[:300]) from error
     if decoded.shape != (rows, cols):
         raise InputError(f"pixel data shape {decoded.shape} differs from Rows x Columns")
-    pixels = decoded.astype(np.float32)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        bits = int(ds.get("BitsStored", 16) or 16)
-        pixels = np.float32(2**bits - 1) - pixels
     orientation = orientation_from_tags(
         selected.entry.laterality, selected.entry.view, list(ds.get("PatientOrientation", []) or [])
     )
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", 16) or 16)
+        inverted = np.float32(2**bits - 1) - decoded.astype(np.float32)
+        flags = image_flags(ds, inverted, low_contrast_fraction)
+        pixels = orientation.apply(inverted)
+    else:  # flipped as stored (half the bytes of float32), then converted: one full-size copy less
+        flags = image_flags(ds, decoded, low_contrast_fraction)
+        pixels = orientation.apply(decoded).astype(np.float32)
     del ds.PixelData  # keep the header only; pixels live in `pixels`
     return LoadedView(
         entry=selected.entry,
         path=selected.path,
         header=ds,
         orientation=orientation,
-        pixels=orientation.apply(pixels),
-        quality_flags=image_flags(ds, pixels, low_contrast_fraction),
+        pixels=pixels,
+        quality_flags=flags,
         pixel_spacing_mm=pixel_spacing_of(ds),
     )

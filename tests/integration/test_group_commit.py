@@ -187,6 +187,7 @@ def test_concurrent_associations_have_every_instance_recorded_once(
         serve: Serve, studies: list[list[Dataset]]) -> None:
     acknowledged = _send_concurrently(serve, studies)
     assert len(acknowledged) == ASSOCIATIONS * STUDIES_PER_ASSOCIATION * 4
+    serve.stop()  # the watcher moves complete studies on: look at a spool that stands still
     _assert_on_disk(serve.spool_dir, acknowledged, studies)
     for folder in (serve.spool_dir / "incoming").iterdir():
         lines = (folder / "manifest.jsonl").read_text().splitlines()

@@ -253,8 +253,13 @@ def _format_text(metadata: dict[str, Any]) -> str:
         legacy = (" A TorchScript copy (`model.ts`, the format of earlier bundles, deprecated) "
                   "is kept beside it; `metadata.json` checks both by sha256."
                   if metadata.get("torchscript_sha256") else "")
-        return (f"Model file: `model.pt2`, a `torch.export` ExportedProgram with a dynamic batch "
-                f"dimension (loaded with `torch.export.load`); contract {contract}.{legacy}")
+        box = metadata["input"].get("content_box")
+        dims = ("dynamic batch, height and width (multiples of "
+                f"{box['multiple']}: the worker runs it on the box holding the breasts plus "
+                f"{box['context_px']} px, `input.content_box`)" if box else "a dynamic batch "
+                "dimension")
+        return (f"Model file: `model.pt2`, a `torch.export` ExportedProgram with {dims} (loaded "
+                f"with `torch.export.load`); contract {contract}.{legacy}")
     return (f"Model file: `model.ts` (TorchScript, deprecated: the worker logs "
             f"`model_format_deprecated`); contract {contract}.")
 
@@ -335,7 +340,8 @@ def _resolution_text(metadata: dict[str, Any]) -> str:
         return (f"Calcifications are mostly invisible at this resolution; the heatmap is coarse "
                 f"({height} x\n  {width} grid, ≈ {200 * 1024 / height:.0f} µm per cell on MIAS) "
                 "and resized to the source.")
-    cell = metadata.get("training", {}).get("arch_config", {}).get("level", "16")
+    config = metadata.get("training", {}).get("arch_config", {})
+    cell = str(config.get("heat_head", {}).get("level", config.get("level", "16"))).rstrip("c")
     return (f"Calcifications are mostly invisible at {i['pixel_spacing_mm']} mm; the heatmap "
             f"has one value per\n  {int(cell) * i['pixel_spacing_mm']:.1f} mm cell, "
             "interpolated to the source.")
