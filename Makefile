@@ -35,9 +35,9 @@ bench: install
 
 train: install
 	$(PYTHON) -m tools.model.cells extract --mias ../shared/data/mias --out build/cells/lite0 --arch efficientnet-lite0 --threads 2
-	$(PYTHON) -m tools.model.cells nested --features build/cells/lite0 --out build/cells/n3 --threads 2
-	$(PYTHON) -m tools.model.cells final --nested build/cells/n3/nested.json --out build/cells/bundle-0.4.0 --mias ../shared/data/mias --space contralateral --name mias-baseline --version 0.4.0 --notes models/mias-baseline/experiments.md --threads 2
-	@echo "bundle in build/cells/bundle-0.4.0: compare its card with models/mias-baseline, then copy it there to ship it"
+	$(PYTHON) -m tools.model.cells nested --features build/cells/lite0 --out build/cells/nested --threads 2
+	$(PYTHON) -m tools.model.cells final --nested build/cells/nested/nested.json --out build/cells/bundle-0.5.0 --mias ../shared/data/mias --space contralateral --name mias-baseline --version 0.5.0 --notes models/mias-baseline/experiments.md --threads 2
+	@echo "bundle in build/cells/bundle-0.5.0: compare its card with models/mias-baseline, then copy it there to ship it"
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -12,8 +12,12 @@ from tools.model.cells import (
     CellHeadModel,
     HeadSpec,
     LiteTrunk,
+    choose_heat,
     export_canvas,
+    fit_cells,
+    fit_loc,
     heatmap_logits,
+    peak_hits,
 )
 
 
@@ -117,3 +121,64 @@ def test_export_runs_on_smaller_boxes_like_the_network(trunk) -> None:
         for expected, got in zip(model(x), program.module()(x), strict=True):
             assert expected.shape == got.shape
             assert torch.allclose(expected, got, atol=1e-4)
+
+
+def _films(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    """Films of 8 x 6 cells: channel 0 is high on dense tissue (in every film, lesion or not),
+    channel 1 a weaker but lesion-specific cue; one lesion cell per abnormal film."""
+    rng = np.random.default_rng(seed)
+    maps = rng.normal(0, 1, (n, 4, 8, 6)).astype(np.float32)
+    mask = np.ones((n, 8, 6), bool)
+    mask[:, :, 5] = False  # off the breast
+    label = np.zeros((n, 8, 6), np.int8)
+    info = []
+    for i in range(n):
+        dense = rng.integers(0, 8, 3), rng.integers(0, 5, 3)
+        maps[i, 0][dense] += 4.0
+        lesion = i % 2 == 0
+        if lesion:
+            r, c = int(rng.integers(0, 8)), int(rng.integers(0, 5))
+            maps[i, 0, r, c] += 2.0
+            maps[i, 1, r, c] += 2.5
+            label[i, r, c] = 1
+        info.append({"id": str(i), "flip": 0, "label": int(lesion), "has_lesions": lesion,
+                     "lesions": [[(c + 0.5) * 16 - 0.5, (r + 0.5) * 16 - 0.5, 4.0]] if lesion
+                     else []})
+    return maps, mask, label, info
+
+
+def test_the_localisation_head_puts_the_peak_on_the_lesion_not_on_dense_tissue() -> None:
+    """The logistic head on a sample of background cells learns "dense = suspicious" (channel 0
+    separates lesions from an average background cell); the per-film softmax sees each film's
+    dense cells as its hardest negatives and learns the lesion-specific cue."""
+    maps, mask, label, info = _films(120, 0)
+    test_maps, test_mask, _, test_info = _films(60, 1)
+    train = np.arange(120)
+    bce = fit_cells(maps, mask, label, train, info, 0.01, 0, negatives=4)
+    loc = fit_loc(maps, mask, label, train, info, 0.01)
+    assert loc.b == 0.0
+    bce_hits, total, _ = peak_hits(bce.logits(test_maps), test_mask, test_info, 16)
+    loc_hits, total2, per = peak_hits(loc.logits(test_maps), test_mask, test_info, 16)
+    assert total == total2 == 30 and len(per) == 60
+    assert loc_hits >= 24 and loc_hits > bce_hits, (loc_hits, bce_hits)
+    # relative to the dense-tissue channel, the softmax head weighs the lesion cue more
+    assert loc.w[1] / loc.w[0] > bce.w[1] / bce.w[0] > 0
+
+
+def test_a_localisation_head_ignores_films_without_a_circle() -> None:
+    maps, mask, label, info = _films(20, 2)
+    with_normals = fit_loc(maps, mask, label, np.arange(20), info, 0.1)
+    lesions_only = fit_loc(maps, mask, label, np.arange(0, 20, 2), info, 0.1)
+    assert np.abs(with_normals.w).max() > 0.1
+    assert np.allclose(with_normals.w, lesions_only.w, atol=1e-6)
+    assert np.allclose(with_normals.mean, lesions_only.mean)
+
+
+def test_heat_choice_prefers_more_hits_then_the_score_head_then_the_logistic_loss() -> None:
+    hits = {("a:16", 0.01, "raw", "bce"): 5, ("a:32", 0.1, "raw", "bce"): 7,
+            ("a:32", 1.0, "erode", "loc"): 7, ("a:16c", 0.1, "raw", "loc"): 6}
+    assert choose_heat(hits, "a:16", 0.01) == ("a:32", 0.1, "raw", "bce")
+    hits[("a:16", 0.01, "erode", "bce")] = 7
+    assert choose_heat(hits, "a:16", 0.01) == ("a:16", 0.01, "erode", "bce")
+    hits[("a:16c", 0.1, "raw", "loc")] = 8
+    assert choose_heat(hits, "a:16", 0.01) == ("a:16c", 0.1, "raw", "loc")

@@ -38,6 +38,17 @@ def test_threshold_decides_and_small_islands_are_not_regions() -> None:
     assert len(find_findings(_heatmap(), threshold=0.6, min_area_px=1)) == 3
 
 
+def test_the_island_of_the_maps_peak_is_a_finding_however_small() -> None:
+    """The heatmap's peak is the image's score: an image at the threshold has a finding even
+    when only a few pixels around the peak clear it; other specks still do not count."""
+    heatmap = np.zeros((100, 80), np.float32)
+    heatmap[40:42, 20:22] = 0.81  # 4 pixels, the highest of the map
+    heatmap[60, 60] = 0.805  # a speck, not the peak
+    findings = find_findings(heatmap, threshold=0.8)
+    assert len(findings) == 1 and findings[0].area_px == 4 and findings[0].peak == (20.5, 40.5)
+    assert find_findings(heatmap, threshold=0.82) == ()
+
+
 def test_at_most_a_few_findings_per_image() -> None:
     heatmap = np.zeros((100, 100), np.float32)
     for index in range(6):
@@ -45,6 +56,22 @@ def test_at_most_a_few_findings_per_image() -> None:
     findings = find_findings(heatmap, threshold=0.5)
     assert len(findings) == MAX_FINDINGS_PER_IMAGE
     assert [round(f.score, 2) for f in findings] == [0.75, 0.7, 0.65]
+
+
+def test_regions_on_the_grid_edges_and_ties_in_raster_order() -> None:
+    """Regions are labelled inside the box of the pixels above the threshold: a region on the
+    last row and column keeps its full-grid place, and equal peaks stay in raster order."""
+    heatmap = np.zeros((120, 90), np.float32)
+    heatmap[100:120, 80:90] = 0.8  # bottom-right corner
+    heatmap[30:40, 50:60] = 0.8  # same peak, earlier in raster order
+    heatmap[30:34, 10:14] = 0.8  # same row band, further left: first in raster order
+    findings = find_findings(heatmap, threshold=0.5)
+    assert [f.bounding_box for f in findings] == [(10, 30, 13, 33), (50, 30, 59, 39),
+                                                  (80, 100, 89, 119)]
+    corner = findings[2]
+    assert corner.mask.shape == heatmap.shape and corner.mask.sum() == corner.area_px == 200
+    assert corner.mask[119, 89] and not corner.mask[99, 79]
+    assert corner.peak == (80.5, 100.5) and corner.centroid == (85.0, 110.0)
 
 
 def test_refuses_a_heatmap_that_is_not_an_image() -> None:

@@ -158,7 +158,9 @@ def extract(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     records = mias_records(args.mias)
     metadata = {"input": input_metadata()}
-    trunk = LiteTrunk(args.arch)
+    # the trunk the bundle runs (batch norms folded, channels-last): the cached features are
+    # the shipped network's, and extraction is 1.8 x faster
+    trunk = LiteTrunk(args.arch).for_inference()
     started = time.time()
     f16s, f32s, m16s, m32s, l16s, l32s, info = [], [], [], [], [], [], []
     for index, record in enumerate(records):
@@ -326,6 +328,56 @@ def fit_cells(maps: np.ndarray, mask: np.ndarray, label: np.ndarray, idx: np.nda
     return CellModel(mean, std, w, b)
 
 
+def fit_loc(maps: np.ndarray, mask: np.ndarray, label: np.ndarray, idx: np.ndarray,
+            info: list[dict[str, Any]], l2: float, iters: int = 200) -> CellModel:
+    """A localisation head: on every film of `idx` with a lesion circle, a softmax over its usable
+    breast cells (ring cells left out) and the loss -log of the probability mass on its lesion
+    cells, mean over films, + L2; the head learns to put a film's highest cell on its lesion
+    against every other cell of the same film (each film's hardest negatives, not a sample of
+    them). Films without a circle carry no localisation signal and are left out. Shift-invariant
+    per film, so the bias is 0 (the bundle shifts the heatmap to the image score anyway)."""
+    xs, pos, film = [], [], []
+    for n, i in enumerate(j for j in idx if info[j]["has_lesions"]):
+        usable = mask[i] & (label[i] >= 0)
+        if not (usable & (label[i] == 1)).any():
+            continue
+        cells = np.argwhere(usable)
+        xs.append(maps[i][:, cells[:, 0], cells[:, 1]].T)
+        pos.append(label[i][cells[:, 0], cells[:, 1]] == 1)
+        film.append(np.full(len(cells), n))
+    x = np.concatenate(xs)
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    xt = torch.from_numpy((x - mean) / std).float()
+    post = torch.from_numpy(np.concatenate(pos))
+    ids = torch.from_numpy(np.unique(np.concatenate(film), return_inverse=True)[1])
+    films = int(ids.max()) + 1
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def segment_lse(z: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        top = torch.full((films,), -torch.inf).scatter_reduce(0, seg, z.detach(), "amax")
+        total = torch.zeros(films).index_add(0, seg, torch.exp(z - top[seg]))
+        return top + torch.log(total)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        z = xt @ w
+        loss = (segment_lse(z, ids) - segment_lse(z[post], ids[post])).mean() + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return CellModel(mean, std, w.detach().numpy(), 0.0)
+
+
+def fit_head(maps: np.ndarray, mask: np.ndarray, label: np.ndarray, idx: np.ndarray,
+             info: list[dict[str, Any]], l2: float, loss: str, seed: int) -> CellModel:
+    """A cell head of either loss: "bce" (`fit_cells`) or "loc" (`fit_loc`)."""
+    if loss == "loc":
+        return fit_loc(maps, mask, label, idx, info, l2)
+    return fit_cells(maps, mask, label, idx, info, l2, seed)
+
+
 POOLINGS = ("max", "top3", "top10", "smooth3max")
 
 
@@ -441,6 +493,10 @@ GRID_LEVELS = ("16", "32", "16c")
 GRID_L2 = (1e-3, 1e-2, 1e-1)
 GRID_POOL = POOLINGS
 GRID_CONTRA = ("none", "diff")
+# heat-head losses and their L2 grids; the softmax loss is per film (about log(cells) ~ 6), ten
+# times the per-cell logistic loss, so its L2 grid is ten times stronger (chosen before any run)
+HEAT_LOSSES = ("bce", "loc")
+HEAT_L2 = {"bce": GRID_L2, "loc": (1e-2, 1e-1, 1.0)}
 
 
 def film_index(info: list[dict[str, Any]]) -> tuple[list[Record], np.ndarray]:
@@ -508,19 +564,29 @@ def evaluate_recipes(levels: dict[str, Level], train_films: np.ndarray, test_fil
             model = fit_cells(lv.maps, lv.mask, lv.label, rows, lv.info, l2, seed)
             logits = model.logits(lv.maps[test_rows])
             if hits is not None:
-                films = [d for d in sub_info if not d["flip"]]
-                for peak in PEAKS:
-                    peaks: list[tuple[float, float]] = []
-                    hit, total, per = peak_hits(logits, lv.mask[test_rows], sub_info, lv.stride,
-                                                peaks, peak)
-                    hits[(key, l2, peak)] = (hit, total, per, peaks,
-                                             [d["placement"] for d in films])
+                heat_hits(hits, (key, l2), "bce", logits, lv, test_rows, sub_info)
             for pooling, contra in itertools.product(GRID_POOL, GRID_CONTRA):
                 # both films of a woman are in the same fold, so the other breast is there too
                 # mirrors are training samples only: the film alone is scored, as the bundle does
                 out[(key, l2, pooling, contra)] = image_scores(
                     logits, lv.mask[test_rows], sub_info, pooling, contra, tta=False)
+        if hits is not None:
+            for l2 in HEAT_L2["loc"]:
+                model = fit_loc(lv.maps, lv.mask, lv.label, rows, lv.info, l2)
+                heat_hits(hits, (key, l2), "loc", model.logits(lv.maps[test_rows]), lv, test_rows,
+                          sub_info)
     return out
+
+
+def heat_hits(hits: dict[Any, Any], head: tuple[str, float], loss: str, logits: np.ndarray,
+              lv: Level, test_rows: np.ndarray, sub_info: list[dict[str, Any]]) -> None:
+    """Lesion hits of one head's heatmap on the test films under every `PEAKS` mode, into `hits`
+    keyed (features:level, L2, mode, loss)."""
+    films = [d for d in sub_info if not d["flip"]]
+    for peak in PEAKS:
+        peaks: list[tuple[float, float]] = []
+        hit, total, per = peak_hits(logits, lv.mask[test_rows], sub_info, lv.stride, peaks, peak)
+        hits[(*head, peak, loss)] = (hit, total, per, peaks, [d["placement"] for d in films])
 
 
 SPACES = {"single": ("none",), "contralateral": ("none", "diff")}
@@ -529,16 +595,17 @@ SPACES = {"single": ("none",), "contralateral": ("none", "diff")}
 def choose_peak(hits: dict[tuple[Any, ...], int], key: str, l2: float) -> str:
     """The heatmap mode with the most lesion hits on held-out films for the head (`key`, `l2`)
     whose score recipe was chosen; ties go to the earlier, simpler mode in `PEAKS`."""
-    return max(PEAKS, key=lambda p: (hits[(key, l2, p)], -PEAKS.index(p)))
+    return max(PEAKS, key=lambda p: (hits[(key, l2, p, "bce")], -PEAKS.index(p)))
 
 
 def choose_heat(hits: dict[tuple[Any, ...], int], score_key: str, score_l2: float
-                ) -> tuple[str, float, str]:
-    """The heat head (features:level, L2, mode) with the most lesion hits on held-out films,
-    over every head fitted, the score head's own included; ties go to the score head, then to
-    the simpler mode, then to the smaller L2."""
-    return max(hits, key=lambda k: (hits[k], (k[0], k[1]) == (score_key, score_l2),
-                                    -PEAKS.index(k[2]), -GRID_L2.index(k[1])))
+                ) -> tuple[str, float, str, str]:
+    """The heat head (features:level, L2, mode, loss) with the most lesion hits on held-out
+    films, over every head fitted, the score head's own included; ties go to the score head,
+    then to the logistic loss, then to the simpler mode, then to the smaller L2."""
+    return max(hits, key=lambda k: (hits[k], (k[0], k[1], k[3]) == (score_key, score_l2, "bce"),
+                                    -HEAT_LOSSES.index(k[3]), -PEAKS.index(k[2]),
+                                    -HEAT_L2[k[3]].index(k[1])))
 
 
 def nested(args: argparse.Namespace) -> int:
@@ -596,7 +663,7 @@ def nested(args: argparse.Namespace) -> int:
                 best = max(allowed, key=lambda k: (allowed[k], -GRID_L2.index(k[1])))
                 oof[space][test] = outer[best]
                 peak = choose_peak(inner_hits, best[0], best[1])
-                coupled = outer_hits[(best[0], best[1], peak)]
+                coupled = outer_hits[(best[0], best[1], peak, "bce")]
                 heat = choose_heat(inner_hits, best[0], best[1])
                 hit, total, per, peaks, places = outer_hits[heat]
                 coupled_total[space][0] += coupled[0]
@@ -610,7 +677,7 @@ def nested(args: argparse.Namespace) -> int:
                 chosen[space].append({"fold": fold, "recipe": list(best), "peak": peak,
                                       "heat": list(heat), "inner_heat_hits": inner_hits[heat],
                                       "coupled_hits": coupled[0],
-                                      "inner_hits": {p: inner_hits[(best[0], best[1], p)]
+                                      "inner_hits": {p: inner_hits[(best[0], best[1], p, "bce")]
                                                      for p in PEAKS},
                                       "inner_auc": round(allowed[best], 4),
                                       "test_auc": round(auc(labels[test], outer[best]), 4)})
@@ -647,7 +714,7 @@ def nested(args: argparse.Namespace) -> int:
         "inner": all_inner,
         "folds": args.folds, "inner_folds": args.inner,
         "grid": {"level": sorted(levels), "l2": GRID_L2, "pooling": GRID_POOL,
-                 "contra": GRID_CONTRA, "peak": PEAKS},
+                 "contra": GRID_CONTRA, "peak": PEAKS, "heat_l2": HEAT_L2},
         "ids": [r.id for r in records],
         "wall_s": round(time.time() - started, 1)}, indent=1))
     for space, reps in results.items():
@@ -739,7 +806,7 @@ class CellHeadModel(nn.Module):
 
 def select_recipe(levels: dict[str, Level], records: list[Record], folds: int, seed: int,
                   contras: tuple[str, ...] = GRID_CONTRA
-                  ) -> tuple[tuple[Any, ...], tuple[str, float, str], dict[str, float], dict[str, int]]:
+                  ) -> tuple[tuple[Any, ...], tuple[str, float, str, str], dict[str, float], dict[str, int]]:
     """The recipe with the best grouped-CV AUC over `records` and the heat head with the most
     held-out lesion hits (the same rules as each outer fold's inner selection, here over all
     films: the shipped recipe)."""
@@ -809,10 +876,10 @@ def final(args: argparse.Namespace) -> int:
     # the shipped head, on all films
     model = fit_cells(maps, mask, label, np.unique(pairs.ravel()), info, l2, SEED)
     heat_spec, heat_scale = None, 1.0
-    if (heat[0], heat[1]) != (key, l2):  # a heat head of its own, chosen for localisation
+    if (heat[0], heat[1], heat[3]) != (key, l2, "bce"):  # a heat head chosen for localisation
         hv = levels[heat[0]]
-        heat_model = fit_cells(hv.maps, hv.mask, hv.label, np.unique(hv.pairs.ravel()), hv.info,
-                               heat[1], SEED)
+        heat_model = fit_head(hv.maps, hv.mask, hv.label, np.unique(hv.pairs.ravel()), hv.info,
+                              heat[1], heat[3], SEED)
         heat_spec = head_spec(heat_model, heat[0].split(":")[1])
         # the spread of the two heads' cell logits over the films' breast cells
         films = pairs[:, 0]
@@ -968,7 +1035,9 @@ def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_resul
     peak = heat[2]
     heat_level = heat[0].split(":")[1]
     stride = level_stride(heat_level)
-    own_heat = (heat[0].split(":")[1], heat[1]) == (level, l2)
+    heat_loss = heat[3] if len(heat) > 3 else "bce"
+    own_heat = (heat[0].split(":")[1], heat[1], heat_loss) == (level, l2, "bce")
+    heat_text = {"bce": "logistic", "loc": "per-film softmax localisation"}[heat_loss]
     reps = nested_result["spaces"][args.space]
     first = reps[0]
     hits = [sum(r["lesion_hits"][0] for r in reps), sum(r["lesion_hits"][1] for r in reps)]
@@ -1006,7 +1075,8 @@ def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_resul
             "heatmap": f"per-cell lesion likelihood in [0, 1] ({stride}-pixel cells, "
                        f"{stride * SPACING_MM:.1f} mm), 0 off the breast, on the input canvas "
                        "(linear lesion head on frozen ImageNet features"
-                       + ("" if own_heat else f", level {heat_level}, L2 {heat[1]:g}, chosen for "
+                       + ("" if own_heat else f", {heat_text} head, level {heat_level}, L2 "
+                          f"{heat[1]:g}, chosen for "
                           f"localisation, logits x {heat_scale:.3f} to the score head's spread")
                        + f"; cells: {PEAK_TEXT[peak]}), shifted per image so that its highest "
                        "cell is the image score",
@@ -1021,7 +1091,7 @@ def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_resul
                      "chose the recipe (feature set, level, L2, score pooling"
                      + (", contralateral or not" if args.space == "contralateral" else
                         "; one image alone") + ") by "
-                     "inner out-of-fold AUC, and the heat head (level, L2, heatmap mode) by "
+                     "inner out-of-fold AUC, and the heat head (level, loss, L2, heatmap mode) by "
                      "inner held-out lesion hits; each outer test fold scored once with the recipe "
                      "its inner CV chose. Reported: repeat 0's pooled outer-fold predictions; "
                      f"the repeats' AUCs {spread} give the spread",
@@ -1058,6 +1128,7 @@ def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_resul
                             "level": level, "l2": l2, "pooling": pooling,
                             "contralateral": contra, "heat_head": {
                                 "level": heat_level, "l2": heat[1], "mode": peak,
+                                "loss": heat_loss,
                                 "own": own_heat, "scale": round(heat_scale, 4)},
                             "canvas": list(CANVAS),
                             "pixel_spacing_mm": SPACING_MM},
@@ -1074,7 +1145,11 @@ def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_resul
                            f"the radius + {RING_MM:g} mm ignored; every other breast cell of every "
                            "film = background (48 sampled per film); off-breast cells and films "
                            "with an abnormality but no circle ignored; class-balanced logistic "
-                           "loss, LBFGS",
+                           "loss, LBFGS" + ("" if heat_loss == "bce" else
+                                            "; heat head: on each film with a circle, a softmax "
+                                            "over its usable breast cells, loss -log of the mass "
+                                            "on its lesion cells (every other cell of the film "
+                                            "a negative), LBFGS"),
             "augmentation": ("each film's vertical mirror (the chest wall stays left) cached "
                              "as a second training sample; the film alone is scored"
                              if meta.get("vflip") else "none (the trunk is frozen, the head "
@@ -1083,7 +1158,8 @@ def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_resul
                         f"recipe chosen by {folds}-fold grouped CV over all films "
                         f"(shipped: level {level}, L2 {l2:g}, pooling {pooling}, contralateral "
                         f"{contra}), then the heat head (level, L2, mode) by the same CV's "
-                        f"lesion hits (shipped: {heat_level}, {heat[1]:g}, {peak})",
+                        f"lesion hits (shipped: {heat_level}, {heat[1]:g}, {peak}, "
+                        f"{heat_text} loss)",
             "recipe_selection_aucs": selection_aucs,
             "heatmap_selection_hits": selection_hits,
             "seed": SEED,
@@ -1145,14 +1221,19 @@ def report(args: argparse.Namespace) -> int:
     if "recipes_outer_hits" in reps[0]:
         lines += ["", "Every fixed head and heatmap mode, lesion hits on the outer folds, sum over "
                   "the repeats (diagnostic only):", "",
-                  "| features:level | L2 | " + " | ".join(PEAKS) + " |",
-                  "|---|---|" + "---|" * len(PEAKS)]
-        for level, l2 in rows:
+                  "| features:level | loss | L2 | " + " | ".join(PEAKS) + " |",
+                  "|---|---|---|" + "---|" * len(PEAKS)]
+        heads = sorted({(k.split("|")[0], (k.split("|") + ["bce"])[3], k.split("|")[1])
+                        for k in reps[0]["recipes_outer_hits"]},
+                       key=lambda h: (h[0], HEAT_LOSSES.index(h[1]), float(h[2])))
+        for level, loss, l2 in heads:
             cells = []
             for peak in PEAKS:
-                found = [r["recipes_outer_hits"][f"{level}|{l2}|{peak}"] for r in reps]
+                key = f"{level}|{l2}|{peak}" + ("" if loss == "bce" and f"{level}|{l2}|{peak}"
+                                                in reps[0]["recipes_outer_hits"] else f"|{loss}")
+                found = [r["recipes_outer_hits"][key] for r in reps]
                 cells.append(f"{sum(f[0] for f in found)}/{sum(f[1] for f in found)}")
-            lines.append(f"| {level} | {l2} | " + " | ".join(cells) + " |")
+            lines.append(f"| {level} | {loss} | {l2} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     return 0
 
