@@ -45,6 +45,8 @@ from pipelines.results import ModelIdentity
 
 DEFAULT_OPERATING_POINT = "balanced"
 CONTRALATERAL_KEY = "contralateral"  # metadata.json: read each breast against the other
+# metadata.json output.heatmap_peak = "score": the bundle's heatmap peaks at the image's score
+HEATMAP_PEAK_KEY = "heatmap_peak"
 MAX_CPU_THREADS = 4
 
 log = get_logger("pipelines.model")
@@ -185,6 +187,29 @@ def _logit(values: torch.Tensor) -> torch.Tensor:
     return torch.log(clamped) - torch.log1p(-clamped)
 
 
+def lift_peak_to_score(heatmap: np.ndarray, probability: float,
+                       placement: Placement | None = None) -> np.ndarray:
+    """For a bundle whose heatmap peaks at the image's score (`output.heatmap_peak` "score"):
+    the source-grid heatmap, in place, with the logits of its non-zero pixels raised by one
+    amount so that its highest pixel is the score again. The network's cells hold the score
+    exactly, but the pixels of a bilinear map only approach a cell's value near its centre, and
+    at a sharp peak next to low or off-breast cells (a 6.4 mm cell, 0.98 against neighbours of
+    0.6 and 0) the highest pixel lands 1 logit or more below it, so a view at or above an
+    operating point could come out with no region above it. Off-breast pixels stay 0; a map that
+    is all 0 (no breast cell on the grid) or already at the score is left as it is."""
+    window = (slice(placement.top, placement.bottom), slice(placement.left, placement.right)) \
+        if placement is not None else (slice(None), slice(None))
+    region = heatmap[window]
+    top = float(region.max(initial=0.0))
+    if top <= 0.0 or top >= probability or not 0.0 < probability < 1.0:
+        return heatmap
+    shift = np.float32(np.log(probability / (1.0 - probability)) - np.log(top / (1.0 - top)))
+    inside = region > 0
+    values = np.clip(region[inside], 1e-7, 1.0 - 1e-7)
+    region[inside] = 1.0 / (1.0 + np.exp(-(np.log(values) - np.log1p(-values) + shift)))
+    return heatmap
+
+
 def apply_contralateral(probabilities: torch.Tensor, heatmaps: torch.Tensor,
                         others: Sequence[int | None], spec: dict[str, Any]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,15 +327,19 @@ class ModelRunner:
         inferred = time.perf_counter()
         calibration = self.calibration
 
+        peak_is_score = self.metadata.get("output", {}).get(HEATMAP_PEAK_KEY) == "score"
+
         def answer(index: int) -> ViewPrediction:
             image = images[index]
             probability = float(probabilities[index].clamp(0.0, 1.0))
-            return ViewPrediction(
-                probability=probability if calibration is None else calibration.score(probability),
-                heatmap=mask_heatmap(heatmap_to_image_grid(
-                    heatmaps[index], int(np.shape(image)[0]), int(np.shape(image)[1]),
-                    calibration, placements[index]), prepared[index][1], in_place=True),
-            )
+            if calibration is not None:
+                probability = calibration.score(probability)
+            heatmap = mask_heatmap(heatmap_to_image_grid(
+                heatmaps[index], int(np.shape(image)[0]), int(np.shape(image)[1]),
+                calibration, placements[index]), prepared[index][1], in_place=True)
+            if peak_is_score:
+                heatmap = lift_peak_to_score(heatmap, probability, placements[index])
+            return ViewPrediction(probability=probability, heatmap=heatmap)
 
         predictions = list(self._pool().map(answer, range(len(images))))
         self.last_timings_s = {

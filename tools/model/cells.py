@@ -1071,6 +1071,8 @@ def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_resul
         "output": {
             "contract": "forward(x: float32 (B,1,H,W)) -> (probability (B,), heatmap (B,1,H,W))",
             "heatmap_size": list(CANVAS),
+            # pipelines/model.py: the worker keeps the source-grid map's peak at the score
+            "heatmap_peak": "score",
             "score": "probability of an abnormality needing work-up, benign or malignant",
             "heatmap": f"per-cell lesion likelihood in [0, 1] ({stride}-pixel cells, "
                        f"{stride * SPACING_MM:.1f} mm), 0 off the breast, on the input canvas "
