@@ -203,10 +203,13 @@ def lift_peak_to_score(heatmap: np.ndarray, probability: float,
     top = float(region.max(initial=0.0))
     if top <= 0.0 or top >= probability or not 0.0 < probability < 1.0:
         return heatmap
-    shift = np.float32(np.log(probability / (1.0 - probability)) - np.log(top / (1.0 - top)))
-    inside = region > 0
-    values = np.clip(region[inside], 1e-7, 1.0 - 1e-7)
-    region[inside] = 1.0 / (1.0 + np.exp(-(np.log(values) - np.log1p(-values) + shift)))
+    # sigmoid(logit(v) + s) = v k / (1 + v (k - 1)) with k = exp(s): no log or exp per pixel,
+    # and 0 stays 0
+    k = (probability / (1.0 - probability)) / (top / (1.0 - top))
+    denominator = region * np.float32(k - 1.0)
+    denominator += np.float32(1.0)
+    region *= np.float32(k)
+    region /= denominator
     return heatmap
 
 
