@@ -311,7 +311,8 @@ class ModelRunner:
                 tensor, placement, breast = canvas_input(images[index], self.metadata, view,
                                                          spacing)
                 return tensor, placement, (images[index], breast)
-            image, mask = prepare_image(images[index], self.metadata, view)
+            image, mask = prepare_image(np.asarray(images[index], dtype=np.float32),
+                                        self.metadata, view)
             return self.preprocess(image), None, (image, mask)
 
         # the views' numpy and torch work releases the GIL: two or more at once on a multi-core

@@ -15,6 +15,7 @@ stands beside.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -37,7 +38,7 @@ MARK_COLOUR = (0, 255, 255)  # cyan: distinct from the red-yellow heat and from 
 LABEL_COLOUR = (255, 255, 0)
 
 
-def _reduced(array: npt.NDArray[np.floating], size: tuple[int, int]) -> npt.NDArray[np.float32]:
+def _reduced(array: npt.NDArray[np.number[Any]], size: tuple[int, int]) -> npt.NDArray[np.float32]:
     """`array` resized to (width, height) by box averaging (the right filter to shrink)."""
     image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
     return np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.float32)
@@ -56,7 +57,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def render_overlay(pixels: npt.NDArray[np.floating], heatmap: npt.NDArray[np.floating],
+def render_overlay(pixels: npt.NDArray[np.number[Any]], heatmap: npt.NDArray[np.floating],
                    findings: Sequence[Finding], max_side_px: int) -> npt.NDArray[np.uint8]:
     """The RGB picture (rows, columns, 3): reduced grey image, heat tint, marks, label."""
     rows, cols = pixels.shape
@@ -89,7 +90,7 @@ def render_overlay(pixels: npt.NDArray[np.floating], heatmap: npt.NDArray[np.flo
     return np.asarray(image, dtype=np.uint8)
 
 
-def build_overlay(source: Dataset, pixels: npt.NDArray[np.floating],
+def build_overlay(source: Dataset, pixels: npt.NDArray[np.number[Any]],
                   heatmap: npt.NDArray[np.floating], findings: Sequence[Finding],
                   model: ModelIdentity, output: OutputSpec, max_side_px: int) -> Dataset:
     """A Secondary Capture Image of `source` with the overlay; deterministic UIDs."""
