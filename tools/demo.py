@@ -25,6 +25,9 @@ from tools.stack.node_stack import NodeStack
 from tools.stack.services import OrthancError, exit_on_termination_signals
 from tools.stack.viewer import ViewerServer, ohif_installed
 
+# The study the demo's modality sends (tests/unit/test_heatmap_peak.py scores the same one).
+DEMO_STUDY = {"rows": 2048, "cols": 1664, "seed": 7, "lesions": ["L-MLO"]}
+
 
 def _print_scores(scores: dict, operating_point: float | None) -> None:
     print("\nScores read back from the SR stored in Orthanc")
@@ -61,10 +64,10 @@ def run_demo(work_dir: Path, keep: bool) -> int:
         else:
             print("  OHIF viewer     not installed (run `make install`)")
         print(f"  ready in {time.monotonic() - started:.1f} s")
-        paths = make_study(work_dir / "study", rows=2048, cols=1664, seed=7, lesions=["L-MLO"])
+        paths = make_study(work_dir / "study", **DEMO_STUDY)
         study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         print(f"\nThe modality stores a synthetic 4-view screening study ({len(paths)} images, "
-              "2048 x 1664) in the PACS; the PACS sends it to the node ...")
+              f"{DEMO_STUDY['rows']} x {DEMO_STUDY['cols']}) in the PACS; the PACS sends it to the node ...")
         sent_at = time.monotonic()
         try:
             stack.send_through_pacs(paths)

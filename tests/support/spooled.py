@@ -6,12 +6,15 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from pydicom import Dataset, dcmread
 
 from node.runs import InstanceEntry
 from node.spool import hash_key
+
+if TYPE_CHECKING:
+    from pipelines.study import LoadedView
 
 
 def _manifest_line(manifest: IO[str], run_dir: Path, name: str, association: str) -> None:
@@ -35,6 +38,14 @@ def spool_run(tmp_path: Path, paths: list[Path]) -> Path:
             (run_dir / name).write_bytes(path.read_bytes())
             _manifest_line(manifest, run_dir, name, "a")
     return run_dir
+
+
+def spooled_views(tmp_path: Path, paths: list[Path]) -> list[LoadedView]:
+    """The files spooled into `tmp_path/run` (`spool_run`) and decoded as the worker decodes a
+    run's screening views."""
+    from pipelines.study import decode_view, select_views
+
+    return [decode_view(s) for s in select_views(spool_run(tmp_path, paths))[0]]
 
 
 def spool_datasets(run_dir: Path, datasets: list[Dataset], association: str = "a") -> Path:

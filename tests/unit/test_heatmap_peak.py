@@ -12,8 +12,8 @@ from pipelines.findings import find_findings
 from pipelines.model import HEATMAP_PEAK_KEY, lift_peak_to_score, load_bundle
 from pipelines.preprocess import Placement
 from pipelines.scoring import score_views
-from pipelines.study import decode_view, select_views
-from tests.support.spooled import spool_run
+from tests.support.spooled import spooled_views
+from tools.demo import DEMO_STUDY
 from tools.stack.make_study import make_study
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,8 +56,8 @@ def test_every_flagged_view_of_the_demo_study_has_a_finding(tmp_path: Path) -> N
     runner = load_bundle(ROOT / "models" / "mias-baseline", "cpu")
     if runner.metadata["output"].get(HEATMAP_PEAK_KEY) != "score":
         pytest.skip("the shipped bundle's heatmap does not peak at its score")
-    paths = make_study(tmp_path / "study", rows=2048, cols=1664, seed=7, lesions=["L-MLO"])
-    views = [decode_view(s) for s in select_views(spool_run(tmp_path, paths))[0]]
+    paths = make_study(tmp_path / "study", **DEMO_STUDY)
+    views = spooled_views(tmp_path, paths)
     result, heatmaps = score_views(views, runner, "1.2.3")
     point = runner.identity.operating_point
     flagged = 0

@@ -17,11 +17,10 @@ from pipelines.overlay import LABEL_COLOUR, MARK_COLOUR, build_overlay, render_o
 from pipelines.results import ModelIdentity, OutputSpec
 from pipelines.scoring import score_views, write_outputs
 from pipelines.seg import read_seg_regions
-from pipelines.study import decode_view, select_views
 from tests.support.dciodvfy import assert_dciodvfy_clean, to_bytes
 from tests.support.pixelmed import pixelmed_report
 from tests.support.settings import make_settings
-from tests.support.spooled import spool_run
+from tests.support.spooled import spooled_views
 from tools.stack.make_study import make_study
 
 MODEL = ModelIdentity("mias-baseline", "0.1.0", operating_point=0.5)
@@ -159,7 +158,7 @@ class _BlobInTheBreast:
 
 def test_write_outputs_writes_the_objects_each_setting_asks_for(tmp_path: Path) -> None:
     paths = make_study(tmp_path / "study", views=["R-CC", "L-CC"], rows=240, cols=192, seed=32)
-    views = [decode_view(s) for s in select_views(spool_run(tmp_path, paths))[0]]
+    views = spooled_views(tmp_path, paths)
     study_uid = str(views[0].header.StudyInstanceUID)
     result, heatmaps = score_views(views, _BlobInTheBreast(), study_uid)
 

@@ -19,7 +19,7 @@ from pipelines.results import ModelIdentity
 from pipelines.scoring import process_run, score_views
 from pipelines.study import decode_view, select_views
 from tests.support.settings import make_settings
-from tests.support.spooled import spool_run
+from tests.support.spooled import spool_run, spooled_views
 from tools.stack.make_study import make_study
 
 
@@ -71,7 +71,7 @@ def test_every_breast_reaches_the_model_chest_wall_left_and_heatmaps_come_back_a
 
 def test_breast_is_max_of_its_views_and_exam_is_max_of_breasts(tmp_path: Path) -> None:
     paths = make_study(tmp_path / "study", rows=64, cols=48, seed=10)
-    views = [decode_view(s) for s in select_views(spool_run(tmp_path, paths))[0]]
+    views = spooled_views(tmp_path, paths)
     order = [v.entry.view_key for v in views]
     probabilities = {"R-CC": 0.1, "L-CC": 0.7, "R-MLO": 0.3, "L-MLO": 0.2}
     result, _ = score_views(views, _ImageAsHeatmap([probabilities[k] for k in order]), "1.2.3")
@@ -82,7 +82,7 @@ def test_breast_is_max_of_its_views_and_exam_is_max_of_breasts(tmp_path: Path) -
 
 def test_missing_views_are_named(tmp_path: Path) -> None:
     paths = make_study(tmp_path / "study", views=["L-CC"], rows=64, cols=48, seed=11)
-    views = [decode_view(s) for s in select_views(spool_run(tmp_path, paths))[0]]
+    views = spooled_views(tmp_path, paths)
     result, _ = score_views(views, _ImageAsHeatmap([0.5]), "1.2.3")
     assert result.missing_views == ("R-CC", "R-MLO", "L-MLO")
     assert result.breast_scores == {"L": 0.5}
