@@ -182,3 +182,12 @@ def test_heat_choice_prefers_more_hits_then_the_score_head_then_the_logistic_los
     assert choose_heat(hits, "a:16", 0.01) == ("a:16", 0.01, "erode", "bce")
     hits[("a:16c", 0.1, "raw", "loc")] = 8
     assert choose_heat(hits, "a:16", 0.01) == ("a:16c", 0.1, "raw", "loc")
+
+
+def test_heat_head_comes_from_the_score_heads_trunk() -> None:
+    """The bundle runs one trunk: a heat head on another feature set is never chosen, however
+    many lesions it hits."""
+    hits = {("lite0:16c", 0.01, "raw", "bce"): 5, ("lite0:16", 0.1, "raw", "loc"): 6,
+            ("lite2:16", 0.1, "raw", "loc"): 9}
+    assert choose_heat(hits, "lite0:16c", 0.01) == ("lite0:16", 0.1, "raw", "loc")
+    assert choose_heat(hits, "lite2:16c", 0.01) == ("lite2:16", 0.1, "raw", "loc")

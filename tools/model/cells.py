@@ -601,9 +601,12 @@ def choose_peak(hits: dict[tuple[Any, ...], int], key: str, l2: float) -> str:
 def choose_heat(hits: dict[tuple[Any, ...], int], score_key: str, score_l2: float
                 ) -> tuple[str, float, str, str]:
     """The heat head (features:level, L2, mode, loss) with the most lesion hits on held-out
-    films, over every head fitted, the score head's own included; ties go to the score head,
-    then to the logistic loss, then to the simpler mode, then to the smaller L2."""
-    return max(hits, key=lambda k: (hits[k], (k[0], k[1], k[3]) == (score_key, score_l2, "bce"),
+    films, over every head fitted on the score head's feature set (the bundle runs one trunk),
+    the score head's own included; ties go to the score head, then to the logistic loss, then to
+    the simpler mode, then to the smaller L2."""
+    trunk = score_key.split(":")[0]
+    same = [k for k in hits if k[0].split(":")[0] == trunk]
+    return max(same, key=lambda k: (hits[k], (k[0], k[1], k[3]) == (score_key, score_l2, "bce"),
                                     -HEAT_LOSSES.index(k[3]), -PEAKS.index(k[2]),
                                     -HEAT_L2[k[3]].index(k[1])))
 
