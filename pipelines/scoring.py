@@ -161,9 +161,11 @@ def write_outputs(
     heatmaps: list[np.ndarray],
     identity: ModelIdentity,
     out_dir: Path,
+    outside_domain: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[OutputFile, ...]:
     """Build the SR, the SEGs (and the opt-in overlays) of the scored images; files under
-    out_dir, described for the record."""
+    out_dir, described for the record. `outside_domain` (SOP Instance UID -> outside_domain
+    flags) is said in the SR's text."""
     out_dir.mkdir(exist_ok=True)
     outputs: list[OutputFile] = []
     cfg = settings.outputs
@@ -192,7 +194,9 @@ def write_outputs(
         by_uid = [v.entry.sop_uid for v in views]
         _save("sr", "sr.dcm", build_sr(
             headers, result, identity, spec, heatmaps=dict(zip(by_uid, heatmaps, strict=True)),
-            findings=dict(zip(by_uid, findings, strict=True)), seg_refs=segs))
+            findings=dict(zip(by_uid, findings, strict=True)), seg_refs=segs,
+            outside_domain={uid: [f.split(":", 1)[1] for f in flags]
+                            for uid, flags in (outside_domain or {}).items()}))
     if cfg.cad_sr.enabled and "cad_sr" in wanted:
         spec = OutputSpec(cfg.cad_sr.series_number, cfg.cad_sr.series_description, cfg.uid_root,
                           software_version=software_version())
@@ -496,7 +500,7 @@ def _score_write_send(
     attempt_dir = run_dir / f"{OUTPUTS_DIR}.attempt-{uuid.uuid4().hex[:12]}"
     try:
         outputs = write_outputs(settings, views, result, heatmaps, predictor.identity,
-                                attempt_dir)
+                                attempt_dir, outside)
         _fence(lease, "publish")
         _publish_outputs(attempt_dir, run_dir / OUTPUTS_DIR)
     except BaseException:

@@ -19,9 +19,10 @@ version (and the operating point, as a parameter), and the finding site (breast,
 laterality; "bilateral" for the exam). Views a screening exam should have but this one lacks are
 coded in the exam group. A report-level "Qualitative Evaluations" container says, as text, that
 the report is for research use only and what the exam and breast scores are, for readers that
-show text rather than measurements. The observer is the node itself (a device): nobody has read
-this yet, so the report is COMPLETE but UNVERIFIED. Contributing Equipment names the model and
-our software (`pipelines/attribution.py`).
+show text rather than measurements, and names each view outside the model's declared domain (the
+worker's `outside_domain:` quality flags) with the reasons. The observer is the node itself (a
+device): nobody has read this yet, so the report is COMPLETE but UNVERIFIED. Contributing
+Equipment names the model and our software (`pipelines/attribution.py`).
 
 Codes: standard ones where they exist, else our private scheme `99MAMMONODE` (the "99" prefix
 marks a private designator, PS3.16 8.2), declared in the Coding Scheme Identification Sequence.
@@ -195,6 +196,27 @@ def _summary_texts(result: StudyResult, model: ModelIdentity) -> list[str]:
     return texts
 
 
+# `pipelines/quality.py` outside_domain reasons, as a reader would say them
+DOMAIN_REASONS = {
+    "modality": "modality", "pixel_spacing": "pixel size",
+    "pixel_spacing_missing": "no pixel size in the header", "view": "view",
+    "photometric": "photometric interpretation", "presentation_intent": "For Processing image",
+}
+
+
+def _domain_texts(result: StudyResult, outside_domain: Mapping[str, Sequence[str]]) -> list[str]:
+    """One sentence per scored view outside the model's declared domain, so the reader of the
+    report knows which scores come from images the model was not trained on."""
+    texts = []
+    for view in result.views:
+        reasons = outside_domain.get(view.sop_uid)
+        if reasons:
+            said = ", ".join(DOMAIN_REASONS.get(r, r) for r in reasons)
+            texts.append(f"{view.view_key}: outside the model's declared domain ({said}); its "
+                         "score was not validated on such images")
+    return texts
+
+
 def _qualitative_evaluations(texts: Sequence[str]) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12: the report-level Qualitative Evaluations, as TEXT items."""
     container = hd.sr.ContainerContentItem(
@@ -238,6 +260,7 @@ def build_sr(
     heatmaps: Mapping[str, npt.NDArray[np.floating]],
     findings: Mapping[str, Sequence[Finding]] | None = None,
     seg_refs: Sequence[Dataset] = (),
+    outside_domain: Mapping[str, Sequence[str]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The report for one run; UIDs derive from the study, the source images and the model.
 
@@ -245,7 +268,9 @@ def build_sr(
     (Rows × Columns): the score anchors come from them, and the findings unless `findings` (by
     the same UIDs, from `find_findings` at the model's operating point) are given. `seg_refs`
     (the heatmap SEGs of this run, headers suffice) are listed as evidence, so a viewer can get
-    from the report to the heatmaps; they do not change the report's UIDs.
+    from the report to the heatmaps; they do not change the report's UIDs. `outside_domain`
+    (source SOP Instance UID -> `pipelines/quality.py` outside_domain reasons, e.g.
+    "pixel_spacing") adds a report-level sentence per such view.
     """
     by_uid = _check_sources(sources, result, heatmaps)
     source_key = sorted(by_uid)
@@ -308,7 +333,8 @@ def build_sr(
     )
     content = report[0]
     content.ContentSequence.append(
-        _qualitative_evaluations([RESEARCH_USE_LABEL, *_summary_texts(result, model)]))
+        _qualitative_evaluations([RESEARCH_USE_LABEL, *_summary_texts(result, model),
+                                  *_domain_texts(result, outside_domain or {})]))
     sr = hd.sr.Comprehensive3DSR(
         # highdicom reads the patient and study from the first evidence; see source_values.py.
         evidence=[*(highdicom_safe(s) for s in sources), *seg_refs],

@@ -93,6 +93,13 @@ def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp
     assert {uid for uid, cls in referenced.items() if cls != SEG_SOP_CLASS} == set(sources)
     assert sorted(scores["seg_sop_uids"]) == sorted(
         uid for uid, cls in referenced.items() if cls == SEG_SOP_CLASS)
+    # each view the run flagged outside the bundle's declared domain (this small synthetic study
+    # has ~0.5 mm pixels) is named in the SR's text
+    flagged = {f"{i['laterality']}-{i['view']}" for i in record["inputs"]
+               if any(f.startswith("outside_domain:") for f in i.get("quality_flags") or [])}
+    said = {text.split(":", 1)[0] for text in scores["texts"]
+            if "outside the model's declared domain" in text}
+    assert flagged and said == flagged
 
     # One SEG per image, on the exact grid of its source, referencing it.
     seen_sources = set()

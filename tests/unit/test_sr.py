@@ -358,3 +358,20 @@ def test_refuses_scores_that_do_not_match_the_sources(
     with pytest.raises(ValueError, match="its image is"):
         build_sr(sources, result, MODEL, SPEC,
                  heatmaps={**heatmaps, first: np.zeros((8, 8), np.float32)})
+
+
+def test_views_outside_the_domain_are_named_in_the_text(
+        sources: list[Dataset], heatmaps: dict[str, npt.NDArray[np.float32]],
+        tmp_path: Path) -> None:
+    result = _result(sources)
+    flagged = result.views[1]
+    data = to_bytes(build_sr(sources, result, MODEL, SPEC, heatmaps=heatmaps,
+                             outside_domain={flagged.sop_uid: ["pixel_spacing", "view"]}))
+    texts = read_sr_scores(dcmread(io.BytesIO(data)))["texts"]
+    said = [t for t in texts if "outside the model's declared domain" in t]
+    assert said == [f"{flagged.view_key}: outside the model's declared domain (pixel size, view); "
+                    "its score was not validated on such images"]
+    plain = build_sr(sources, result, MODEL, SPEC, heatmaps=heatmaps)
+    assert not any("declared domain" in t for t in read_sr_scores(plain)["texts"])
+    assert_dciodvfy_clean(data, tmp_path / "sr-outside-domain.dcm", ALLOWED_WARNINGS)
+    assert_pixelmed_clean(dcmread(io.BytesIO(data)), PIXELMED_ALLOWED_WARNINGS)
