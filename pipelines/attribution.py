@@ -2,16 +2,20 @@
 
 One place for the label and the Contributing Equipment item, so the SR, the CAD SR, the SEGs and
 the Secondary Capture overlay say the same thing (PS3.3 C.12.1: Contributing Equipment Sequence,
-purpose "Processing Equipment").
+purpose "Processing Equipment"), and for the sentences the two SRs give each view outside the
+model's declared domain.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
 
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 
 from node.version import software_version
-from pipelines.results import ModelIdentity
+from pipelines.results import ModelIdentity, StudyResult
 
 RESEARCH_USE_LABEL = "Research use only, not for diagnosis"
 MANUFACTURER = "mammo-node"
@@ -38,3 +42,24 @@ def series_description(description: str) -> str:
     if "research use only" in description.lower():
         return description[:64]
     return (description[: 64 - len(suffix)] + suffix)[:64]
+
+
+# `pipelines/quality.py` outside_domain reasons, as a reader would say them
+DOMAIN_REASONS = {
+    "modality": "modality", "pixel_spacing": "pixel size",
+    "pixel_spacing_missing": "no pixel size in the header", "view": "view",
+    "photometric": "photometric interpretation", "presentation_intent": "For Processing image",
+}
+
+
+def domain_texts(result: StudyResult, outside_domain: Mapping[str, Seq[str]]) -> list[str]:
+    """One sentence per scored view outside the model's declared domain, so the reader of the
+    report knows which scores come from images the model was not trained on."""
+    texts = []
+    for view in result.views:
+        reasons = outside_domain.get(view.sop_uid)
+        if reasons:
+            said = ", ".join(DOMAIN_REASONS.get(r, r) for r in reasons)
+            texts.append(f"{view.view_key}: outside the model's declared domain ({said}); its "
+                         "score was not validated on such images")
+    return texts

@@ -37,7 +37,7 @@ only one, also the recommended one: TID 4023) and every finding is meant to be s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -49,7 +49,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from node.uids import derive_uid
 from node.vocabulary import MAMMOGRAPHY_CAD_SR
-from pipelines.attribution import RESEARCH_USE_LABEL, contributing_equipment, series_description
+from pipelines.attribution import RESEARCH_USE_LABEL, contributing_equipment, domain_texts, series_description
 from pipelines.findings import Finding
 from pipelines.results import ModelIdentity, OutputSpec, StudyResult, ViewScore
 from pipelines.source_values import carry_source_values, highdicom_safe
@@ -247,16 +247,18 @@ def _single_image_finding(finding: Finding, view: ViewScore, model: ModelIdentit
     return _with_children(finding_item, children)
 
 
-def _overall_description(result: StudyResult, model: ModelIdentity, findings: int) -> str:
+def _overall_description(result: StudyResult, model: ModelIdentity, findings: int,
+                         outside_domain: Mapping[str, Sequence[str]] | None = None) -> str:
     verdict = "suspicious" if result.exam_score >= model.operating_point else "not suspicious"
     breasts = ", ".join(f"{'right' if side == 'R' else 'left'} breast {score:.3f}"
                         for side, score in sorted(result.breast_scores.items(), reverse=True))
     missing = (f" Views not available: {', '.join(result.missing_views)}."
                if result.missing_views else "")
+    domain = "".join(f" {text}." for text in domain_texts(result, outside_domain or {}))
     return (f"{RESEARCH_USE_LABEL}. AI abnormality score for the exam {result.exam_score:.3f} "
             f"({verdict} at the {model.operating_point_name} operating point "
             f"{model.operating_point:g}); {breasts}. {findings} region(s) marked.{missing} "
-            f"{SCORE_MEANING}")
+            f"{SCORE_MEANING}{domain}")
 
 
 def _detections_summary(model: ModelIdentity, image_positions: Sequence[Sequence[int]]
@@ -283,9 +285,12 @@ def build_cad_sr(
     findings: Sequence[Sequence[Finding]],
     model: ModelIdentity,
     output: OutputSpec,
+    outside_domain: Mapping[str, Sequence[str]] | None = None,
 ) -> Dataset:
     """The Mammography CAD SR of one run; `findings` of each scored view, in view order (from
-    `pipelines.findings.find_findings` at the model's operating point, as for every object).
+    `pipelines.findings.find_findings` at the model's operating point, as for every object);
+    `outside_domain` (source SOP Instance UID -> outside_domain reasons) adds a sentence per such
+    view to the overall impression.
 
     UIDs derive from the study, the source images, the model and its operating point (as for
     the TID 1500 SR), so a run scored again sends the same object.
@@ -319,7 +324,8 @@ def build_cad_sr(
     summary = _with_children(
         _code(CAD_SUMMARY, SUCCEEDED_WITH_FINDINGS if marked else SUCCEEDED_WITHOUT_FINDINGS,
               Relation.CONTAINS),
-        [_text(IMPRESSION_DESCRIPTION, _overall_description(result, model, len(marked)),
+        [_text(IMPRESSION_DESCRIPTION, _overall_description(result, model, len(marked),
+                                                            outside_domain),
                Relation.HAS_PROPERTIES),
          *_algorithm(model, Relation.HAS_PROPERTIES),
          *impressions])

@@ -178,6 +178,8 @@ def write_outputs(
                                   series_uid=str(dataset.SeriesInstanceUID)))
 
     headers = [v.header for v in views]
+    reasons = {uid: [f.split(":", 1)[1] for f in flags]
+               for uid, flags in (outside_domain or {}).items()}
     # One definition of the findings for every object that shows them (pipelines/findings.py).
     findings = [find_findings(heatmap, identity.operating_point) for heatmap in heatmaps]
     segs: list[Dataset] = []
@@ -195,12 +197,12 @@ def write_outputs(
         _save("sr", "sr.dcm", build_sr(
             headers, result, identity, spec, heatmaps=dict(zip(by_uid, heatmaps, strict=True)),
             findings=dict(zip(by_uid, findings, strict=True)), seg_refs=segs,
-            outside_domain={uid: [f.split(":", 1)[1] for f in flags]
-                            for uid, flags in (outside_domain or {}).items()}))
+            outside_domain=reasons))
     if cfg.cad_sr.enabled and "cad_sr" in wanted:
         spec = OutputSpec(cfg.cad_sr.series_number, cfg.cad_sr.series_description, cfg.uid_root,
                           software_version=software_version())
-        _save("cad_sr", "cad-sr.dcm", build_cad_sr(headers, result, findings, identity, spec))
+        _save("cad_sr", "cad-sr.dcm",
+              build_cad_sr(headers, result, findings, identity, spec, reasons))
     return tuple(outputs)
 
 

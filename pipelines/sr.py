@@ -64,7 +64,7 @@ from pydicom.sr.coding import Code
 from node.uids import derive_uid
 from node.version import software_version
 from node.vocabulary import SEGMENTATION
-from pipelines.attribution import RESEARCH_USE_LABEL, contributing_equipment, series_description
+from pipelines.attribution import RESEARCH_USE_LABEL, contributing_equipment, domain_texts, series_description
 from pipelines.findings import Finding, find_findings
 from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult, ViewScore
 from pipelines.source_values import carry_source_values, highdicom_safe
@@ -196,27 +196,6 @@ def _summary_texts(result: StudyResult, model: ModelIdentity) -> list[str]:
     return texts
 
 
-# `pipelines/quality.py` outside_domain reasons, as a reader would say them
-DOMAIN_REASONS = {
-    "modality": "modality", "pixel_spacing": "pixel size",
-    "pixel_spacing_missing": "no pixel size in the header", "view": "view",
-    "photometric": "photometric interpretation", "presentation_intent": "For Processing image",
-}
-
-
-def _domain_texts(result: StudyResult, outside_domain: Mapping[str, Sequence[str]]) -> list[str]:
-    """One sentence per scored view outside the model's declared domain, so the reader of the
-    report knows which scores come from images the model was not trained on."""
-    texts = []
-    for view in result.views:
-        reasons = outside_domain.get(view.sop_uid)
-        if reasons:
-            said = ", ".join(DOMAIN_REASONS.get(r, r) for r in reasons)
-            texts.append(f"{view.view_key}: outside the model's declared domain ({said}); its "
-                         "score was not validated on such images")
-    return texts
-
-
 def _qualitative_evaluations(texts: Sequence[str]) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12: the report-level Qualitative Evaluations, as TEXT items."""
     container = hd.sr.ContainerContentItem(
@@ -334,7 +313,7 @@ def build_sr(
     content = report[0]
     content.ContentSequence.append(
         _qualitative_evaluations([RESEARCH_USE_LABEL, *_summary_texts(result, model),
-                                  *_domain_texts(result, outside_domain or {})]))
+                                  *domain_texts(result, outside_domain or {})]))
     sr = hd.sr.Comprehensive3DSR(
         # highdicom reads the patient and study from the first evidence; see source_values.py.
         evidence=[*(highdicom_safe(s) for s in sources), *seg_refs],

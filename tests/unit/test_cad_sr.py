@@ -247,3 +247,19 @@ def test_carries_the_patient_name_as_received(sources: list[Dataset], tmp_path: 
     assert report["PatientName"].value == named[0]["PatientName"].value
     if isinstance(name, str):  # dciodvfy rightly flags the source's second value, so not then
         assert_dciodvfy_clean(data, tmp_path / "named.dcm", allowed_warnings=set())
+
+
+def test_views_outside_the_domain_are_named_in_the_impression(sources: list[Dataset],
+                                                              tmp_path: Path) -> None:
+    result = _result(sources)
+    flagged = result.views[0]
+    data = to_bytes(build_cad_sr(sources, result, _findings(_heatmaps(result)), MODEL, SPEC,
+                                 {flagged.sop_uid: ["pixel_spacing"]}))
+    report = dcmread(io.BytesIO(data))
+    [summary] = _children(report, "111017")
+    [description] = _children(summary, "111033")
+    assert description.TextValue.endswith(
+        f" {flagged.view_key}: outside the model's declared domain (pixel size); its score was "
+        "not validated on such images.")
+    assert description.TextValue.count("declared domain") == 1
+    assert_dciodvfy_clean(data, tmp_path / "outside.dcm", allowed_warnings=set())
