@@ -46,6 +46,11 @@ def _print_scores(scores: dict, operating_point: float | None) -> None:
         print(f"  views missing: {', '.join(scores['missing_views'])}")
     for mark in scores.get("findings", []):  # regions at or above the operating point
         print(f"  {'finding':<8} {mark['view']:<8} {mark['score'] or 0:>11.3f}  (region peak)")
+    caveats = [text for text in scores.get("texts", []) if "declared domain" in text]
+    if caveats:  # the SR's own words for the views the model was not trained on
+        print("The SR's caveats (this synthetic digital study is not what the model was trained on)")
+        for text in caveats:
+            print(f"  {text}")
 
 
 def run_demo(work_dir: Path, keep: bool) -> int:

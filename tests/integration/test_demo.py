@@ -56,6 +56,10 @@ def test_demo_keeps_the_study_browsable_in_ohif_then_stops_everything_on_ctrl_c(
             assert level in out
         assert out.count("SEG: ") == 4 and out.count("SR : ") == 1
         assert "the PACS sends it to the node" in out  # the hospital flow, not storescu
+        # the demo's digital CC and MLO views are outside the bundle's declared domain (film MLO),
+        # and the SR says so for each of them
+        for view_key in ("R-CC", "L-CC", "R-MLO", "L-MLO"):
+            assert f"  {view_key}: outside the model's declared domain (" in out, out[-3000:]
 
         # While --keep runs, the printed URL opens the study in OHIF, and OHIF's DICOMweb
         # (proxied to Orthanc) holds the images and the results side by side in one study.
