@@ -2,8 +2,9 @@
 
 One place for the label and the Contributing Equipment item, so the SR, the CAD SR, the SEGs and
 the Secondary Capture overlay say the same thing (PS3.3 C.12.1: Contributing Equipment Sequence,
-purpose "Processing Equipment"), and for the sentences the two SRs give each view outside the
-model's declared domain.
+purpose "Processing Equipment"), and for what they say of a view outside the model's declared
+domain: a sentence in both SRs, "outside domain" in its SEGs' series description, a burned-in
+line on its overlay.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pipelines.results import ModelIdentity, StudyResult
 RESEARCH_USE_LABEL = "Research use only, not for diagnosis"
 MANUFACTURER = "mammo-node"
 PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")
+OUTSIDE_DOMAIN = "outside domain"  # in a series description: see series_description
 
 
 def contributing_equipment(identity: ModelIdentity) -> Sequence:
@@ -36,12 +38,22 @@ def contributing_equipment(identity: ModelIdentity) -> Sequence:
     return Sequence([item])
 
 
-def series_description(description: str) -> str:
-    """A series description that says research use only (LO: at most 64 characters)."""
-    suffix = " - research use only"
-    if "research use only" in description.lower():
-        return description[:64]
-    return (description[: 64 - len(suffix)] + suffix)[:64]
+def series_description(description: str, view_key: str | None = None,
+                       outside_domain: bool = False) -> str:
+    """A series description that says research use only (LO: at most 64 characters).
+
+    A series of one view's objects (the SEGs) starts with the view, and with "outside domain"
+    when that image is outside the model's declared domain ("L-CC outside domain: AI suspicious
+    regions - research use only"): the series list is what every viewer shows, OHIF included,
+    and OHIF's cuts a description after about 23 characters. The configured text is what gets
+    shortened (at a word) to fit, never the view, the caveat or the label.
+    """
+    suffix = "" if "research use only" in description.lower() else " - research use only"
+    head = f"{view_key}{' ' + OUTSIDE_DOMAIN if outside_domain else ''}: " if view_key else ""
+    room = 64 - len(head) - len(suffix)
+    if len(description) > room:
+        description = description[:room + 1].rsplit(" ", 1)[0][:room]
+    return (head + description.rstrip() + suffix)[:64]
 
 
 # `pipelines/quality.py` outside_domain reasons, as a reader would say them
@@ -52,14 +64,15 @@ DOMAIN_REASONS = {
 }
 
 
+def domain_caveat(view_key: str, reasons: Seq[str]) -> str:
+    """"L-CC: outside the model's declared domain (pixel size, view)"."""
+    said = ", ".join(DOMAIN_REASONS.get(r, r) for r in reasons)
+    return f"{view_key}: outside the model's declared domain ({said})"
+
+
 def domain_texts(result: StudyResult, outside_domain: Mapping[str, Seq[str]]) -> list[str]:
     """One sentence per scored view outside the model's declared domain, so the reader of the
     report knows which scores come from images the model was not trained on."""
-    texts = []
-    for view in result.views:
-        reasons = outside_domain.get(view.sop_uid)
-        if reasons:
-            said = ", ".join(DOMAIN_REASONS.get(r, r) for r in reasons)
-            texts.append(f"{view.view_key}: outside the model's declared domain ({said}); its "
-                         "score was not validated on such images")
-    return texts
+    return [f"{domain_caveat(view.view_key, outside_domain[view.sop_uid])}; its score was not "
+            "validated on such images"
+            for view in result.views if outside_domain.get(view.sop_uid)]

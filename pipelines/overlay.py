@@ -4,8 +4,10 @@ For sites whose PACS or viewer shows neither SR marks nor SEGs: a reduced copy o
 view (longest side at most `outputs.sc.max_side_px`), 8-bit RGB, with the heatmap blended in
 colour, the findings (`pipelines/findings.py`, the same regions the SRs and the binary SEG
 carry) outlined and numbered with their score, and the label "AI output - research use only,
-not for diagnosis" burned in (Burned In Annotation YES). One Secondary Capture Image per view,
-in its own series, uncompressed (Orthanc serves it to web viewers without transcoding).
+not for diagnosis" burned in (Burned In Annotation YES), with a line under it when the view is
+outside the model's declared domain ("L-CC: outside the model's declared domain (pixel size)").
+One Secondary Capture Image per view, in its own series, uncompressed (Orthanc serves it to web
+viewers without transcoding).
 
 The pixels given are the worker's decoded image in MONOCHROME2 sense and in the *source's*
 orientation (the caller undoes the model orientation), so the picture looks like the image it
@@ -57,9 +59,23 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+             width: float) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken between words."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def render_overlay(pixels: npt.NDArray[np.number[Any]], heatmap: npt.NDArray[np.floating],
-                   findings: Sequence[Finding], max_side_px: int) -> npt.NDArray[np.uint8]:
-    """The RGB picture (rows, columns, 3): reduced grey image, heat tint, marks, label."""
+                   findings: Sequence[Finding], max_side_px: int,
+                   notes: Sequence[str] = ()) -> npt.NDArray[np.uint8]:
+    """The RGB picture (rows, columns, 3): reduced grey image, heat tint, marks, label, and
+    under the label each of `notes` (e.g. that the image is outside the model's domain)."""
     rows, cols = pixels.shape
     if heatmap.shape != (rows, cols):
         raise ValueError(f"heatmap shape {heatmap.shape} differs from the image's {(rows, cols)}")
@@ -83,21 +99,30 @@ def render_overlay(pixels: npt.NDArray[np.number[Any]], heatmap: npt.NDArray[np.
                   font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     label_font = _font(max(12, round(max(size) / 40)))
     margin = max(4, round(max(size) / 100))
-    left, top, right, bottom = draw.textbbox((margin, margin), BURNED_IN_LABEL, font=label_font)
-    draw.rectangle((left - margin // 2, top - margin // 2, right + margin // 2,
-                    bottom + margin // 2), fill=(0, 0, 0))
-    draw.text((margin, margin), BURNED_IN_LABEL, fill=LABEL_COLOUR, font=label_font)
+    top = margin
+    for index, text in enumerate([BURNED_IN_LABEL, *notes]):
+        lines = [text] if index == 0 else _wrapped(draw, text, label_font, size[0] - 2 * margin)
+        for line in lines:
+            left, line_top, right, bottom = draw.textbbox((margin, top), line, font=label_font)
+            draw.rectangle((left - margin // 2, line_top - margin // 2, right + margin // 2,
+                            bottom + margin // 2), fill=(0, 0, 0))
+            draw.text((margin, top), line, fill=LABEL_COLOUR, font=label_font)
+            top = bottom + margin // 2
     return np.asarray(image, dtype=np.uint8)
 
 
 def build_overlay(source: Dataset, pixels: npt.NDArray[np.number[Any]],
                   heatmap: npt.NDArray[np.floating], findings: Sequence[Finding],
-                  model: ModelIdentity, output: OutputSpec, max_side_px: int) -> Dataset:
-    """A Secondary Capture Image of `source` with the overlay; deterministic UIDs."""
+                  model: ModelIdentity, output: OutputSpec, max_side_px: int,
+                  caveat: str | None = None) -> Dataset:
+    """A Secondary Capture Image of `source` with the overlay; deterministic UIDs. `caveat`
+    (`pipelines/attribution.py:domain_caveat`, for an image outside the model's declared domain)
+    is burned in under the label and said in the Derivation Description."""
     rows, cols = int(source.Rows), int(source.Columns)
     if pixels.shape != (rows, cols):
         raise ValueError(f"pixels shape {pixels.shape} differs from the source's Rows x Columns")
-    picture = render_overlay(pixels, heatmap, findings, max_side_px)
+    picture = render_overlay(pixels, heatmap, findings, max_side_px,
+                             [caveat] if caveat else [])
     orientation = source.get("PatientOrientation")
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=highdicom_safe(source),  # values carried back below (source_values.py)
@@ -117,7 +142,7 @@ def build_overlay(source: Dataset, pixels: npt.NDArray[np.number[Any]],
         laterality=_laterality(source),
         transfer_syntax_uid=EXPLICIT_VR_LITTLE_ENDIAN,
     )
-    _describe(sc, source, model, output, picture.shape[:2], (rows, cols))
+    _describe(sc, source, model, output, picture.shape[:2], (rows, cols), caveat)
     carry_source_values(source, sc)
     return sc
 
@@ -128,14 +153,15 @@ def _laterality(source: Dataset) -> str | None:
 
 
 def _describe(sc: Dataset, source: Dataset, model: ModelIdentity, output: OutputSpec,
-              shape: tuple[int, ...], source_shape: tuple[int, int]) -> None:
+              shape: tuple[int, ...], source_shape: tuple[int, int],
+              caveat: str | None = None) -> None:
     """What says where the picture comes from and that it is AI output for research use."""
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = series_description(output.series_description)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = (f"Reduced copy of the source image with the heatmap and findings "
                                 f"of model {model.name} {model.version} burned in. "
-                                f"{BURNED_IN_LABEL}.")[:1024]
+                                f"{BURNED_IN_LABEL}." + (f" {caveat}." if caveat else ""))[:1024]
     sc.ManufacturerModelName = model.name[:64]
     sc.SoftwareVersions = output.software_version[:64]
     if "BodyPartExamined" in source:

@@ -57,6 +57,7 @@ from node.settings import IMPLICIT_PIPELINE, DicomWebDestination, ResultObject, 
 from node.spool import Spool
 from node.stow import stow_files
 from node.version import software_version
+from pipelines.attribution import domain_caveat
 from pipelines.cad_sr import build_cad_sr
 from pipelines.findings import Finding, find_findings
 from pipelines.overlay import build_overlay
@@ -165,7 +166,7 @@ def write_outputs(
 ) -> tuple[OutputFile, ...]:
     """Build the SR, the SEGs (and the opt-in overlays) of the scored images; files under
     out_dir, described for the record. `outside_domain` (SOP Instance UID -> outside_domain
-    flags) is said in the SR's text."""
+    flags) is said in both SRs' text, the SEGs' series descriptions and the overlays."""
     out_dir.mkdir(exist_ok=True)
     outputs: list[OutputFile] = []
     cfg = settings.outputs
@@ -184,7 +185,8 @@ def write_outputs(
     findings = [find_findings(heatmap, identity.operating_point) for heatmap in heatmaps]
     segs: list[Dataset] = []
     wanted = wanted_objects(settings)
-    for kind, name, dataset in _heatmap_objects(settings, views, heatmaps, findings, identity):
+    for kind, name, dataset in _heatmap_objects(settings, views, heatmaps, findings, identity,
+                                                reasons):
         if kind not in wanted:
             continue
         _save(kind, name, dataset)
@@ -219,9 +221,12 @@ def wanted_objects(settings: Settings) -> frozenset[str]:
 def _heatmap_objects(
     settings: Settings, views: list[LoadedView], heatmaps: list[np.ndarray],
     findings: list[tuple[Finding, ...]], identity: ModelIdentity,
+    outside_domain: Mapping[str, Sequence[str]],
 ) -> list[tuple[Literal["seg", "sc"], str, Dataset]]:
     """The SEGs (`outputs.seg.kind`: binary, fractional or both) and the Secondary Capture
-    overlays (`outputs.sc.enabled`) of the scored images, with their file names."""
+    overlays (`outputs.sc.enabled`) of the scored images, with their file names; each names its
+    view and says when it is outside the model's domain (`outside_domain`: SOP Instance UID ->
+    reasons)."""
     cfg = settings.outputs
     objects: list[tuple[Literal["seg", "sc"], str, Dataset]] = []
     wanted = wanted_objects(settings)  # what no destination gets is not even built
@@ -235,17 +240,19 @@ def _heatmap_objects(
                          software_version=version)
     for index, (view, heatmap, found) in enumerate(zip(views, heatmaps, findings, strict=True)):
         stem = f"{index + 1}-{view.entry.view_key}"
+        reasons = outside_domain.get(view.entry.sop_uid, ())
         if write_segs and cfg.seg.kind in ("binary", "both"):
-            objects.append(("seg", f"seg-{stem}.dcm",
-                            build_binary_seg(view.header, found, identity, regions)))
+            objects.append(("seg", f"seg-{stem}.dcm", build_binary_seg(
+                view.header, found, identity, regions, view.entry.view_key, reasons)))
         if write_segs and cfg.seg.kind in ("fractional", "both"):
-            objects.append(("seg", f"seg-map-{stem}.dcm",
-                            build_seg(view.header, heatmap, identity, maps)))
+            objects.append(("seg", f"seg-map-{stem}.dcm", build_seg(
+                view.header, heatmap, identity, maps, view.entry.view_key, reasons)))
         if cfg.sc.enabled and "sc" in wanted:
             # The worker's pixels are in the model's orientation; the flips are their own inverse.
             pixels = view.orientation.apply(view.pixels)
             objects.append(("sc", f"sc-{stem}.dcm", build_overlay(
-                view.header, pixels, heatmap, found, identity, overlay, cfg.sc.max_side_px)))
+                view.header, pixels, heatmap, found, identity, overlay, cfg.sc.max_side_px,
+                domain_caveat(view.entry.view_key, reasons) if reasons else None)))
     return objects
 
 

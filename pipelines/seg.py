@@ -20,8 +20,10 @@ highdicom's defaults are not enough for a 2-D mammography SEG; filled from the s
   SEG, against PS3.6's 2, so it is not copied).
 - Image Laterality (General Image, Type 3): pixelmed requires laterality on a SEG of a paired
   body part, dciodvfy refuses the series-level Laterality on it; Image Laterality satisfies both.
-- Contributing Equipment (model and software version) and a "research use only" series
-  description (`pipelines/attribution.py`).
+- Contributing Equipment (model and software version) and a series description that starts with
+  the view and "outside domain" when the image is outside the model's declared domain (OHIF
+  shows the series list, not the SR's text) and says "research use only"
+  (`pipelines/attribution.py`).
 The heatmap must already be on the source's Rows x Columns: highdicom cannot write another grid
 without a Frame of Reference.
 """
@@ -96,8 +98,11 @@ def _segment(label: str, model: ModelIdentity,
     )
 
 
-def _common(source: Dataset, model: ModelIdentity, output: OutputSpec) -> dict[str, object]:
-    """What both kinds share: identity, equipment, geometry of the source."""
+def _common(source: Dataset, model: ModelIdentity, output: OutputSpec, view_key: str | None,
+            outside_domain: Sequence[str]) -> dict[str, object]:
+    """What both kinds share: identity, equipment, geometry of the source, and a series
+    description naming the view (each SEG is its own series) and whether the image is outside
+    the model's declared domain (`pipelines/attribution.py`)."""
     spacing = _pixel_spacing(source)
     return {
         # highdicom reads patient and study from this copy; the received values are carried
@@ -113,15 +118,18 @@ def _common(source: Dataset, model: ModelIdentity, output: OutputSpec) -> dict[s
                                                     slice_thickness=_thickness_mm(source))
                            if spacing else None),
         "omit_empty_frames": False,
-        "series_description": series_description(output.series_description),
+        "series_description": series_description(output.series_description, view_key,
+                                                 outside_domain=bool(outside_domain)),
     }
 
 
 def build_seg(
-    source: Dataset, heatmap: np.ndarray, model: ModelIdentity, output: OutputSpec
+    source: Dataset, heatmap: np.ndarray, model: ModelIdentity, output: OutputSpec,
+    view_key: str | None = None, outside_domain: Sequence[str] = (),
 ) -> hd.seg.Segmentation:
     """One-segment fractional SEG of `source` (the full map); deterministic UIDs from the source
-    and model."""
+    and model. `view_key` ("L-CC") and `outside_domain` (the image's outside_domain reasons,
+    `pipelines/quality.py`) go into the series description."""
     _check_grid(source, heatmap)
     if not np.isfinite(heatmap).all():
         raise ValueError("heatmap contains NaN or infinite values")
@@ -138,17 +146,19 @@ def build_seg(
         transfer_syntax_uid=SEGMENTATION_TRANSFER_SYNTAX,
         content_label="HEATMAP",
         content_description=f"Suspicion heatmap, {model.name} {model.version}"[:64],
-        **_common(source, model, output),  # type: ignore[arg-type]
+        **_common(source, model, output, view_key, outside_domain),  # type: ignore[arg-type]
     )
     _fill_from_source(seg, source, model)
     return seg
 
 
 def build_binary_seg(
-    source: Dataset, findings: Sequence[Finding], model: ModelIdentity, output: OutputSpec
+    source: Dataset, findings: Sequence[Finding], model: ModelIdentity, output: OutputSpec,
+    view_key: str | None = None, outside_domain: Sequence[str] = (),
 ) -> hd.seg.Segmentation:
     """One-segment binary SEG of `source`: the union of the findings' regions (empty when there
-    is none). Deterministic UIDs from the source and model (the operating point is the model's)."""
+    is none). Deterministic UIDs from the source and model (the operating point is the model's).
+    `view_key` and `outside_domain` go into the series description, as for `build_seg`."""
     mask = np.zeros((int(source.Rows), int(source.Columns)), dtype=bool)
     for finding in findings:
         _check_grid(source, finding.mask)
@@ -169,7 +179,7 @@ def build_binary_seg(
         transfer_syntax_uid=EXPLICIT_VR_LITTLE_ENDIAN,
         content_label="REGIONS",
         content_description=f"{found} at or above {threshold}"[:64],
-        **_common(source, model, output),  # type: ignore[arg-type]
+        **_common(source, model, output, view_key, outside_domain),  # type: ignore[arg-type]
     )
     _fill_from_source(seg, source, model)
     return seg

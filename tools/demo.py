@@ -51,6 +51,7 @@ def _print_scores(scores: dict, operating_point: float | None) -> None:
         print("The SR's caveats (this synthetic digital study is not what the model was trained on)")
         for text in caveats:
             print(f"  {text}")
+        print("  (in OHIF: those views' SEG series read \"<view> outside domain: ...\" in the list)")
 
 
 def run_demo(work_dir: Path, keep: bool) -> int:

@@ -115,6 +115,10 @@ def test_screening_study_scored_and_results_stored_in_pacs(stack: NodeStack, tmp
         assert seg.SegmentationType == "BINARY"
         assert seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert read_seg_regions(seg).shape == (ROWS, COLS)
+        # its series (one per image) names the view, and says so when it is a flagged one
+        key = sources[source_uid].stem  # make_study names each file by its view
+        said = f"{key} outside domain: " if key in flagged else f"{key}: "
+        assert seg.SeriesDescription.startswith(said), seg.SeriesDescription
         errors, _ = run_dciodvfy(seg_path)
         assert errors == [], errors
     assert seen_sources == set(sources)

@@ -261,3 +261,23 @@ def test_ohif_draws_the_heatmap_overlay_inside_the_breast_at_the_peak(
     change_outside = np.abs(_patch(after, *outside_after) - _patch(before, *outside_before)).mean()
     assert change_at_peak > OVERLAY_MIN_CHANGE, change_at_peak
     assert change_outside < BACKGROUND_MAX_CHANGE, change_outside
+
+
+def test_ohif_lists_each_view_outside_the_models_domain_as_such(session: ViewerSession) -> None:
+    """OHIF 3.13's SR view draws the measurement groups only, not the SR's text, so the caveat
+    for a view the model was not trained on (this synthetic digital study's views) is in what
+    OHIF does show: the series list, where each view's SEG is its own series."""
+    flagged = {i["sop_uid"] for i in session.record["inputs"]
+               if any(f.startswith("outside_domain:") for f in i.get("quality_flags") or [])}
+    assert flagged  # ~0.2 mm digital pixels and CC views: outside the film-MLO bundle's domain
+    segs = session.result["segDisplaySets"]
+    assert {uid for ds in segs for uid in ds["referencedSopUids"]} == session.source_sop_uids
+    shown = {t["text"].strip(): t["shown"] for t in session.result["shownTexts"]}
+    for ds in segs:
+        [source_uid] = ds["referencedSopUids"]
+        said = "outside domain" in ds["description"]
+        assert said == (source_uid in flagged), ds
+        # ... on screen: the study browser cuts the description after ~23 characters, so the
+        # view and the caveat come first (screenshot 04-seg)
+        assert ds["description"] in shown, ds["description"]
+        assert ("outside domain" in shown[ds["description"]]) == said, shown[ds["description"]]

@@ -47,6 +47,41 @@ function displaySets(page) {
   })));
 }
 
+// What is on screen of each text on the page. The study browser cuts a long series description
+// with an ellipsis (CSS), and innerText still has it whole: the part shown is the longest prefix
+// that ends left of the nearest clipping box (less the ellipsis when the text is cut).
+function shownTexts() {
+  const out = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const text = node.textContent;
+    if (!text || !text.trim() || !node.parentElement) continue;
+    let clip = Infinity;
+    for (let el = node.parentElement; el && el !== document.body; el = el.parentElement) {
+      if (getComputedStyle(el).overflowX !== 'visible') {
+        clip = Math.min(clip, el.getBoundingClientRect().right);
+      }
+    }
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    if (range.getBoundingClientRect().width === 0) continue;
+    const cut = range.getBoundingClientRect().right > clip + 0.5;
+    const edge = cut ? clip - 12 : Infinity;  // room for the ellipsis
+    let shown = text.length;
+    if (cut) {
+      shown = 0;
+      for (let k = 1; k <= text.length; k++) {
+        range.setStart(node, 0);
+        range.setEnd(node, k);
+        if (range.getBoundingClientRect().right > edge) break;
+        shown = k;
+      }
+    }
+    out.push({ text, shown: text.slice(0, shown), cut });
+  }
+  return out;
+}
+
 // Where source pixel (row, col) is on the page now: image -> world -> canvas (CSS px) -> page.
 function pageCoordinates(page, points) {
   return page.evaluate(pts => {
@@ -170,6 +205,7 @@ async function main() {
     }).catch(err => { result.srWait = err.message; });
     await settle(3000);
     result.srText = await page.evaluate(() => document.body.innerText);
+    result.shownTexts = await page.evaluate(shownTexts);
     result.srViewportText = await page.evaluate(() => {
       const pane = document.querySelector('[data-cy="viewport-pane"]');
       return pane ? Array.from(pane.querySelectorAll('svg text')).map(t => t.textContent).join('\n') : '';

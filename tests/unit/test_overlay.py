@@ -79,6 +79,25 @@ def test_without_findings_there_is_no_mark(view: tuple[Dataset, np.ndarray, np.n
     assert not _near(picture[60:, :], MARK_COLOUR).any()
 
 
+def test_a_view_outside_the_domain_says_so_under_the_label(
+    view: tuple[Dataset, np.ndarray, np.ndarray]
+) -> None:
+    source, pixels, heatmap = view
+    caveat = "R-MLO: outside the model's declared domain (pixel size, view)"
+    plain = render_overlay(pixels, heatmap, (), max_side_px=600)
+    noted = render_overlay(pixels, heatmap, (), max_side_px=600, notes=[caveat])
+    label_rows = np.nonzero(_near(plain, LABEL_COLOUR).any(axis=1))[0]
+    below = slice(label_rows.max() + 2, label_rows.max() + 120)
+    assert not _near(plain[below], LABEL_COLOUR).any()
+    text = _near(noted[below], LABEL_COLOUR)
+    assert text.sum() > 100  # the caveat, in the label's colour, under it ...
+    assert not _near(noted[:, 470:], LABEL_COLOUR).any()  # ... wrapped inside the picture
+    np.testing.assert_array_equal(noted[200:], plain[200:])  # the image below is untouched
+    sc = build_overlay(source, pixels, heatmap, (), MODEL, SPEC, 600, caveat)
+    assert sc.DerivationDescription.endswith(f"{caveat}.")
+    assert np.array_equal(sc.pixel_array, noted)
+
+
 def test_small_image_is_not_enlarged(view: tuple[Dataset, np.ndarray, np.ndarray]) -> None:
     _, pixels, heatmap = view
     assert render_overlay(pixels, heatmap, (), max_side_px=4096).shape == (ROWS, COLS, 3)
@@ -205,3 +224,30 @@ def test_write_outputs_writes_the_objects_each_setting_asks_for(tmp_path: Path) 
         same = np.corrcoef(grey, stored[untinted])[0, 1]
         mirrored = np.corrcoef(grey, stored[:, ::-1][untinted])[0, 1]
         assert same > 0.9 and same > mirrored + 0.2, (key, same, mirrored)
+
+
+def test_write_outputs_marks_the_views_outside_the_domain_in_each_object(tmp_path: Path) -> None:
+    """The worker's outside_domain flags reach every object a viewer lists per view: the SEGs'
+    series descriptions and the overlay's burned-in caveat (the SRs' sentences: test_sr)."""
+    paths = make_study(tmp_path / "study", views=["R-CC", "L-CC"], rows=240, cols=192, seed=33)
+    views = spooled_views(tmp_path, paths)
+    result, heatmaps = score_views(views, _BlobInTheBreast(), str(views[0].header.StudyInstanceUID))
+    flagged = next(v for v in views if v.entry.view_key == "L-CC")
+    outputs = write_outputs(
+        make_settings(tmp_path / "s", outputs={"seg": {"kind": "both"}, "sc": {"enabled": True}}),
+        views, result, heatmaps, MODEL, tmp_path / "out",
+        outside_domain={flagged.entry.sop_uid: ["outside_domain:pixel_spacing",
+                                                "outside_domain:view"]})
+    written = [dcmread(tmp_path / "out" / Path(o.file).name) for o in outputs
+               if o.kind in ("seg", "sc")]
+    for ds in written:
+        source = (ds.SourceImageSequence[0] if ds.Modality == "OT"  # the overlay
+                  else ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0])
+        is_flagged = source.ReferencedSOPInstanceUID == flagged.entry.sop_uid
+        if ds.Modality == "SEG":
+            key = "L-CC outside domain:" if is_flagged else "R-CC:"
+            assert ds.SeriesDescription.startswith(key), ds.SeriesDescription
+        else:
+            said = "L-CC: outside the model's declared domain (pixel size, view)."
+            assert (said in ds.DerivationDescription) == is_flagged, ds.DerivationDescription
+    assert sorted(ds.Modality for ds in written) == ["OT", "OT", "SEG", "SEG", "SEG", "SEG"]

@@ -14,6 +14,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from node.version import software_version
+from pipelines.attribution import series_description
 from pipelines.findings import find_findings
 from pipelines.results import ModelIdentity, OutputSpec
 from pipelines.seg import (
@@ -159,6 +160,41 @@ def test_labelled_and_attributed(binary: tuple[Dataset, np.ndarray, bytes],
     fractional = build_seg(sources["R-CC"], _heatmap(sources["R-CC"]), MODEL, SPEC)
     assert fractional.SeriesDescription == "AI suspicion heatmap - research use only"
     assert fractional.ContributingEquipmentSequence[0].ManufacturerModelName == MODEL.name
+
+
+@pytest.mark.requires_bin("dciodvfy")
+def test_series_description_names_the_view_and_says_when_it_is_outside_the_domain(
+        sources: dict[str, Dataset], tmp_path: Path) -> None:
+    """Each SEG is its own series, and OHIF lists series by description, not the SR's text: the
+    description is where a viewer shows which view a map is of and that the model was not
+    trained on such an image, first, as OHIF's series list cuts the rest."""
+    source = sources["L-CC"]
+    found = find_findings(_two_blobs(source), MODEL.operating_point)
+    inside = build_binary_seg(source, found, MODEL, REGIONS, "L-CC")
+    outside = build_binary_seg(source, found, MODEL, REGIONS, "L-CC", ["pixel_spacing", "view"])
+    fractional = build_seg(source, _heatmap(source), MODEL, SPEC, "L-CC", ["modality"])
+    assert inside.SeriesDescription == "L-CC: AI suspicious regions - research use only"
+    assert outside.SeriesDescription == ("L-CC outside domain: AI suspicious regions - research "
+                                         "use only")
+    assert fractional.SeriesDescription == ("L-CC outside domain: AI suspicion heatmap - research "
+                                            "use only")
+    # the same object otherwise: a caveat does not make it another instance
+    assert outside.SOPInstanceUID == inside.SOPInstanceUID
+    assert_dciodvfy_clean(to_bytes(outside), tmp_path / "outside.dcm", ALLOWED_WARNINGS)
+
+
+def test_a_long_configured_description_gives_way_to_the_view_and_the_caveat() -> None:
+    for configured in ("Heatmaps of the suspicion model for the screening reading room",
+                       "x" * 80, "AI regions - Research Use Only"):
+        for view_key, outside in (("R-MLO", True), ("L-CC", False), (None, False)):
+            text = series_description(configured, view_key, outside_domain=outside)
+            assert len(text) <= 64, text
+            assert text.lower().count("research use only") == 1, text
+            assert text.startswith(f"{view_key} outside domain: ") == outside, text
+            assert view_key is None or text.startswith(view_key), text
+    assert series_description("Heatmaps of the suspicion model for the screening reading room",
+                              "R-MLO", outside_domain=True) == (
+        "R-MLO outside domain: Heatmaps of the - research use only")
 
 
 @pytest.mark.parametrize("view_key", ["R-CC", "L-MLO"])
