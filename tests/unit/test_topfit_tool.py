@@ -1,0 +1,119 @@
+"""tools/model/topfit.py: the trunk's stride-32 stage fine-tuned with a cell head, on a small
+synthetic feature cache written as `cells extract` writes one (the real run needs mini-MIAS)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tools.model import topfit
+from tools.model.cells import Features, LiteTrunk, fit_cells
+
+BUNDLE = Path(__file__).resolve().parents[2] / "models" / "mias-baseline"
+GRID16 = (12, 8)  # stride-16 cells of the canvas
+WOMEN = 6
+
+
+def _write_cache(folder: Path) -> Path:
+    """Two breasts per woman, content boxes of different sizes, lesion cells with their own
+    feature direction on the abnormal films; stride-32 maps from the real (frozen) stage."""
+    rng = np.random.default_rng(5)
+    stage = LiteTrunk("efficientnet-lite0").blocks32
+    direction = rng.normal(size=(112, 1, 1)).astype(np.float32)
+    f16s, f32s, m16s, m32s, l16s, l32s, info = [], [], [], [], [], [], []
+    for n in range(2 * WOMEN):
+        h, w = (12, 8) if n % 3 else (8, 6)  # content box in stride-16 cells (even)
+        abnormal = n % 4 == 1
+        f16 = np.zeros((112, *GRID16), np.float32)
+        f16[:, :h, :w] = rng.normal(scale=0.5, size=(112, h, w))
+        label16 = np.zeros(GRID16, np.int8)
+        lesions = []
+        if abnormal:
+            r, c = 2 + n % 3, 2
+            label16[r:r + 2, c:c + 2] = 1
+            f16[:, r:r + 2, c:c + 2] += 2.0 * direction
+            lesions = [[(c + 1) * 16.0, (r + 1) * 16.0, 16.0]]
+        f32 = np.zeros((320, GRID16[0] // 2, GRID16[1] // 2), np.float32)
+        with torch.inference_mode():
+            f32[:, :h // 2, :w // 2] = stage(torch.from_numpy(f16[None, :, :h, :w]))[0].numpy()
+        mask16 = np.zeros(GRID16, bool)
+        mask16[:h, :w] = True
+        f16s.append(f16.astype(np.float16))
+        f32s.append(f32.astype(np.float16))
+        m16s.append(mask16)
+        m32s.append(mask16[::2, ::2].copy())
+        l16s.append(label16)
+        l32s.append(label16[::2, ::2].copy())
+        info.append({"id": f"film{n}", "group": f"w{n // 2}", "label": int(abnormal),
+                     "malignant": 0, "laterality": "LR"[n % 2], "flip": 0,
+                     "has_lesions": bool(lesions), "lesions": lesions,
+                     "placement": [0, h * 16, 0, w * 16, h * 16, w * 16]})
+    folder.mkdir()
+    np.savez(folder / "features.npz", f16=np.stack(f16s), f32=np.stack(f32s), m16=np.stack(m16s),
+             m32=np.stack(m32s), l16=np.stack(l16s), l32=np.stack(l32s))
+    (folder / "info.json").write_text(json.dumps({"arch": "efficientnet-lite0", "vflip": False,
+                                                  "images": info}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_cache(tmp_path_factory.mktemp("topfit") / "lite0")
+
+
+def test_the_frozen_stage_on_each_content_box_reproduces_the_cache(cache: Path) -> None:
+    feats = Features.load(cache)
+    boxes = topfit.content_boxes(feats.level["32"])
+    assert boxes[0] == (8, 6) and boxes[1] == (12, 8)
+    maps, mask, label = topfit._level(feats, topfit.HEAD_LEVEL)
+    films = np.arange(len(feats.info))
+    head = fit_cells(maps, mask, label, films, feats.info, topfit.HEAD_L2, 0)
+    again, logits = topfit.recomputed(topfit.TopStage(LiteTrunk("efficientnet-lite0"), head),
+                                      feats, boxes)
+    np.testing.assert_allclose(again.level["32"].astype(np.float32),
+                               feats.level["32"].astype(np.float32), atol=2e-2)
+    np.testing.assert_allclose(logits[mask], head.logits(maps)[mask], atol=2e-2)
+
+
+def test_training_moves_the_stage_and_separates_the_lesion_cells(cache: Path) -> None:
+    feats = Features.load(cache)
+    boxes = topfit.content_boxes(feats.level["32"])
+    films = np.arange(len(feats.info))
+    maps, mask, label = topfit._level(feats, topfit.HEAD_LEVEL)
+    head = fit_cells(maps, mask, label, films, feats.info, 1.0, 0)  # a weak start
+    model = topfit.TopStage(LiteTrunk("efficientnet-lite0"), head)
+    before = [p.detach().clone() for p in model.stage.parameters()]
+    _, start = topfit.recomputed(model, feats, boxes)
+    losses = topfit.train_stage(model, feats, boxes, films, seed=0, epochs=3)
+    _, tuned = topfit.recomputed(model, feats, boxes)
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.stage.parameters(), strict=True))
+
+    def margin(logits: np.ndarray) -> float:
+        return float(logits[label == 1].mean() - logits[(label == 0) & mask].mean())
+
+    assert margin(tuned) > margin(start)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_diagnostic_reports_each_arm_per_fold(cache: Path, tmp_path: Path) -> None:
+    assert topfit.main(["--features", str(cache), "--out", str(tmp_path / "out"),
+                        "--bundle", str(BUNDLE), "--folds", "2", "--epochs", "1",
+                        "--threads", "1"]) == 0
+    report = json.loads((tmp_path / "out" / "topfit.json").read_text())
+    arms = {"frozen shipped", "tuned shipped", "frozen own", "tuned own"}
+    assert set(report["summary"]) == arms
+    assert report["recipe"]["level"] == json.loads((BUNDLE / "metadata.json").read_text())[
+        "training"]["arch_config"]["level"]
+    abnormal_with_circle = sum(1 for n in range(2 * WOMEN) if n % 4 == 1)
+    for arm in arms:
+        assert 0.0 <= report["summary"][arm]["auc"] <= 1.0
+        hit, total = report["summary"][arm]["hits"]
+        assert total == abnormal_with_circle and 0 <= hit <= total
+    assert len(report["per_fold"]) == 2
+    assert all(len(fold["train_loss"]) == 1 for fold in report["per_fold"])

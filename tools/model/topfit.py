@@ -1,0 +1,264 @@
+"""Does fine-tuning the trunk's last stage beat the frozen trunk? An outer-fold diagnostic.
+
+    python -m tools.model.topfit --features build/cells/lite0 --out build/cells/topfit
+
+The bundle's trunk is frozen (`tools/model/cells.py`): ImageNet features, a per-cell head on top.
+This runs the first step past that on a CPU: within each outer training part of one repeat of the
+nested CV's grouped split (`--repeat`; women never cross folds), the trunk's stride-32 stage (the
+blocks after the stride-16 output, 2.26 M of the 2.96 M weights of Lite0's trunk) is trained with a
+per-cell lesion head, from the cached stride-16 maps of `cells extract` (no mirrors), and then:
+
+- **own head**: the jointly trained head's cell logits give the scores (mean of the 3 highest
+  breast cells, minus half the other breast's, the shipped pooling) and the heatmap peak;
+- **shipped recipe, refitted**: the stride-32 maps of every film are recomputed with the trained
+  stage, and the shipped recipe's heads (`models/*/metadata.json`: score head level, L2,
+  pooling, contralateral; heat head level, L2, loss) are fitted on the training part as
+  `cells final` fits them.
+
+Each is compared with the same head on the frozen trunk, fitted on the same films. The schedule
+(`EPOCHS`, learning rates, weight decay) is fixed here before any run and not tuned: nothing is
+chosen on a test fold, and nothing is chosen at all, so this is a diagnostic of one fixed recipe
+(pooled over the outer folds of one repeat), not a nested estimate and not a model to ship.
+
+The stage runs on each film's content box only (the box `cells extract` ran the trunk on), as
+the worker does: on a zero-padded canvas its deeper blocks would see the stage's response to
+zeros beyond the box, not the padding the cached maps were computed with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tools.model.cells import (
+    SEED,
+    CellModel,
+    Features,
+    LiteTrunk,
+    cell_features,
+    film_index,
+    fit_cells,
+    fit_head,
+    image_scores,
+    peak_hits,
+)
+from tools.model.dataset import grouped_folds
+from tools.model.metrics import auc, bootstrap_auc_ci
+
+EPOCHS = 6
+TRUNK_LR = 1e-4
+HEAD_LR = 1e-3
+WEIGHT_DECAY = 1e-2
+HEAD_LEVEL = "16"  # the jointly trained head's cells: stride-16 map + upsampled stride-32 map
+HEAD_L2 = 1e-2  # its starting point: the logistic head fitted on the frozen maps
+
+
+def content_boxes(f32: np.ndarray) -> list[tuple[int, int]]:
+    """Each film's content box in stride-16 cells (rows, columns), from where its cached
+    stride-32 map is non-zero (`cells extract` writes zeros outside the box it ran on)."""
+    boxes = []
+    for maps in f32:
+        inside = np.abs(maps.astype(np.float32)).sum(0) > 0
+        rows, cols = np.nonzero(inside.any(1))[0], np.nonzero(inside.any(0))[0]
+        boxes.append((2 * (int(rows.max()) + 1), 2 * (int(cols.max()) + 1)) if rows.size
+                     else (2, 2))
+    return boxes
+
+
+class TopStage(nn.Module):
+    """The trunk's stride-32 stage with a per-cell logistic head on `HEAD_LEVEL` cells; its batch
+    norms keep their ImageNet statistics (eval mode), as the bundle's folded trunk does."""
+
+    def __init__(self, trunk: LiteTrunk, head: CellModel) -> None:
+        super().__init__()
+        self.stage = trunk.blocks32
+        self.stage.eval()
+        self.register_buffer("mean", torch.from_numpy(head.mean).float().view(1, -1, 1, 1))
+        self.register_buffer("std", torch.from_numpy(head.std).float().view(1, -1, 1, 1))
+        self.head = nn.Conv2d(head.mean.size, 1, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.from_numpy(head.w).float().view(1, -1, 1, 1))
+            self.head.bias.fill_(head.b)
+
+    def maps32(self, f16: torch.Tensor) -> torch.Tensor:
+        return self.stage(f16)
+
+    def forward(self, f16: torch.Tensor) -> torch.Tensor:
+        cells = cell_features(f16, self.stage(f16), HEAD_LEVEL)
+        return self.head((cells - self.mean) / self.std)[:, 0]
+
+
+def _box(feats: Features, i: int, box: tuple[int, int]) -> torch.Tensor:
+    return torch.from_numpy(feats.level["16"][i, :, :box[0], :box[1]].astype(np.float32))[None]
+
+
+def train_stage(model: TopStage, feats: Features, boxes: list[tuple[int, int]],
+                films: np.ndarray, seed: int, epochs: int = EPOCHS) -> list[float]:
+    """Class-balanced cell loss (lesion cells vs every other usable breast cell, films with an
+    abnormality but no circle left out, as `cells.training_cells`), one film per step, AdamW on
+    the stage and the head; the mean loss of each epoch."""
+    mask, label, info = feats.mask["16"], feats.label["16"], feats.info
+    usable = [i for i in films if not (info[i]["label"] == 1 and not info[i]["has_lesions"])]
+    pos = sum(int(((label[i] == 1) & mask[i]).sum()) for i in usable)
+    neg = sum(int(((label[i] == 0) & mask[i]).sum()) for i in usable)
+    pos_weight = torch.tensor(neg / max(pos, 1))
+    optimiser = torch.optim.AdamW([
+        {"params": model.stage.parameters(), "lr": TRUNK_LR},
+        {"params": model.head.parameters(), "lr": HEAD_LR}], weight_decay=WEIGHT_DECAY)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(epochs):
+        total = 0.0
+        for i in rng.permutation(usable):
+            h, w = boxes[i]
+            logits = model(_box(feats, i, boxes[i]))[0]
+            keep = torch.from_numpy(mask[i][:h, :w] & (label[i][:h, :w] >= 0))
+            if not keep.any():
+                continue
+            target = torch.from_numpy((label[i][:h, :w] == 1).astype(np.float32))
+            loss = F.binary_cross_entropy_with_logits(logits[keep], target[keep],
+                                                      pos_weight=pos_weight, reduction="sum")
+            loss = loss / (neg + pos_weight * pos) * len(usable)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach())
+        losses.append(total / max(1, len(usable)))
+    return losses
+
+
+def recomputed(model: TopStage, feats: Features, boxes: list[tuple[int, int]]
+               ) -> tuple[Features, np.ndarray]:
+    """The films' features with the trained stage's stride-32 maps, and the own head's stride-16
+    cell logits (zeros outside the box, where the mask excludes every cell anyway)."""
+    f32 = np.zeros_like(feats.level["32"], dtype=np.float16)
+    grid = feats.level["16"].shape[2:]
+    logits = np.zeros((len(feats.info), *grid), np.float32)
+    with torch.inference_mode():
+        for i, (h, w) in enumerate(boxes):
+            f16 = _box(feats, i, (h, w))
+            f32[i, :, :h // 2, :w // 2] = model.maps32(f16)[0].numpy()
+            logits[i, :h, :w] = model(f16)[0].numpy()
+    return Features({"16": feats.level["16"], "32": f32}, feats.mask, feats.label,
+                    feats.info), logits
+
+
+def _level(feats: Features, level: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    f16 = torch.from_numpy(feats.level["16"]).float()
+    f32 = torch.from_numpy(feats.level["32"]).float()
+    grid = "32" if level == "32" else "16"
+    return cell_features(f16, f32, level).numpy(), feats.mask[grid], feats.label[grid]
+
+
+def shipped_recipe(metadata: dict[str, Any]) -> dict[str, Any]:
+    config = metadata["training"]["arch_config"]
+    return {"level": config["level"], "l2": config["l2"], "pooling": config["pooling"],
+            "contra": config["contralateral"], "heat": config["heat_head"]}
+
+
+def evaluate_fold(feats: Features, train: np.ndarray, test: np.ndarray, recipe: dict[str, Any],
+                  seed: int, own_logits: np.ndarray | None = None
+                  ) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """Test-film scores and lesion hits of the shipped recipe's heads fitted on `train`, and of
+    `own_logits` (a jointly trained head's cells) when given; `feats` has no mirrors, so rows
+    are films."""
+    info_test = [feats.info[i] for i in test]
+    out = {}
+    maps, mask, label = _level(feats, recipe["level"])
+    score_head = fit_cells(maps, mask, label, train, feats.info, recipe["l2"], seed)
+    scores = image_scores(score_head.logits(maps[test]), mask[test], info_test,
+                          recipe["pooling"], recipe["contra"], tta=False)
+    heat = recipe["heat"]
+    hmaps, hmask, hlabel = _level(feats, heat["level"])
+    heat_head = fit_head(hmaps, hmask, hlabel, train, feats.info, heat["l2"], heat["loss"], seed)
+    hit, total, _ = peak_hits(heat_head.logits(hmaps[test]), hmask[test], info_test,
+                              int(heat["level"].rstrip("c")), peak=heat["mode"])
+    out["shipped"] = (scores, (hit, total))
+    if own_logits is not None:
+        mask16 = feats.mask["16"][test]
+        own = image_scores(own_logits[test], mask16, info_test, "top3", "diff", tta=False)
+        hit, total, _ = peak_hits(own_logits[test], mask16, info_test, 16, peak="raw")
+        out["own"] = (own, (hit, total))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", required=True, help="a `cells extract` folder (no mirrors)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--bundle", default="models/mias-baseline")
+    parser.add_argument("--repeat", type=int, default=0, help="which repeat's outer split")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    feats = Features.load(Path(args.features))
+    meta = json.loads((Path(args.features) / "info.json").read_text())
+    if meta.get("vflip"):
+        raise SystemExit(f"{args.features}: extracted with mirrors; this diagnostic takes none")
+    recipe = shipped_recipe(json.loads((Path(args.bundle) / "metadata.json").read_text()))
+    records, _ = film_index(feats.info)
+    labels = np.array([r.label for r in records])
+    groups = np.array([r.group for r in records])
+    boxes = content_boxes(feats.level["32"])
+    seed = SEED + args.repeat
+    arms = ("frozen shipped", "tuned shipped", "frozen own", "tuned own")
+    scores = {arm: np.full(len(records), np.nan) for arm in arms}
+    hits = {arm: [0, 0] for arm in arms}
+    folds_out = []
+    started = time.time()
+    for fold, test in enumerate(grouped_folds(records, args.folds, seed)):
+        test = np.array(sorted(test))
+        train = np.setdiff1d(np.arange(len(records)), test)
+        maps, mask, label = _level(feats, HEAD_LEVEL)
+        start_head = fit_cells(maps, mask, label, train, feats.info, HEAD_L2, seed)
+        frozen_model = TopStage(LiteTrunk(meta["arch"]), start_head)
+        _, frozen_logits = recomputed(frozen_model, feats, boxes)
+        model = TopStage(LiteTrunk(meta["arch"]), start_head)
+        losses = train_stage(model, feats, boxes, train, seed + fold, args.epochs)
+        tuned, tuned_logits = recomputed(model, feats, boxes)
+        results = {f"frozen {k}": v for k, v in
+                   evaluate_fold(feats, train, test, recipe, seed, frozen_logits).items()}
+        results |= {f"tuned {k}": v for k, v in
+                    evaluate_fold(tuned, train, test, recipe, seed, tuned_logits).items()}
+        fold_row: dict[str, Any] = {"fold": fold, "train_loss": [round(v, 4) for v in losses]}
+        for arm, (values, (hit, total)) in results.items():
+            scores[arm][test] = values
+            hits[arm][0] += hit
+            hits[arm][1] += total
+            fold_row[arm] = {"auc": round(auc(labels[test], values), 4), "hits": [hit, total]}
+        folds_out.append(fold_row)
+        print(f"fold {fold}: " + ", ".join(f"{a} AUC {fold_row[a]['auc']} hits {fold_row[a]['hits']}"
+                                           for a in arms)
+              + f" ({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
+    summary = {}
+    for arm in arms:
+        low, high = bootstrap_auc_ci(labels, scores[arm], groups, n=2000, seed=seed)
+        summary[arm] = {"auc": round(auc(labels, scores[arm]), 4),
+                        "auc_ci95": [round(low, 4), round(high, 4)], "hits": hits[arm]}
+        print(f"{arm}: AUC {summary[arm]['auc']} {summary[arm]['auc_ci95']} hits {hits[arm]}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "topfit.json").write_text(json.dumps({
+        "features": args.features, "repeat": args.repeat, "seed": seed, "folds": args.folds,
+        "schedule": {"epochs": args.epochs, "trunk_lr": TRUNK_LR, "head_lr": HEAD_LR,
+                     "weight_decay": WEIGHT_DECAY, "head_level": HEAD_LEVEL,
+                     "head_start_l2": HEAD_L2},
+        "recipe": recipe, "summary": summary, "per_fold": folds_out,
+        "wall_s": round(time.time() - started, 1)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
