@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tools.model import topfit
-from tools.model.cells import Features, LiteTrunk, fit_cells
+from tools.model.cells import Features, LiteTrunk, fit_cells, level_maps
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "mias-baseline"
 GRID16 = (12, 8)  # stride-16 cells of the canvas
@@ -69,7 +69,7 @@ def test_the_frozen_stage_on_each_content_box_reproduces_the_cache(cache: Path) 
     feats = Features.load(cache)
     boxes = topfit.content_boxes(feats.level["32"])
     assert boxes[0] == (8, 6) and boxes[1] == (12, 8)
-    maps, mask, label = topfit._level(feats, topfit.HEAD_LEVEL)
+    maps, mask, label = level_maps(feats, topfit.HEAD_LEVEL)
     films = np.arange(len(feats.info))
     head = fit_cells(maps, mask, label, films, feats.info, topfit.HEAD_L2, 0)
     again, logits = topfit.recomputed(topfit.TopStage(LiteTrunk("efficientnet-lite0"), head),
@@ -83,7 +83,7 @@ def test_training_moves_the_stage_and_separates_the_lesion_cells(cache: Path) ->
     feats = Features.load(cache)
     boxes = topfit.content_boxes(feats.level["32"])
     films = np.arange(len(feats.info))
-    maps, mask, label = topfit._level(feats, topfit.HEAD_LEVEL)
+    maps, mask, label = level_maps(feats, topfit.HEAD_LEVEL)
     head = fit_cells(maps, mask, label, films, feats.info, 1.0, 0)  # a weak start
     model = topfit.TopStage(LiteTrunk("efficientnet-lite0"), head)
     before = [p.detach().clone() for p in model.stage.parameters()]

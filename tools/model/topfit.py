@@ -49,6 +49,7 @@ from tools.model.cells import (
     fit_cells,
     fit_head,
     image_scores,
+    level_maps,
     peak_hits,
 )
 from tools.model.dataset import grouped_folds
@@ -152,13 +153,6 @@ def recomputed(model: TopStage, feats: Features, boxes: list[tuple[int, int]]
                     feats.info), logits
 
 
-def _level(feats: Features, level: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    f16 = torch.from_numpy(feats.level["16"]).float()
-    f32 = torch.from_numpy(feats.level["32"]).float()
-    grid = "32" if level == "32" else "16"
-    return cell_features(f16, f32, level).numpy(), feats.mask[grid], feats.label[grid]
-
-
 def shipped_recipe(metadata: dict[str, Any]) -> dict[str, Any]:
     config = metadata["training"]["arch_config"]
     return {"level": config["level"], "l2": config["l2"], "pooling": config["pooling"],
@@ -173,12 +167,12 @@ def evaluate_fold(feats: Features, train: np.ndarray, test: np.ndarray, recipe: 
     are films."""
     info_test = [feats.info[i] for i in test]
     out = {}
-    maps, mask, label = _level(feats, recipe["level"])
+    maps, mask, label = level_maps(feats, recipe["level"])
     score_head = fit_cells(maps, mask, label, train, feats.info, recipe["l2"], seed)
     scores = image_scores(score_head.logits(maps[test]), mask[test], info_test,
                           recipe["pooling"], recipe["contra"], tta=False)
     heat = recipe["heat"]
-    hmaps, hmask, hlabel = _level(feats, heat["level"])
+    hmaps, hmask, hlabel = level_maps(feats, heat["level"])
     heat_head = fit_head(hmaps, hmask, hlabel, train, feats.info, heat["l2"], heat["loss"], seed)
     hit, total, _ = peak_hits(heat_head.logits(hmaps[test]), hmask[test], info_test,
                               int(heat["level"].rstrip("c")), peak=heat["mode"])
@@ -221,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     for fold, test in enumerate(grouped_folds(records, args.folds, seed)):
         test = np.array(sorted(test))
         train = np.setdiff1d(np.arange(len(records)), test)
-        maps, mask, label = _level(feats, HEAD_LEVEL)
+        maps, mask, label = level_maps(feats, HEAD_LEVEL)
         start_head = fit_cells(maps, mask, label, train, feats.info, HEAD_L2, seed)
         frozen_model = TopStage(LiteTrunk(meta["arch"]), start_head)
         _, frozen_logits = recomputed(frozen_model, feats, boxes)
