@@ -99,6 +99,27 @@ def test_training_moves_the_stage_and_separates_the_lesion_cells(cache: Path) ->
     assert margin(tuned) > margin(start)
 
 
+def test_norms_training_moves_the_batch_norms_only(cache: Path) -> None:
+    feats = Features.load(cache)
+    boxes = topfit.content_boxes(feats.level["32"])
+    films = np.arange(len(feats.info))
+    maps, mask, label = level_maps(feats, topfit.HEAD_LEVEL)
+    model = topfit.TopStage(LiteTrunk("efficientnet-lite0"),
+                            fit_cells(maps, mask, label, films, feats.info, 1.0, 0))
+    norms = {id(p) for m in model.stage.modules() if isinstance(m, torch.nn.BatchNorm2d)
+             for p in m.parameters()}
+    before = {name: p.detach().clone() for name, p in model.stage.named_parameters()}
+    topfit.train_stage(model, feats, boxes, films, seed=0, epochs=1, train="norms")
+    moved = {name for name, p in model.stage.named_parameters()
+             if not torch.equal(before[name], p)}
+    named = dict(model.stage.named_parameters())
+    assert moved and all(id(named[name]) in norms for name in moved)
+    assert 100 * sum(p.numel() for p in named.values() if id(p) in norms) < 2 * sum(
+        p.numel() for p in named.values())  # about 1 % of the stage
+    with pytest.raises(ValueError, match="train"):
+        topfit.stage_parameters(model, "everything")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_diagnostic_reports_each_arm_per_fold(cache: Path, tmp_path: Path) -> None:

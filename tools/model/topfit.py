@@ -15,7 +15,9 @@ per-cell lesion head, from the cached stride-16 maps of `cells extract` (no mirr
   pooling, contralateral; heat head level, L2, loss) are fitted on the training part as
   `cells final` fits them.
 
-Each is compared with the same head on the frozen trunk, fitted on the same films. The schedule
+Each is compared with the same head on the frozen trunk, fitted on the same films. `--train
+norms` trains only the stage's batch-norm scales and shifts (about 1 % of its weights) beside
+the head: the same question with far fewer weights to fit. The schedule
 (`EPOCHS`, learning rates, weight decay) is fixed here before any run and not tuned: nothing is
 chosen on a test fold, and nothing is chosen at all, so this is a diagnostic of one fixed recipe
 (pooled over the outer folds of one repeat), not a nested estimate and not a model to ship.
@@ -57,6 +59,7 @@ from tools.model.metrics import auc, bootstrap_auc_ci
 
 EPOCHS = 6
 TRUNK_LR = 1e-4
+NORMS_LR = 1e-3  # `--train norms` (T2): fewer weights, a larger step; fixed before its run
 HEAD_LR = 1e-3
 WEIGHT_DECAY = 1e-2
 HEAD_LEVEL = "16"  # the jointly trained head's cells: stride-16 map + upsampled stride-32 map
@@ -102,19 +105,41 @@ def _box(feats: Features, i: int, box: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(feats.level["16"][i, :, :box[0], :box[1]].astype(np.float32))[None]
 
 
+def stage_parameters(model: TopStage, train: str) -> tuple[list[nn.Parameter], float, float]:
+    """The stage's weights that `train` trains ("stage": all; "norms": the batch norms' scales
+    and shifts only, 1 % of them), with their learning rate and weight decay (none on scales:
+    decay would pull them to 0); the rest are frozen."""
+    if train == "stage":
+        chosen = list(model.stage.parameters())
+        lr, decay = TRUNK_LR, WEIGHT_DECAY
+    elif train == "norms":
+        chosen = [p for m in model.stage.modules() if isinstance(m, nn.BatchNorm2d)
+                  for p in m.parameters()]
+        lr, decay = NORMS_LR, 0.0
+    else:
+        raise ValueError(f"train: {train!r} is neither 'stage' nor 'norms'")
+    keep = {id(p) for p in chosen}
+    for parameter in model.stage.parameters():
+        parameter.requires_grad_(id(parameter) in keep)
+    return chosen, lr, decay
+
+
 def train_stage(model: TopStage, feats: Features, boxes: list[tuple[int, int]],
-                films: np.ndarray, seed: int, epochs: int = EPOCHS) -> list[float]:
+                films: np.ndarray, seed: int, epochs: int = EPOCHS, train: str = "stage"
+                ) -> list[float]:
     """Class-balanced cell loss (lesion cells vs every other usable breast cell, films with an
     abnormality but no circle left out, as `cells.training_cells`), one film per step, AdamW on
-    the stage and the head; the mean loss of each epoch."""
+    the head and the stage's weights that `train` names (`stage_parameters`); the mean loss of
+    each epoch."""
     mask, label, info = feats.mask["16"], feats.label["16"], feats.info
     usable = [i for i in films if not (info[i]["label"] == 1 and not info[i]["has_lesions"])]
     pos = sum(int(((label[i] == 1) & mask[i]).sum()) for i in usable)
     neg = sum(int(((label[i] == 0) & mask[i]).sum()) for i in usable)
     pos_weight = torch.tensor(neg / max(pos, 1))
+    chosen, lr, decay = stage_parameters(model, train)
     optimiser = torch.optim.AdamW([
-        {"params": model.stage.parameters(), "lr": TRUNK_LR},
-        {"params": model.head.parameters(), "lr": HEAD_LR}], weight_decay=WEIGHT_DECAY)
+        {"params": chosen, "lr": lr, "weight_decay": decay},
+        {"params": model.head.parameters(), "lr": HEAD_LR, "weight_decay": WEIGHT_DECAY}])
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(epochs):
@@ -193,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=0, help="which repeat's outer split")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--train", default="stage", choices=("stage", "norms"),
+                        help="the whole stride-32 stage (T1) or its batch norms only (T2)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -220,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         frozen_model = TopStage(LiteTrunk(meta["arch"]), start_head)
         _, frozen_logits = recomputed(frozen_model, feats, boxes)
         model = TopStage(LiteTrunk(meta["arch"]), start_head)
-        losses = train_stage(model, feats, boxes, train, seed + fold, args.epochs)
+        losses = train_stage(model, feats, boxes, train, seed + fold, args.epochs, args.train)
         tuned, tuned_logits = recomputed(model, feats, boxes)
         results = {f"frozen {k}": v for k, v in
                    evaluate_fold(feats, train, test, recipe, seed, frozen_logits).items()}
@@ -246,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "topfit.json").write_text(json.dumps({
         "features": args.features, "repeat": args.repeat, "seed": seed, "folds": args.folds,
-        "schedule": {"epochs": args.epochs, "trunk_lr": TRUNK_LR, "head_lr": HEAD_LR,
+        "schedule": {"train": args.train, "epochs": args.epochs,
+                     "trunk_lr": TRUNK_LR if args.train == "stage" else NORMS_LR,
+                     "head_lr": HEAD_LR,
                      "weight_decay": WEIGHT_DECAY, "head_level": HEAD_LEVEL,
                      "head_start_l2": HEAD_L2},
         "recipe": recipe, "summary": summary, "per_fold": folds_out,
