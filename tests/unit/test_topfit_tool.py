@@ -138,3 +138,74 @@ def test_the_diagnostic_reports_each_arm_per_fold(cache: Path, tmp_path: Path) -
         assert total == abnormal_with_circle and 0 <= hit <= total
     assert len(report["per_fold"]) == 2
     assert all(len(fold["train_loss"]) == 1 for fold in report["per_fold"])
+
+
+def _crops_for(feats: Features, boxes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """A canvas crop per film of the synthetic cache (its content box in pixels): a textured
+    breast with a bright disc on the lesion cells, zeros nowhere inside the box."""
+    rng = np.random.default_rng(9)
+    crops = []
+    for i, (h, w) in enumerate(boxes):
+        crop = 0.2 + 0.3 * rng.random((1, 16 * h, 16 * w)).astype(np.float32)
+        lesion = np.kron(feats.label["16"][i][:h, :w] == 1, np.ones((16, 16), bool))
+        crop[0][lesion] = 0.95
+        crops.append(torch.from_numpy(crop))
+    return crops
+
+
+def test_augment_mirrors_pixels_cells_and_labels_together_and_keeps_zeros() -> None:
+    crop = torch.zeros(1, 64, 32)
+    crop[0, :16, :16] = 0.5  # the top-left cell
+    mask = np.zeros((4, 2), bool)
+    mask[0, 0] = True
+    label = np.zeros((4, 2), np.int8)
+    label[0, 0] = 1
+    mirrored = unmirrored = 0
+    for seed in range(40):
+        out, out_mask, out_label = topfit.augment(crop, mask, label, np.random.default_rng(seed))
+        bright = out[0] > 0
+        if out_mask[3, 0]:
+            mirrored += 1
+            assert bright[48:, :16].all() and not bright[:48].any()
+            assert out_label[3, 0] == 1 and out_label.sum() == 1
+        else:
+            unmirrored += 1
+            assert out_mask[0, 0] and bright[:16, :16].all() and not bright[16:].any()
+        value = float(out[0][bright].mean())  # 0.5 ** gamma, gamma within exp(+-0.3)
+        assert 0.5 ** np.exp(topfit.GAMMA_LOG_RANGE) - 1e-6 <= value
+        assert value <= 0.5 ** np.exp(-topfit.GAMMA_LOG_RANGE) + 1e-6
+    assert mirrored and unmirrored
+    assert mask[0, 0] and label[0, 0] == 1  # the inputs are not changed in place
+
+
+def test_the_whole_trunk_trains_end_to_end_and_its_maps_are_recomputed(cache: Path) -> None:
+    feats = Features.load(cache)
+    boxes = topfit.content_boxes(feats.level["32"])
+    crops = _crops_for(feats, boxes)
+    films = np.arange(len(feats.info))
+    maps, mask, label = level_maps(feats, topfit.HEAD_LEVEL)
+    model = topfit.WholeTrunk(LiteTrunk("efficientnet-lite0"),
+                              fit_cells(maps, mask, label, films, feats.info, 1.0, 0))
+    frozen_trunk = LiteTrunk("efficientnet-lite0")
+    again, _ = topfit.recomputed_all(model, crops, feats)
+    with torch.inference_mode():  # the untrained model's maps are the trunk's, on each box
+        f16, f32 = frozen_trunk(crops[0][None])
+    h, w = boxes[0]
+    np.testing.assert_allclose(again.level["16"][0, :, :h, :w].astype(np.float32),
+                               f16[0].numpy(), atol=2e-2)
+    np.testing.assert_allclose(again.level["32"][0, :, :h // 2, :w // 2].astype(np.float32),
+                               f32[0].numpy(), atol=2e-2)
+    assert not again.level["16"][0, :, h:].any()  # zeros below the box, as the cache has
+    stem = model.trunk.stem[0].weight.detach().clone()
+    losses = topfit.train_all(model, crops, feats, films, seed=0, epochs=2)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert not torch.equal(stem, model.trunk.stem[0].weight)  # the first layer trained too
+    assert all(p.requires_grad for p in model.trunk.parameters())
+    tuned, logits = topfit.recomputed_all(model, crops, feats)
+    assert not np.array_equal(tuned.level["16"], again.level["16"])
+    assert logits.shape == feats.label["16"].shape and np.isfinite(logits).all()
+
+
+def test_end_to_end_needs_the_films() -> None:
+    with pytest.raises(SystemExit, match="--mias"):
+        topfit.main(["--features", "unused", "--out", "unused", "--train", "all"])

@@ -1,6 +1,9 @@
-"""Does fine-tuning the trunk's last stage beat the frozen trunk? An outer-fold diagnostic.
+"""Does fine-tuning the trunk (its last stage, or all of it) beat the frozen trunk? An
+outer-fold diagnostic.
 
     python -m tools.model.topfit --features build/cells/lite0 --out build/cells/topfit
+    python -m tools.model.topfit --features build/cells/lite0 --out build/cells/e1 \
+        --train all --mias ../shared/data/mias
 
 The bundle's trunk is frozen (`tools/model/cells.py`): ImageNet features, a per-cell head on top.
 This runs the first step past that on a CPU: within each outer training part of one repeat of the
@@ -17,7 +20,11 @@ per-cell lesion head, from the cached stride-16 maps of `cells extract` (no mirr
 
 Each is compared with the same head on the frozen trunk, fitted on the same films. `--train
 norms` trains only the stage's batch-norm scales and shifts (about 1 % of its weights) beside
-the head: the same question with far fewer weights to fit. The schedule
+the head: the same question with far fewer weights to fit. `--train all` (with `--mias`) trains
+the whole trunk, stem to last block, end to end from each film's canvas (rebuilt as `cells
+extract` builds it, on the same content box), with augmentation (`augment`: a vertical mirror,
+a gamma on the breast's intensities) and, beside the cell loss, an image loss on the pooled
+cells (the whole-image stage of the patch-then-image recipe, on one network). The schedule
 (`EPOCHS`, learning rates, weight decay) is fixed here before any run and not tuned: nothing is
 chosen on a test fold, and nothing is chosen at all, so this is a diagnostic of one fixed recipe
 (pooled over the outer folds of one repeat), not a nested estimate and not a model to ship.
@@ -51,10 +58,16 @@ from tools.model.cells import (
     fit_cells,
     fit_head,
     image_scores,
+    input_metadata,
     level_maps,
     peak_hits,
 )
-from tools.model.dataset import grouped_folds
+from tools.model.dataset import (
+    grouped_folds,
+    load_pixels,
+    mias_records,
+    to_model_orientation,
+)
 from tools.model.metrics import auc, bootstrap_auc_ci
 
 EPOCHS = 6
@@ -64,6 +77,12 @@ HEAD_LR = 1e-3
 WEIGHT_DECAY = 1e-2
 HEAD_LEVEL = "16"  # the jointly trained head's cells: stride-16 map + upsampled stride-32 map
 HEAD_L2 = 1e-2  # its starting point: the logistic head fitted on the frozen maps
+# `--train all` (E1), fixed before its run: the whole trunk at half the stage's step (its early
+# blocks hold the most general features), no decay on batch-norm scales and shifts or biases
+ALL_LR = 5e-5
+IMAGE_LOSS_WEIGHT = 1.0  # the image loss beside the (per-film normalised) cell loss
+GAMMA_LOG_RANGE = 0.3  # intensity gamma exp(U(-0.3, 0.3)) on the breast's [0, 1] pixels
+MIRROR_P = 0.5  # a vertical mirror of the content box (an MLO's mirror is another MLO)
 
 
 def content_boxes(f32: np.ndarray) -> list[tuple[int, int]]:
@@ -78,6 +97,17 @@ def content_boxes(f32: np.ndarray) -> list[tuple[int, int]]:
     return boxes
 
 
+def attach_head(module: nn.Module, head: CellModel) -> None:
+    """`head` as a trainable 1x1 convolution `module.head` on standardised cells (`module.mean`,
+    `module.std` buffers), starting from the fitted logistic weights."""
+    module.register_buffer("mean", torch.from_numpy(head.mean).float().view(1, -1, 1, 1))
+    module.register_buffer("std", torch.from_numpy(head.std).float().view(1, -1, 1, 1))
+    module.head = nn.Conv2d(head.mean.size, 1, 1)
+    with torch.no_grad():
+        module.head.weight.copy_(torch.from_numpy(head.w).float().view(1, -1, 1, 1))
+        module.head.bias.fill_(head.b)
+
+
 class TopStage(nn.Module):
     """The trunk's stride-32 stage with a per-cell logistic head on `HEAD_LEVEL` cells; its batch
     norms keep their ImageNet statistics (eval mode), as the bundle's folded trunk does."""
@@ -86,12 +116,7 @@ class TopStage(nn.Module):
         super().__init__()
         self.stage = trunk.blocks32
         self.stage.eval()
-        self.register_buffer("mean", torch.from_numpy(head.mean).float().view(1, -1, 1, 1))
-        self.register_buffer("std", torch.from_numpy(head.std).float().view(1, -1, 1, 1))
-        self.head = nn.Conv2d(head.mean.size, 1, 1)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.from_numpy(head.w).float().view(1, -1, 1, 1))
-            self.head.bias.fill_(head.b)
+        attach_head(self, head)
 
     def maps32(self, f16: torch.Tensor) -> torch.Tensor:
         return self.stage(f16)
@@ -99,6 +124,133 @@ class TopStage(nn.Module):
     def forward(self, f16: torch.Tensor) -> torch.Tensor:
         cells = cell_features(f16, self.stage(f16), HEAD_LEVEL)
         return self.head((cells - self.mean) / self.std)[:, 0]
+
+
+class WholeTrunk(nn.Module):
+    """The whole trunk (stem to last block) with the per-cell head on `HEAD_LEVEL` cells, from a
+    (1, H, W) canvas crop; batch norms keep their ImageNet statistics (eval mode)."""
+
+    def __init__(self, trunk: LiteTrunk, head: CellModel) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.trunk.eval()
+        attach_head(self, head)
+
+    def maps(self, crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.trunk(crop[None])
+
+    def cell_logits(self, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
+        cells = cell_features(f16, f32, HEAD_LEVEL)
+        return self.head((cells - self.mean) / self.std)[:, 0]
+
+    def forward(self, crop: torch.Tensor) -> torch.Tensor:
+        return self.cell_logits(*self.maps(crop))
+
+
+def film_crops(mias: Path, info: list[dict[str, Any]], boxes: list[tuple[int, int]]
+               ) -> list[torch.Tensor]:
+    """Each film's canvas on its content box, (1, H, W), built as `cells extract` builds it
+    (same orientation, canvas and box); SystemExit when a box differs from the cache's."""
+    from pipelines.model import content_box
+    from pipelines.preprocess import canvas_input
+
+    records = {record.id: record for record in mias_records(mias)}
+    metadata = {"input": input_metadata()}
+    crops = []
+    for item, box in zip(info, boxes, strict=True):
+        record = records[item["id"]]
+        canvas, placement, _ = canvas_input(to_model_orientation(load_pixels(record), record),
+                                            metadata, record.view, record.pixel_spacing_mm)
+        h, w = content_box(metadata, placement)
+        if (h // 16, w // 16) != tuple(box):
+            raise SystemExit(f"{record.id}: content box {h}x{w} px is not the cache's "
+                             f"{box} cells; extract again from the same --mias")
+        crops.append(canvas[:, :h, :w].clone())
+    return crops
+
+
+def augment(crop: torch.Tensor, mask: np.ndarray, label: np.ndarray, rng: np.random.Generator
+            ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """A training copy of a film: mirrored top to bottom within its content box (with its
+    stride-16 mask and labels; the box is a multiple of 32 pixels, so the cells mirror exactly)
+    with probability `MIRROR_P`, and its breast intensities raised to a gamma exp(U(-r, r))
+    (off-breast zeros stay zero)."""
+    if rng.random() < MIRROR_P:
+        crop = torch.flip(crop, dims=[1])
+        mask, label = mask[::-1].copy(), label[::-1].copy()
+    gamma = float(np.exp(rng.uniform(-GAMMA_LOG_RANGE, GAMMA_LOG_RANGE)))
+    return crop.clamp(0.0, 1.0) ** gamma, mask, label
+
+
+def train_all(model: WholeTrunk, crops: list[torch.Tensor], feats: Features,
+              films: np.ndarray, seed: int, epochs: int = EPOCHS) -> list[float]:
+    """E1: the whole trunk and the head, one augmented film per step: the class-balanced cell
+    loss of `train_stage` (films with an abnormality but no circle give none) plus
+    `IMAGE_LOSS_WEIGHT` x a class-balanced logistic loss of the image logit (mean of the 3
+    highest breast cells, the shipped pooling) against the film's label; AdamW (`ALL_LR` on the
+    trunk, `HEAD_LR` on the head); the mean loss of each epoch."""
+    mask16, label16, info = feats.mask["16"], feats.label["16"], feats.info
+    cell_usable = {int(i) for i in films
+                   if not (info[i]["label"] == 1 and not info[i]["has_lesions"])}
+    pos = sum(int(((label16[i] == 1) & mask16[i]).sum()) for i in cell_usable)
+    neg = sum(int(((label16[i] == 0) & mask16[i]).sum()) for i in cell_usable)
+    pos_weight = torch.tensor(neg / max(pos, 1))
+    abnormal = sum(int(info[i]["label"]) for i in films)
+    image_weight = torch.tensor((len(films) - abnormal) / max(abnormal, 1))
+    decay, no_decay = [], []
+    for parameter in model.trunk.parameters():
+        parameter.requires_grad_(True)
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    optimiser = torch.optim.AdamW([
+        {"params": decay, "lr": ALL_LR, "weight_decay": WEIGHT_DECAY},
+        {"params": no_decay, "lr": ALL_LR, "weight_decay": 0.0},
+        {"params": model.head.parameters(), "lr": HEAD_LR, "weight_decay": WEIGHT_DECAY}])
+    rng = np.random.default_rng(seed)
+    losses = []
+    for epoch in range(epochs):
+        total, started = 0.0, time.time()
+        for i in rng.permutation(films):
+            h, w = crops[i].shape[1] // 16, crops[i].shape[2] // 16
+            crop, mask, label = augment(crops[i], mask16[i][:h, :w], label16[i][:h, :w], rng)
+            logits = model(crop)[0]
+            inside = torch.from_numpy(mask)
+            if not inside.any():
+                continue
+            top = torch.topk(logits[inside], min(3, int(inside.sum()))).values.mean()
+            target = torch.tensor(float(info[i]["label"]))
+            loss = IMAGE_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
+                top, target, pos_weight=image_weight)
+            keep = torch.from_numpy(mask & (label >= 0))
+            if int(i) in cell_usable and keep.any():
+                cell_target = torch.from_numpy((label == 1).astype(np.float32))
+                cell_loss = F.binary_cross_entropy_with_logits(
+                    logits[keep], cell_target[keep], pos_weight=pos_weight, reduction="sum")
+                loss = loss + cell_loss / (neg + pos_weight * pos) * len(cell_usable)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach())
+        losses.append(total / max(1, len(films)))
+        print(f"  epoch {epoch}: loss {losses[-1]:.4f} ({time.time() - started:.0f}s)",
+              file=sys.stderr, flush=True)
+    return losses
+
+
+def recomputed_all(model: WholeTrunk, crops: list[torch.Tensor], feats: Features
+                   ) -> tuple[Features, np.ndarray]:
+    """`recomputed` for E1: both levels' maps from the trained trunk, and the own head's cells."""
+    f16 = np.zeros_like(feats.level["16"], dtype=np.float16)
+    f32 = np.zeros_like(feats.level["32"], dtype=np.float16)
+    logits = np.zeros((len(feats.info), *feats.level["16"].shape[2:]), np.float32)
+    model.eval()
+    with torch.inference_mode():
+        for i, crop in enumerate(crops):
+            h, w = crop.shape[1] // 16, crop.shape[2] // 16
+            g16, g32 = model.maps(crop)
+            f16[i, :, :h, :w] = g16[0].numpy()
+            f32[i, :, :h // 2, :w // 2] = g32[0].numpy()
+            logits[i, :h, :w] = model.cell_logits(g16, g32)[0].numpy()
+    return Features({"16": f16, "32": f32}, feats.mask, feats.label, feats.info), logits
 
 
 def _box(feats: Features, i: int, box: tuple[int, int]) -> torch.Tensor:
@@ -218,10 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=0, help="which repeat's outer split")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--train", default="stage", choices=("stage", "norms"),
-                        help="the whole stride-32 stage (T1) or its batch norms only (T2)")
+    parser.add_argument("--train", default="stage", choices=("stage", "norms", "all"),
+                        help="the whole stride-32 stage (T1), its batch norms only (T2), or "
+                             "the whole trunk end to end from the films (E1, needs --mias)")
+    parser.add_argument("--mias", type=Path, help="mini-MIAS folder (for --train all)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.train == "all" and args.mias is None:
+        raise SystemExit("--train all needs --mias (the films the cache was extracted from)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     feats = Features.load(Path(args.features))
@@ -233,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     labels = np.array([r.label for r in records])
     groups = np.array([r.group for r in records])
     boxes = content_boxes(feats.level["32"])
+    crops: list[torch.Tensor] = []
+    if args.train == "all":
+        crops = film_crops(args.mias, feats.info, boxes)
     seed = SEED + args.repeat
     arms = ("frozen shipped", "tuned shipped", "frozen own", "tuned own")
     scores = {arm: np.full(len(records), np.nan) for arm in arms}
@@ -246,9 +405,15 @@ def main(argv: list[str] | None = None) -> int:
         start_head = fit_cells(maps, mask, label, train, feats.info, HEAD_L2, seed)
         frozen_model = TopStage(LiteTrunk(meta["arch"]), start_head)
         _, frozen_logits = recomputed(frozen_model, feats, boxes)
-        model = TopStage(LiteTrunk(meta["arch"]), start_head)
-        losses = train_stage(model, feats, boxes, train, seed + fold, args.epochs, args.train)
-        tuned, tuned_logits = recomputed(model, feats, boxes)
+        if args.train == "all":
+            whole = WholeTrunk(LiteTrunk(meta["arch"]), start_head)
+            losses = train_all(whole, crops, feats, train, seed + fold, args.epochs)
+            tuned, tuned_logits = recomputed_all(whole, crops, feats)
+        else:
+            model = TopStage(LiteTrunk(meta["arch"]), start_head)
+            losses = train_stage(model, feats, boxes, train, seed + fold, args.epochs,
+                                 args.train)
+            tuned, tuned_logits = recomputed(model, feats, boxes)
         results = {f"frozen {k}": v for k, v in
                    evaluate_fold(feats, train, test, recipe, seed, frozen_logits).items()}
         results |= {f"tuned {k}": v for k, v in
@@ -274,10 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     (out / "topfit.json").write_text(json.dumps({
         "features": args.features, "repeat": args.repeat, "seed": seed, "folds": args.folds,
         "schedule": {"train": args.train, "epochs": args.epochs,
-                     "trunk_lr": TRUNK_LR if args.train == "stage" else NORMS_LR,
+                     "trunk_lr": {"stage": TRUNK_LR, "norms": NORMS_LR,
+                                  "all": ALL_LR}[args.train],
                      "head_lr": HEAD_LR,
                      "weight_decay": WEIGHT_DECAY, "head_level": HEAD_LEVEL,
-                     "head_start_l2": HEAD_L2},
+                     "head_start_l2": HEAD_L2,
+                     **({"image_loss_weight": IMAGE_LOSS_WEIGHT, "mirror_p": MIRROR_P,
+                         "gamma_log_range": GAMMA_LOG_RANGE} if args.train == "all" else {})},
         "recipe": recipe, "summary": summary, "per_fold": folds_out,
         "wall_s": round(time.time() - started, 1)}, indent=1))
     return 0
