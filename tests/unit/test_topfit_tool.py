@@ -12,6 +12,7 @@ import torch
 
 from tools.model import topfit
 from tools.model.cells import Features, LiteTrunk, fit_cells, level_maps
+from tools.model.metrics import auc
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "mias-baseline"
 GRID16 = (12, 8)  # stride-16 cells of the canvas
@@ -138,6 +139,13 @@ def test_the_diagnostic_reports_each_arm_per_fold(cache: Path, tmp_path: Path) -
         assert total == abnormal_with_circle and 0 <= hit <= total
     assert len(report["per_fold"]) == 2
     assert all(len(fold["train_loss"]) == 1 for fold in report["per_fold"])
+    labels = [int(n % 4 == 1) for n in range(2 * WOMEN)]
+    assert report["ids"] == [f"film{n}" for n in range(2 * WOMEN)]
+    for arm in arms:  # every film scored once, by the fold that held it out
+        oof = report["oof"][arm]
+        assert len(oof) == 2 * WOMEN and all(np.isfinite(oof))
+        assert auc(np.array(labels), np.array(oof)) == pytest.approx(
+            report["summary"][arm]["auc"], abs=1e-4)
 
 
 def _crops_for(feats: Features, boxes: list[tuple[int, int]]) -> list[torch.Tensor]:

@@ -447,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
                      **({"image_loss_weight": IMAGE_LOSS_WEIGHT, "mirror_p": MIRROR_P,
                          "gamma_log_range": GAMMA_LOG_RANGE} if args.train == "all" else {})},
         "recipe": recipe, "summary": summary, "per_fold": folds_out,
+        # each arm's outer-fold image score of every film (the pooled cell logits, before any
+        # calibration), in `ids` order: what a bundle built this way would be calibrated on
+        "ids": [r.id for r in records],
+        "oof": {arm: [round(float(v), 5) for v in scores[arm]] for arm in arms},
         "wall_s": round(time.time() - started, 1)}, indent=1))
     return 0
 
