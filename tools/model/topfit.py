@@ -97,51 +97,77 @@ def content_boxes(f32: np.ndarray) -> list[tuple[int, int]]:
     return boxes
 
 
-def attach_head(module: nn.Module, head: CellModel) -> None:
-    """`head` as a trainable 1x1 convolution `module.head` on standardised cells (`module.mean`,
-    `module.std` buffers), starting from the fitted logistic weights."""
-    module.register_buffer("mean", torch.from_numpy(head.mean).float().view(1, -1, 1, 1))
-    module.register_buffer("std", torch.from_numpy(head.std).float().view(1, -1, 1, 1))
-    module.head = nn.Conv2d(head.mean.size, 1, 1)
-    with torch.no_grad():
-        module.head.weight.copy_(torch.from_numpy(head.w).float().view(1, -1, 1, 1))
-        module.head.bias.fill_(head.b)
+class CellHead(nn.Module):
+    """A fitted logistic cell head (`CellModel`) as a trainable 1x1 convolution `head` on the
+    standardised `HEAD_LEVEL` cells of the trunk's two maps."""
+
+    def __init__(self, head: CellModel) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(head.mean).float().view(1, -1, 1, 1))
+        self.register_buffer("std", torch.from_numpy(head.std).float().view(1, -1, 1, 1))
+        self.head = nn.Conv2d(head.mean.size, 1, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.from_numpy(head.w).float().view(1, -1, 1, 1))
+            self.head.bias.fill_(head.b)
+
+    def cell_logits(self, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
+        cells = cell_features(f16, f32, HEAD_LEVEL)
+        return self.head((cells - self.mean) / self.std)[:, 0]
 
 
-class TopStage(nn.Module):
+class CellLoss:
+    """The class-balanced cell loss over a training part: lesion cells against every other
+    usable breast cell (`films` keeps those that give it: not the ones with an abnormality but
+    no circle, as `cells.training_cells`), scaled so that a film's loss is on the scale of a
+    mean over the part's films."""
+
+    def __init__(self, feats: Features, films: np.ndarray) -> None:
+        mask, label, info = feats.mask["16"], feats.label["16"], feats.info
+        self.films = [int(i) for i in films
+                      if not (info[i]["label"] == 1 and not info[i]["has_lesions"])]
+        pos = sum(int(((label[i] == 1) & mask[i]).sum()) for i in self.films)
+        neg = sum(int(((label[i] == 0) & mask[i]).sum()) for i in self.films)
+        self.pos_weight = torch.tensor(neg / max(pos, 1))
+        self.scale = len(self.films) / (neg + float(self.pos_weight) * pos)
+
+    def __call__(self, logits: torch.Tensor, mask: np.ndarray, label: np.ndarray
+                 ) -> torch.Tensor | None:
+        """One film's loss from its cell logits, breast mask and labels (None: no usable cell)."""
+        keep = torch.from_numpy(mask & (label >= 0))
+        if not keep.any():
+            return None
+        target = torch.from_numpy((label == 1).astype(np.float32))
+        return F.binary_cross_entropy_with_logits(
+            logits[keep], target[keep], pos_weight=self.pos_weight, reduction="sum") * self.scale
+
+
+class TopStage(CellHead):
     """The trunk's stride-32 stage with a per-cell logistic head on `HEAD_LEVEL` cells; its batch
     norms keep their ImageNet statistics (eval mode), as the bundle's folded trunk does."""
 
     def __init__(self, trunk: LiteTrunk, head: CellModel) -> None:
-        super().__init__()
+        super().__init__(head)
         self.stage = trunk.blocks32
         self.stage.eval()
-        attach_head(self, head)
 
     def maps32(self, f16: torch.Tensor) -> torch.Tensor:
         return self.stage(f16)
 
     def forward(self, f16: torch.Tensor) -> torch.Tensor:
-        cells = cell_features(f16, self.stage(f16), HEAD_LEVEL)
-        return self.head((cells - self.mean) / self.std)[:, 0]
+        return self.cell_logits(f16, self.stage(f16))
 
 
-class WholeTrunk(nn.Module):
+class WholeTrunk(CellHead):
     """The whole trunk (stem to last block) with the per-cell head on `HEAD_LEVEL` cells, from a
     (1, H, W) canvas crop; batch norms keep their ImageNet statistics (eval mode)."""
 
     def __init__(self, trunk: LiteTrunk, head: CellModel) -> None:
-        super().__init__()
+        super().__init__(head)
         self.trunk = trunk
         self.trunk.eval()
-        attach_head(self, head)
 
     def maps(self, crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.trunk(crop[None])
-
-    def cell_logits(self, f16: torch.Tensor, f32: torch.Tensor) -> torch.Tensor:
-        cells = cell_features(f16, f32, HEAD_LEVEL)
-        return self.head((cells - self.mean) / self.std)[:, 0]
 
     def forward(self, crop: torch.Tensor) -> torch.Tensor:
         return self.cell_logits(*self.maps(crop))
@@ -190,11 +216,8 @@ def train_all(model: WholeTrunk, crops: list[torch.Tensor], feats: Features,
     highest breast cells, the shipped pooling) against the film's label; AdamW (`ALL_LR` on the
     trunk, `HEAD_LR` on the head); the mean loss of each epoch."""
     mask16, label16, info = feats.mask["16"], feats.label["16"], feats.info
-    cell_usable = {int(i) for i in films
-                   if not (info[i]["label"] == 1 and not info[i]["has_lesions"])}
-    pos = sum(int(((label16[i] == 1) & mask16[i]).sum()) for i in cell_usable)
-    neg = sum(int(((label16[i] == 0) & mask16[i]).sum()) for i in cell_usable)
-    pos_weight = torch.tensor(neg / max(pos, 1))
+    cell_loss = CellLoss(feats, films)
+    cell_usable = set(cell_loss.films)
     abnormal = sum(int(info[i]["label"]) for i in films)
     image_weight = torch.tensor((len(films) - abnormal) / max(abnormal, 1))
     decay, no_decay = [], []
@@ -220,12 +243,9 @@ def train_all(model: WholeTrunk, crops: list[torch.Tensor], feats: Features,
             target = torch.tensor(float(info[i]["label"]))
             loss = IMAGE_LOSS_WEIGHT * F.binary_cross_entropy_with_logits(
                 top, target, pos_weight=image_weight)
-            keep = torch.from_numpy(mask & (label >= 0))
-            if int(i) in cell_usable and keep.any():
-                cell_target = torch.from_numpy((label == 1).astype(np.float32))
-                cell_loss = F.binary_cross_entropy_with_logits(
-                    logits[keep], cell_target[keep], pos_weight=pos_weight, reduction="sum")
-                loss = loss + cell_loss / (neg + pos_weight * pos) * len(cell_usable)
+            cells = cell_loss(logits, mask, label) if int(i) in cell_usable else None
+            if cells is not None:
+                loss = loss + cells
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -283,11 +303,9 @@ def train_stage(model: TopStage, feats: Features, boxes: list[tuple[int, int]],
     abnormality but no circle left out, as `cells.training_cells`), one film per step, AdamW on
     the head and the stage's weights that `train` names (`stage_parameters`); the mean loss of
     each epoch."""
-    mask, label, info = feats.mask["16"], feats.label["16"], feats.info
-    usable = [i for i in films if not (info[i]["label"] == 1 and not info[i]["has_lesions"])]
-    pos = sum(int(((label[i] == 1) & mask[i]).sum()) for i in usable)
-    neg = sum(int(((label[i] == 0) & mask[i]).sum()) for i in usable)
-    pos_weight = torch.tensor(neg / max(pos, 1))
+    mask, label = feats.mask["16"], feats.label["16"]
+    cell_loss = CellLoss(feats, films)
+    usable = cell_loss.films
     chosen, lr, decay = stage_parameters(model, train)
     optimiser = torch.optim.AdamW([
         {"params": chosen, "lr": lr, "weight_decay": decay},
@@ -298,14 +316,10 @@ def train_stage(model: TopStage, feats: Features, boxes: list[tuple[int, int]],
         total = 0.0
         for i in rng.permutation(usable):
             h, w = boxes[i]
-            logits = model(_box(feats, i, boxes[i]))[0]
-            keep = torch.from_numpy(mask[i][:h, :w] & (label[i][:h, :w] >= 0))
-            if not keep.any():
+            loss = cell_loss(model(_box(feats, i, boxes[i]))[0], mask[i][:h, :w],
+                             label[i][:h, :w])
+            if loss is None:
                 continue
-            target = torch.from_numpy((label[i][:h, :w] == 1).astype(np.float32))
-            loss = F.binary_cross_entropy_with_logits(logits[keep], target[keep],
-                                                      pos_weight=pos_weight, reduction="sum")
-            loss = loss / (neg + pos_weight * pos) * len(usable)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
