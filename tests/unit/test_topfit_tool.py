@@ -217,3 +217,79 @@ def test_the_whole_trunk_trains_end_to_end_and_its_maps_are_recomputed(cache: Pa
 def test_end_to_end_needs_the_films() -> None:
     with pytest.raises(SystemExit, match="--mias"):
         topfit.main(["--features", "unused", "--out", "unused", "--train", "all"])
+
+
+def test_final_needs_the_whole_trunk() -> None:
+    with pytest.raises(SystemExit, match="--train all"):
+        topfit.main(["--features", "unused", "--out", "unused", "--final"])
+
+
+def test_inner_recipes_are_the_nested_runs_fold_choices() -> None:
+    metadata = json.loads((BUNDLE / "metadata.json").read_text())
+    chosen = metadata["metrics"]["recipes_chosen"][0]
+    recipes = topfit.fold_recipes(metadata, 0, len(chosen), "build/cells/lite0")
+    assert len(recipes) == len(chosen)
+    for recipe, (key, l2, pooling, contra, heat) in zip(recipes, chosen, strict=True):
+        assert recipe == {"level": key.split(":")[1], "l2": l2, "pooling": pooling,
+                          "contra": contra, "heat": {"level": heat[0].split(":")[1],
+                                                     "l2": heat[1], "mode": heat[2],
+                                                     "loss": heat[3]}}
+    shipped = topfit.shipped_recipe(metadata)  # the same shape as a fold's recipe
+    assert set(shipped) == set(recipes[0]) and set(shipped["heat"]) == set(recipes[0]["heat"])
+    with pytest.raises(SystemExit, match="folds"):
+        topfit.fold_recipes(metadata, 0, len(chosen) + 1, "build/cells/lite0")
+    with pytest.raises(SystemExit, match="repeat"):
+        topfit.fold_recipes(metadata, len(metadata["metrics"]["recipes_chosen"]), len(chosen),
+                            "build/cells/lite0")
+    with pytest.raises(SystemExit, match="lite2"):
+        topfit.fold_recipes(metadata, 0, len(chosen), "build/cells/lite2")
+
+
+def test_inner_recipes_run_per_fold_and_every_films_peak_is_kept(cache: Path,
+                                                                 tmp_path: Path) -> None:
+    metadata = json.loads((BUNDLE / "metadata.json").read_text())
+    folds = len(metadata["metrics"]["recipes_chosen"][0])
+    assert topfit.main(["--features", str(cache), "--out", str(tmp_path / "out"),
+                        "--bundle", str(BUNDLE), "--folds", str(folds), "--epochs", "1",
+                        "--threads", "1", "--recipes", "inner"]) == 0
+    report = json.loads((tmp_path / "out" / "topfit.json").read_text())
+    assert report["recipes"] == "inner"
+    assert [fold["recipe"] for fold in report["per_fold"]] == topfit.fold_recipes(
+        metadata, 0, folds, str(cache))
+    with_circle = [n % 4 == 1 for n in range(2 * WOMEN)]
+    feats = Features.load(cache)
+    assert report["placement"] == [item["placement"] for item in feats.info]
+    for arm, summary in report["summary"].items():
+        hits = report["hit"][arm]
+        assert [h is not None for h in hits] == with_circle  # None: no circle to hit
+        assert [sum(h for h in hits if h), sum(with_circle)] == summary["hits"]
+        for x, y in report["peak_canvas_xy"][arm]:
+            assert 0 <= x < GRID16[1] * 16 and 0 <= y < GRID16[0] * 16
+
+
+def test_the_final_trunk_is_saved_and_loads_as_the_trunk_extract_runs(cache: Path,
+                                                                      tmp_path: Path) -> None:
+    import argparse
+
+    from node.bundle import file_sha256
+
+    feats = Features.load(cache)
+    boxes = topfit.content_boxes(feats.level["32"])
+    crops = _crops_for(feats, boxes)
+    out = tmp_path / "final"
+    args = argparse.Namespace(out=str(out), features=str(cache), train="all", epochs=1)
+    assert topfit.final_trunk(args, feats, {"arch": "efficientnet-lite0"}, crops) == 0
+    record = json.loads((out / "trunk.json").read_text())
+    assert record["sha256"] == file_sha256(out / topfit.TRUNK_FILE)
+    assert record["ids"] == [item["id"] for item in feats.info]
+    assert record["schedule"] == topfit.schedule_of("all", 1) and len(record["train_loss"]) == 1
+    trained = LiteTrunk("efficientnet-lite0", out / topfit.TRUNK_FILE)
+    imagenet = LiteTrunk("efficientnet-lite0")
+    folded = LiteTrunk("efficientnet-lite0", out / topfit.TRUNK_FILE).for_inference()
+    with torch.inference_mode():
+        f16, f32 = trained(crops[0][None])
+        g16, _ = imagenet(crops[0][None])
+        h16, h32 = folded(crops[0][None])
+    assert not torch.allclose(f16, g16, atol=1e-3)  # the trained weights, not ImageNet's
+    torch.testing.assert_close(h16, f16, atol=2e-3, rtol=0)  # what `extract --trunk` runs
+    torch.testing.assert_close(h32, f32, atol=2e-3, rtol=0)

@@ -81,9 +81,10 @@ def input_metadata(canvas: tuple[int, int] = CANVAS, spacing: float = SPACING_MM
 class LiteTrunk(nn.Module):
     """EfficientNet-Lite's stem and blocks, frozen: (stride-16 map, stride-32 map) of a
     grayscale canvas in [0, 1] (scaled to [-1, 1] and repeated to 3 channels, the Lite
-    models' ImageNet preprocessing)."""
+    models' ImageNet preprocessing). `weights`: a fine-tuned trunk's state dict (`topfit
+    --final` writes one) in place of the ImageNet weights."""
 
-    def __init__(self, arch: str) -> None:
+    def __init__(self, arch: str, weights: Path | None = None) -> None:
         super().__init__()
         from tools.model.nets import lite_network
 
@@ -93,6 +94,8 @@ class LiteTrunk(nn.Module):
         split = BLOCK16[arch] + 1
         self.blocks16 = nn.Sequential(*blocks[:split])
         self.blocks32 = nn.Sequential(*blocks[split:])
+        if weights is not None:
+            self.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         # drop_connect is training-only; eval() makes each block deterministic.
         self.eval()
 
@@ -150,6 +153,7 @@ def cell_mask(canvas: torch.Tensor, stride: int) -> np.ndarray:
 
 
 def extract(args: argparse.Namespace) -> int:
+    from node.bundle import file_sha256
     from pipelines.model import content_box
     from pipelines.preprocess import canvas_input
 
@@ -160,7 +164,7 @@ def extract(args: argparse.Namespace) -> int:
     metadata = {"input": input_metadata()}
     # the trunk the bundle runs (batch norms folded, channels-last): the cached features are
     # the shipped network's, and extraction is 1.8 x faster
-    trunk = LiteTrunk(args.arch).for_inference()
+    trunk = LiteTrunk(args.arch, args.trunk).for_inference()
     started = time.time()
     f16s, f32s, m16s, m32s, l16s, l32s, info = [], [], [], [], [], [], []
     for index, record in enumerate(records):
@@ -209,8 +213,10 @@ def extract(args: argparse.Namespace) -> int:
             print(f"{index}/{len(records)} {time.time() - started:.0f}s", file=sys.stderr, flush=True)
     np.savez(out / "features.npz", f16=np.stack(f16s), f32=np.stack(f32s), m16=np.stack(m16s),
              m32=np.stack(m32s), l16=np.stack(l16s), l32=np.stack(l32s))
+    trunk_file = None if args.trunk is None else {"path": str(args.trunk),
+                                                  "sha256": file_sha256(args.trunk)}
     (out / "info.json").write_text(json.dumps({"arch": args.arch, "canvas": CANVAS,
-                                               "vflip": bool(args.vflip),
+                                               "vflip": bool(args.vflip), "trunk": trunk_file,
                                                "spacing_mm": SPACING_MM, "ring_mm": RING_MM,
                                                "wall_s": round(time.time() - started, 1),
                                                "images": info}))
@@ -1253,6 +1259,8 @@ def main(argv: list[str] | None = None) -> int:
     ext.add_argument("--arch", default="efficientnet-lite0", choices=sorted(BLOCK16))
     ext.add_argument("--vflip", action=argparse.BooleanOptionalAction, default=False)
     ext.add_argument("--threads", type=int, default=2)
+    ext.add_argument("--trunk", type=Path, default=None,
+                     help="a fine-tuned trunk (`topfit --final`'s trunk.pt) instead of ImageNet's")
     nst = sub.add_parser("nested")
     nst.add_argument("--features", required=True)
     nst.add_argument("--out", required=True)

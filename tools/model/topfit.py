@@ -40,6 +40,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ ALL_LR = 5e-5
 IMAGE_LOSS_WEIGHT = 1.0  # the image loss beside the (per-film normalised) cell loss
 GAMMA_LOG_RANGE = 0.3  # intensity gamma exp(U(-0.3, 0.3)) on the breast's [0, 1] pixels
 MIRROR_P = 0.5  # a vertical mirror of the content box (an MLO's mirror is another MLO)
+TRUNK_FILE = "trunk.pt"  # `--final`: the trained trunk's state dict
 
 
 def content_boxes(f32: np.ndarray) -> list[tuple[int, int]]:
@@ -346,16 +348,53 @@ def recomputed(model: TopStage, feats: Features, boxes: list[tuple[int, int]]
 
 def shipped_recipe(metadata: dict[str, Any]) -> dict[str, Any]:
     config = metadata["training"]["arch_config"]
+    heat = config["heat_head"]
     return {"level": config["level"], "l2": config["l2"], "pooling": config["pooling"],
-            "contra": config["contralateral"], "heat": config["heat_head"]}
+            "contra": config["contralateral"],
+            "heat": {k: heat[k] for k in ("level", "l2", "mode", "loss")}}
+
+
+def recipe_of(chosen: list[Any]) -> dict[str, Any]:
+    """A nested run's choice for one outer fold (`metrics.recipes_chosen`: [features:level, L2,
+    pooling, contralateral, [features:level, L2, mode, loss] of the heat head]) as a recipe."""
+    key, l2, pooling, contra, heat = chosen
+    return {"level": key.split(":")[1], "l2": l2, "pooling": pooling, "contra": contra,
+            "heat": {"level": heat[0].split(":")[1], "l2": heat[1], "mode": heat[2],
+                     "loss": heat[3]}}
+
+
+def fold_recipes(metadata: dict[str, Any], repeat: int, folds: int, features: str
+                 ) -> list[dict[str, Any]]:
+    """The recipe each outer fold's inner CV chose in the bundle's nested run (`--recipes
+    inner`): the nested run and this one split with the same seed (SEED + repeat) and the same
+    grouped folds, so fold k here is its fold k; refused when the counts or the feature set
+    differ."""
+    chosen = metadata["metrics"]["recipes_chosen"]
+    if repeat >= len(chosen) or len(chosen[repeat]) != folds:
+        raise SystemExit(f"the bundle's nested run has no repeat {repeat} with {folds} folds")
+    name = Path(features).name
+    for fold in chosen[repeat]:
+        if fold[0].split(":")[0] != name or fold[4][0].split(":")[0] != name:
+            raise SystemExit(f"fold recipe {fold} is not on the features {name!r}")
+    return [recipe_of(fold) for fold in chosen[repeat]]
+
+
+@dataclass
+class FoldResult:
+    """One arm on one outer test fold: image scores, lesion hits, and per film (test order) the
+    heatmap peak's lesion hit (None: no circle) and its (x, y) on the canvas."""
+
+    scores: np.ndarray
+    hits: tuple[int, int]
+    per: list[bool | None]
+    peaks: list[tuple[float, float]]
 
 
 def evaluate_fold(feats: Features, train: np.ndarray, test: np.ndarray, recipe: dict[str, Any],
-                  seed: int, own_logits: np.ndarray | None = None
-                  ) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
-    """Test-film scores and lesion hits of the shipped recipe's heads fitted on `train`, and of
-    `own_logits` (a jointly trained head's cells) when given; `feats` has no mirrors, so rows
-    are films."""
+                  seed: int, own_logits: np.ndarray | None = None) -> dict[str, FoldResult]:
+    """Test-film scores and lesion hits of the recipe's heads fitted on `train` ("shipped"),
+    and of `own_logits` (a jointly trained head's cells) when given ("own"); `feats` has no
+    mirrors, so rows are films."""
     info_test = [feats.info[i] for i in test]
     out = {}
     maps, mask, label = level_maps(feats, recipe["level"])
@@ -365,15 +404,55 @@ def evaluate_fold(feats: Features, train: np.ndarray, test: np.ndarray, recipe: 
     heat = recipe["heat"]
     hmaps, hmask, hlabel = level_maps(feats, heat["level"])
     heat_head = fit_head(hmaps, hmask, hlabel, train, feats.info, heat["l2"], heat["loss"], seed)
-    hit, total, _ = peak_hits(heat_head.logits(hmaps[test]), hmask[test], info_test,
-                              int(heat["level"].rstrip("c")), peak=heat["mode"])
-    out["shipped"] = (scores, (hit, total))
+    peaks: list[tuple[float, float]] = []
+    hit, total, per = peak_hits(heat_head.logits(hmaps[test]), hmask[test], info_test,
+                                int(heat["level"].rstrip("c")), peaks, peak=heat["mode"])
+    out["shipped"] = FoldResult(scores, (hit, total), per, peaks)
     if own_logits is not None:
         mask16 = feats.mask["16"][test]
         own = image_scores(own_logits[test], mask16, info_test, "top3", "diff", tta=False)
-        hit, total, _ = peak_hits(own_logits[test], mask16, info_test, 16, peak="raw")
-        out["own"] = (own, (hit, total))
+        peaks = []
+        hit, total, per = peak_hits(own_logits[test], mask16, info_test, 16, peaks, peak="raw")
+        out["own"] = FoldResult(own, (hit, total), per, peaks)
     return out
+
+
+def schedule_of(train: str, epochs: int) -> dict[str, Any]:
+    """The training schedule a run used (constants of this module, fixed before any run)."""
+    return {"train": train, "epochs": epochs,
+            "trunk_lr": {"stage": TRUNK_LR, "norms": NORMS_LR, "all": ALL_LR}[train],
+            "head_lr": HEAD_LR, "weight_decay": WEIGHT_DECAY, "head_level": HEAD_LEVEL,
+            "head_start_l2": HEAD_L2,
+            **({"image_loss_weight": IMAGE_LOSS_WEIGHT, "mirror_p": MIRROR_P,
+                "gamma_log_range": GAMMA_LOG_RANGE} if train == "all" else {})}
+
+
+def final_trunk(args: argparse.Namespace, feats: Features, meta: dict[str, Any],
+                crops: list[torch.Tensor]) -> int:
+    """E1's schedule on every film (the head started from the logistic head on all films' frozen
+    maps; seed SEED + 1000, the seed of `cells final`'s selection): the trunk a bundle runs,
+    saved as a `LiteTrunk` state dict with a record of how it was trained."""
+    from node.bundle import file_sha256
+
+    started = time.time()
+    seed = SEED + 1000
+    films = np.arange(len(feats.info))
+    maps, mask, label = level_maps(feats, HEAD_LEVEL)
+    start_head = fit_cells(maps, mask, label, films, feats.info, HEAD_L2, seed)
+    whole = WholeTrunk(LiteTrunk(meta["arch"]), start_head)
+    losses = train_all(whole, crops, feats, films, seed, args.epochs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(whole.trunk.state_dict(), out / TRUNK_FILE)
+    record = {"features": args.features, "arch": meta["arch"], "seed": seed,
+              "schedule": schedule_of(args.train, args.epochs),
+              "train_loss": [round(v, 4) for v in losses],
+              "ids": [item["id"] for item in feats.info],
+              "sha256": file_sha256(out / TRUNK_FILE),
+              "wall_s": round(time.time() - started, 1)}
+    (out / "trunk.json").write_text(json.dumps(record, indent=1))
+    print(f"trunk written to {out / TRUNK_FILE} ({record['wall_s']:.0f}s)", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -389,16 +468,28 @@ def main(argv: list[str] | None = None) -> int:
                              "the whole trunk end to end from the films (E1, needs --mias)")
     parser.add_argument("--mias", type=Path, help="mini-MIAS folder (for --train all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recipes", default="shipped", choices=("shipped", "inner"),
+                        help="the heads each outer fold fits on the trunk's maps: the bundle's "
+                             "shipped recipe, or the one that fold's inner CV chose in the "
+                             "bundle's nested run (on the frozen features)")
+    parser.add_argument("--final", action="store_true",
+                        help="with --train all: train on every film and write the trunk "
+                             f"({TRUNK_FILE}, for `cells extract --trunk`); no folds")
     args = parser.parse_args(argv)
     if args.train == "all" and args.mias is None:
         raise SystemExit("--train all needs --mias (the films the cache was extracted from)")
+    if args.final and args.train != "all":
+        raise SystemExit("--final trains the whole trunk: it needs --train all")
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     feats = Features.load(Path(args.features))
     meta = json.loads((Path(args.features) / "info.json").read_text())
     if meta.get("vflip"):
         raise SystemExit(f"{args.features}: extracted with mirrors; this diagnostic takes none")
-    recipe = shipped_recipe(json.loads((Path(args.bundle) / "metadata.json").read_text()))
+    metadata = json.loads((Path(args.bundle) / "metadata.json").read_text())
+    recipe = shipped_recipe(metadata)
+    recipes = (fold_recipes(metadata, args.repeat, args.folds, args.features)
+               if args.recipes == "inner" else [recipe] * args.folds)
     records, _ = film_index(feats.info)
     labels = np.array([r.label for r in records])
     groups = np.array([r.group for r in records])
@@ -406,10 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     crops: list[torch.Tensor] = []
     if args.train == "all":
         crops = film_crops(args.mias, feats.info, boxes)
+    if args.final:
+        return final_trunk(args, feats, meta, crops)
     seed = SEED + args.repeat
     arms = ("frozen shipped", "tuned shipped", "frozen own", "tuned own")
     scores = {arm: np.full(len(records), np.nan) for arm in arms}
     hits = {arm: [0, 0] for arm in arms}
+    film_hit: dict[str, list[Any]] = {arm: [None] * len(records) for arm in arms}
+    film_peak: dict[str, list[Any]] = {arm: [None] * len(records) for arm in arms}
     folds_out = []
     started = time.time()
     for fold, test in enumerate(grouped_folds(records, args.folds, seed)):
@@ -428,43 +523,49 @@ def main(argv: list[str] | None = None) -> int:
             losses = train_stage(model, feats, boxes, train, seed + fold, args.epochs,
                                  args.train)
             tuned, tuned_logits = recomputed(model, feats, boxes)
-        results = {f"frozen {k}": v for k, v in
-                   evaluate_fold(feats, train, test, recipe, seed, frozen_logits).items()}
-        results |= {f"tuned {k}": v for k, v in
-                    evaluate_fold(tuned, train, test, recipe, seed, tuned_logits).items()}
-        fold_row: dict[str, Any] = {"fold": fold, "train_loss": [round(v, 4) for v in losses]}
-        for arm, (values, (hit, total)) in results.items():
-            scores[arm][test] = values
-            hits[arm][0] += hit
-            hits[arm][1] += total
-            fold_row[arm] = {"auc": round(auc(labels[test], values), 4), "hits": [hit, total]}
+        results = {f"frozen {k}": v for k, v in evaluate_fold(
+            feats, train, test, recipes[fold], seed, frozen_logits).items()}
+        results |= {f"tuned {k}": v for k, v in evaluate_fold(
+            tuned, train, test, recipes[fold], seed, tuned_logits).items()}
+        fold_row: dict[str, Any] = {"fold": fold, "recipe": recipes[fold],
+                                    "train_loss": [round(v, 4) for v in losses]}
+        for arm, result in results.items():
+            scores[arm][test] = result.scores
+            hits[arm][0] += result.hits[0]
+            hits[arm][1] += result.hits[1]
+            for k, film in enumerate(test):
+                film_hit[arm][film] = result.per[k]
+                film_peak[arm][film] = [round(v, 2) for v in result.peaks[k]]
+            fold_row[arm] = {"auc": round(auc(labels[test], result.scores), 4),
+                             "hits": list(result.hits)}
         folds_out.append(fold_row)
         print(f"fold {fold}: " + ", ".join(f"{a} AUC {fold_row[a]['auc']} hits {fold_row[a]['hits']}"
                                            for a in arms)
               + f" ({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
+    malignant = np.array([r.malignant or 0 for r in records])
     summary = {}
     for arm in arms:
         low, high = bootstrap_auc_ci(labels, scores[arm], groups, n=2000, seed=seed)
+        mlow, mhigh = bootstrap_auc_ci(malignant, scores[arm], groups, n=2000, seed=seed)
         summary[arm] = {"auc": round(auc(labels, scores[arm]), 4),
-                        "auc_ci95": [round(low, 4), round(high, 4)], "hits": hits[arm]}
+                        "auc_ci95": [round(low, 4), round(high, 4)], "hits": hits[arm],
+                        "malignant_auc": round(auc(malignant, scores[arm]), 4),
+                        "malignant_auc_ci95": [round(mlow, 4), round(mhigh, 4)]}
         print(f"{arm}: AUC {summary[arm]['auc']} {summary[arm]['auc_ci95']} hits {hits[arm]}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "topfit.json").write_text(json.dumps({
         "features": args.features, "repeat": args.repeat, "seed": seed, "folds": args.folds,
-        "schedule": {"train": args.train, "epochs": args.epochs,
-                     "trunk_lr": {"stage": TRUNK_LR, "norms": NORMS_LR,
-                                  "all": ALL_LR}[args.train],
-                     "head_lr": HEAD_LR,
-                     "weight_decay": WEIGHT_DECAY, "head_level": HEAD_LEVEL,
-                     "head_start_l2": HEAD_L2,
-                     **({"image_loss_weight": IMAGE_LOSS_WEIGHT, "mirror_p": MIRROR_P,
-                         "gamma_log_range": GAMMA_LOG_RANGE} if args.train == "all" else {})},
-        "recipe": recipe, "summary": summary, "per_fold": folds_out,
+        "schedule": schedule_of(args.train, args.epochs),
+        "recipe": recipe, "recipes": args.recipes, "summary": summary, "per_fold": folds_out,
         # each arm's outer-fold image score of every film (the pooled cell logits, before any
         # calibration), in `ids` order: what a bundle built this way would be calibrated on
         "ids": [r.id for r in records],
         "oof": {arm: [round(float(v), 5) for v in scores[arm]] for arm in arms},
+        # each arm's heatmap peak per film on its outer fold: hit (None: no circle) and (x, y)
+        # on the canvas, whose placement in the stored film is `placement`
+        "hit": film_hit, "peak_canvas_xy": film_peak,
+        "placement": [item["placement"] for item in feats.info],
         "wall_s": round(time.time() - started, 1)}, indent=1))
     return 0
 
