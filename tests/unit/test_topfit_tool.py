@@ -224,25 +224,45 @@ def test_final_needs_the_whole_trunk() -> None:
         topfit.main(["--features", "unused", "--out", "unused", "--final"])
 
 
+# the recipes the nested run behind mias-baseline 0.5.0 chose in repeat 0's outer folds
+NESTED_REPEAT0 = [
+    ["lite0:16c", 0.01, "max", "diff", ["lite0:16", 0.1, "raw", "loc"]],
+    ["lite0:16c", 0.001, "top3", "diff", ["lite0:16", 1.0, "raw", "loc"]],
+    ["lite0:16c", 0.1, "max", "diff", ["lite0:16c", 1.0, "raw", "loc"]],
+    ["lite0:16c", 0.01, "smooth3max", "diff", ["lite0:16c", 1.0, "raw", "loc"]],
+    ["lite0:32", 0.01, "max", "diff", ["lite0:32", 1.0, "raw", "loc"]],
+]
+
+
 def test_inner_recipes_are_the_nested_runs_fold_choices() -> None:
-    metadata = json.loads((BUNDLE / "metadata.json").read_text())
-    chosen = metadata["metrics"]["recipes_chosen"][0]
-    recipes = topfit.fold_recipes(metadata, 0, len(chosen), "build/cells/lite0")
-    assert len(recipes) == len(chosen)
-    for recipe, (key, l2, pooling, contra, heat) in zip(recipes, chosen, strict=True):
+    nested = {"metrics": {"recipes_chosen": [NESTED_REPEAT0]}}
+    recipes = topfit.fold_recipes(nested, 0, 5, "build/cells/lite0")
+    for recipe, (key, l2, pooling, contra, heat) in zip(recipes, NESTED_REPEAT0, strict=True):
         assert recipe == {"level": key.split(":")[1], "l2": l2, "pooling": pooling,
                           "contra": contra, "heat": {"level": heat[0].split(":")[1],
                                                      "l2": heat[1], "mode": heat[2],
                                                      "loss": heat[3]}}
+    metadata = json.loads((BUNDLE / "metadata.json").read_text())
     shipped = topfit.shipped_recipe(metadata)  # the same shape as a fold's recipe
     assert set(shipped) == set(recipes[0]) and set(shipped["heat"]) == set(recipes[0]["heat"])
     with pytest.raises(SystemExit, match="folds"):
-        topfit.fold_recipes(metadata, 0, len(chosen) + 1, "build/cells/lite0")
+        topfit.fold_recipes(nested, 0, 6, "build/cells/lite0")
     with pytest.raises(SystemExit, match="repeat"):
-        topfit.fold_recipes(metadata, len(metadata["metrics"]["recipes_chosen"]), len(chosen),
-                            "build/cells/lite0")
+        topfit.fold_recipes(nested, 1, 5, "build/cells/lite0")
     with pytest.raises(SystemExit, match="lite2"):
-        topfit.fold_recipes(metadata, 0, len(chosen), "build/cells/lite2")
+        topfit.fold_recipes(nested, 0, 5, "build/cells/lite2")
+    # a bundle on a fine-tuned trunk keeps them as recipes, with whose choice they were
+    tuned = {"metrics": {"recipes_chosen": [recipes, recipes], "recipes_kind": ["inner",
+                                                                                "shipped"],
+                         "recipes_features": "lite0"}}
+    assert topfit.fold_recipes(tuned, 0, 5, "build/cells/lite0") == recipes
+    with pytest.raises(SystemExit, match="did not fit the inner"):
+        topfit.fold_recipes(tuned, 1, 5, "build/cells/lite0")
+    with pytest.raises(SystemExit, match="lite2"):
+        topfit.fold_recipes(tuned, 0, 5, "build/cells/lite2")
+    if not metadata["training"]["arch_config"]["frozen"]:  # the shipped bundle is such a one
+        assert metadata["metrics"]["recipes_kind"][0] == "inner"
+        assert topfit.fold_recipes(metadata, 0, 5, "build/cells/lite0") == recipes
 
 
 def test_inner_recipes_run_per_fold_and_every_films_peak_is_kept(cache: Path,

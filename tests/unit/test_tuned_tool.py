@@ -22,6 +22,7 @@ def _outer(repeat: int, recipes: str, auc: float, hits: list[int]) -> dict[str, 
            "malignant_auc": auc - 0.02, "malignant_auc_ci95": [auc - 0.15, auc + 0.05]}
     frozen = {**arm, "auc": auc - 0.01, "hits": [hits[0] - 1, hits[1]]}
     return {"repeat": repeat, "seed": 20261130 + repeat, "folds": 2, "recipes": recipes,
+            "features": "build/cells/lite0",
             "ids": IDS, "schedule": topfit.schedule_of("all", 6),
             "summary": {tuned.ARM: arm, "frozen shipped": frozen},
             "per_fold": [{"recipe": {"level": "16c"}, tuned.ARM: {"auc": 0.7}},
@@ -48,6 +49,7 @@ def test_matching_inputs_pass() -> None:
     (lambda i, t, o: o[1].update(ids=IDS[:3]), "repeat 1"),
     (lambda i, t, o: o[0]["schedule"].update(epochs=3), "another schedule"),
     (lambda i, t, o: o[0].update(recipes="shipped"), "--recipes inner"),
+    (lambda i, t, o: o.reverse(), "in order"),
 ])
 def test_inputs_that_do_not_belong_together_are_refused(change, message: str) -> None:
     info, trunk_run, outer = _inputs()
@@ -68,6 +70,8 @@ def test_metrics_are_the_first_runs_with_the_others_as_spread() -> None:
     assert metrics["lesion_hits_all_repeats"] == [22, 40]
     assert metrics["fold_aucs"] == [0.7, 0.8]
     assert metrics["recipes_chosen"] == [[{"level": "16c"}, {"level": "32"}]] * 2
+    assert metrics["recipes_kind"] == ["inner", "shipped"]
+    assert metrics["recipes_features"] == "lite0"
     assert metrics["frozen_trunk_same_folds"]["repeat_aucs"] == [0.77, 0.75]
     assert metrics["base_bundle"]["version"] == base["version"]
     assert "grouped by woman" in metrics["split"] and "repeat 0: inner" in metrics["split"]

@@ -368,11 +368,22 @@ def fold_recipes(metadata: dict[str, Any], repeat: int, folds: int, features: st
     """The recipe each outer fold's inner CV chose in the bundle's nested run (`--recipes
     inner`): the nested run and this one split with the same seed (SEED + repeat) and the same
     grouped folds, so fold k here is its fold k; refused when the counts or the feature set
-    differ."""
-    chosen = metadata["metrics"]["recipes_chosen"]
+    differ. A bundle on a fine-tuned trunk (`tools/model/tuned.py`) keeps the recipes its outer
+    runs fitted, as recipes; those of a run that took the inner choices are the same."""
+    metrics = metadata["metrics"]
+    chosen = metrics["recipes_chosen"]
     if repeat >= len(chosen) or len(chosen[repeat]) != folds:
         raise SystemExit(f"the bundle's nested run has no repeat {repeat} with {folds} folds")
     name = Path(features).name
+    if all(isinstance(fold, dict) for fold in chosen[repeat]):
+        kinds = metrics.get("recipes_kind") or []
+        if repeat >= len(kinds) or kinds[repeat] != "inner":
+            raise SystemExit(f"the bundle's repeat {repeat} did not fit the inner folds' recipes")
+        if metrics.get("recipes_features") != name:
+            raise SystemExit(f"the bundle's recipes are not on the features {name!r}")
+        return [dict(fold) for fold in chosen[repeat]]
+    if not all(isinstance(fold, list) and len(fold) == 5 for fold in chosen[repeat]):
+        raise SystemExit("the bundle's recipes_chosen are neither a nested run's nor recipes")
     for fold in chosen[repeat]:
         if fold[0].split(":")[0] != name or fold[4][0].split(":")[0] != name:
             raise SystemExit(f"fold recipe {fold} is not on the features {name!r}")

@@ -5,13 +5,13 @@ folds (each outer fold's heads are the recipe its inner CV chose in the base bun
 run; the trunk's schedule is fixed, so nothing is chosen on a test fold).
 
     python -m tools.model.topfit --features build/cells/lite0 --out build/cells/e1-r0 \\
-        --train all --recipes inner --mias ../shared/data/mias
+        --bundle build/cells/bundle-0.5.0 --train all --recipes inner --mias ../shared/data/mias
     python -m tools.model.topfit --features build/cells/lite0 --out build/cells/e1-final \\
-        --train all --final --mias ../shared/data/mias
+        --bundle build/cells/bundle-0.5.0 --train all --final --mias ../shared/data/mias
     python -m tools.model.cells extract --mias ../shared/data/mias --out build/cells/e1 \\
         --trunk build/cells/e1-final/trunk.pt
     python -m tools.model.tuned --features build/cells/e1 --trunk build/cells/e1-final \\
-        --outer build/cells/e1-r0/topfit.json --base models/mias-baseline \\
+        --outer build/cells/e1-r0/topfit.json --base build/cells/bundle-0.5.0 \\
         --mias ../shared/data/mias --out build/bundle --version 0.6.0
 
 The outer runs' `tuned shipped` arm is what the bundle is: the same trunk schedule trained on
@@ -77,6 +77,8 @@ def check_inputs(feature_info: dict[str, Any], trunk_run: dict[str, Any], trunk_
         raise SystemExit("the features hold mirrors; the bundle's heads are fitted on films only")
     if trunk_run["ids"] != ids:
         raise SystemExit("the trunk was trained on other films")
+    if [run["repeat"] for run in outer] != list(range(len(outer))):
+        raise SystemExit("give the outer runs as repeats 0, 1, ... in order")
     for run in outer:
         if run["ids"] != ids:
             raise SystemExit(f"outer run (repeat {run['repeat']}) was run on other films")
@@ -137,7 +139,11 @@ def tuned_metrics(base: dict[str, Any], outer: list[dict[str, Any]]) -> dict[str
         "lesion_hits_all_repeats": hit_all,
         "repeat_lesion_hits": [run["summary"][ARM]["hits"] for run in outer],
         "ci_method": base["metrics"]["ci_method"],
+        # each repeat's recipe per outer fold, and whose choice it was ("inner": the base
+        # bundle's nested run, on the frozen features named here; "shipped": its final recipe)
         "recipes_chosen": [[fold["recipe"] for fold in run["per_fold"]] for run in outer],
+        "recipes_kind": [run["recipes"] for run in outer],
+        "recipes_features": Path(outer[0]["features"]).name,
         "frozen_trunk_same_folds": {
             "repeat_aucs": [run["summary"]["frozen shipped"]["auc"] for run in outer],
             "repeat_lesion_hits": [run["summary"]["frozen shipped"]["hits"] for run in outer],
@@ -185,14 +191,14 @@ def tuned_training(base: dict[str, Any], trunk_run: dict[str, Any], args: argpar
         f"{base['version']}'s recipe, refitted on the fine-tuned trunk's maps)")
     feats = args.features
     outer_cmds = [f"python -m tools.model.topfit --features {run_features} --out "
-                  f"{Path(path).parent} --train all --recipes {kind} --repeat {repeat} "
-                  "--mias ../shared/data/mias --threads 2"
+                  f"{Path(path).parent} --bundle {args.base} --train all --recipes {kind} "
+                  f"--repeat {repeat} --mias ../shared/data/mias --threads 2"
                   for path, run_features, kind, repeat in args.outer_runs]
     frozen = trunk_run["features"]
     training["command"] = " && ".join(
         [base["training"]["command"], base["training"]["export_command"], *outer_cmds,
-         f"python -m tools.model.topfit --features {frozen} --out {args.trunk} --train all "
-         "--final --mias ../shared/data/mias --threads 2",
+         f"python -m tools.model.topfit --features {frozen} --out {args.trunk} --bundle "
+         f"{args.base} --train all --final --mias ../shared/data/mias --threads 2",
          extract_command(feats, feature_info) + f" --trunk {Path(args.trunk) / TRUNK_FILE}"])
     training["export_command"] = "python -m tools.model.tuned " + " ".join(
         sys.argv[1:] if args.argv is None else args.argv)
@@ -296,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outer", required=True, nargs="+",
                         help="topfit.json of `topfit --train all` runs, the first with "
                              "--recipes inner")
-    parser.add_argument("--base", default="models/mias-baseline",
-                        help="the bundle whose recipe, domain and nested folds this one takes")
+    parser.add_argument("--base", required=True,
+                        help="the frozen-trunk bundle (`cells final`) whose recipe, domain and "
+                             "nested folds this one takes")
     parser.add_argument("--mias", required=True, help="the films (their orientation, for peak_xy)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--version", required=True)
