@@ -37,13 +37,19 @@ def test_committed_bundle_is_a_trained_model_with_measured_metrics(runner) -> No
     assert "Research use only" in card and "Suckling" in card
     training = metadata["training"]  # rebuilt by tools/model, with the exact commands
     assert training["command"] in card and training["export_command"] in card
-    if uses_canvas(metadata):  # frozen ImageNet trunk + cell head (tools/model/cells.py)
+    if uses_canvas(metadata):  # ImageNet trunk + cell head (tools/model/cells.py)
         assert training["command"].startswith("python -m tools.model.cells extract ")
-        assert training["export_command"].startswith("python -m tools.model.cells final ")
         assert training["arch_config"]["canvas"] == [metadata["input"]["height"],
                                                      metadata["input"]["width"]]
-        assert "nested cross-validation" in metrics["split"]
         assert "Apache-2.0" in card
+        if training["arch_config"]["frozen"]:
+            assert training["export_command"].startswith("python -m tools.model.cells final ")
+            assert "nested cross-validation" in metrics["split"]
+        else:  # the trunk fine-tuned (tools/model/topfit.py --final, tools/model/tuned.py)
+            assert training["export_command"].startswith("python -m tools.model.tuned ")
+            assert " --final " in training["command"] and " --trunk " in training["command"]
+            assert "outer folds" in metrics["split"]
+            assert training["arch_config"]["trunk"]["schedule"]["train"] == "all"
     else:
         assert training["command"].startswith("python -m tools.model.train ")
         assert training["export_command"].startswith("python -m tools.model.export ")
