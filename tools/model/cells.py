@@ -843,7 +843,6 @@ def final(args: argparse.Namespace) -> int:
     on all films and write the bundle: predictions.jsonl, the calibration and the operating
     points come from repeat 0's nested out-of-fold predictions."""
     from node.bundle import LEGACY_SHA_KEY, MODEL_FILE, PT2_FILE, file_sha256
-    from pipelines.model import load_bundle
     from tools.model import export as ex
 
     torch.set_num_threads(args.threads)
@@ -927,17 +926,28 @@ def final(args: argparse.Namespace) -> int:
                            f"{CONTRA_WEIGHT} x the mean image logit of the training films "
                            "(missing_other_logit; never measured: every MIAS film has its pair)",
         }
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    ex.calibrate_metadata(metadata, predictions)
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    save_calibration_plot(out / "calibration.png", rows_out, metadata)
-    load_bundle(out, "cpu")
-    metadata["training"]["inference"] = ex.measure_inference(out, args.threads)
-    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
-    ex._write_bundle_texts(out, metadata, notes)
-    load_bundle(out, "cpu")
+    finish_bundle(out, metadata, rows_out, args.notes, args.threads)
     print(f"bundle written to {out} ({time.time() - started:.0f}s)", file=sys.stderr)
     return 0
+
+
+def finish_bundle(out: Path, metadata: dict[str, Any], rows: list[dict[str, Any]],
+                  notes_path: str | None, threads: int) -> None:
+    """What every bundle build ends with, once the model files and predictions.jsonl (`rows`)
+    are written: Platt calibration and operating points from the out-of-fold scores,
+    metadata.json, the calibration plot, the worker's load check, the inference time, the card
+    (with `notes_path`'s text), and the load check again."""
+    from pipelines.model import load_bundle
+    from tools.model import export as ex
+
+    ex.calibrate_metadata(metadata, out / "predictions.jsonl")
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    save_calibration_plot(out / "calibration.png", rows, metadata)
+    load_bundle(out, "cpu")
+    metadata["training"]["inference"] = ex.measure_inference(out, threads)
+    notes = Path(notes_path).read_text(encoding="utf-8") if notes_path else ""
+    ex._write_bundle_texts(out, metadata, notes)
+    load_bundle(out, "cpu")
 
 
 def save_calibration_plot(path: Path, rows: list[dict[str, Any]], metadata: dict[str, Any]

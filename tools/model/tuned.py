@@ -43,12 +43,12 @@ from tools.model.cells import (
     export_canvas,
     extract_command,
     film_index,
+    finish_bundle,
     fit_cells,
     fit_head,
     head_spec,
     level_maps,
     pool_scores,
-    save_calibration_plot,
     stored_point,
     trace_canvas,
 )
@@ -213,7 +213,6 @@ def build(args: argparse.Namespace) -> int:
     from node.bundle import LEGACY_SHA_KEY, MODEL_FILE, PT2_FILE, file_sha256
     from node.drift import REFERENCE_KEY
     from pipelines.calibration import CALIBRATION_KEY
-    from pipelines.model import load_bundle
     from tools.model import export as ex
 
     torch.set_num_threads(args.threads)
@@ -278,14 +277,7 @@ def build(args: argparse.Namespace) -> int:
         own = pool_scores(model.logits(maps), mask, recipe["pooling"])
         metadata[CONTRALATERAL_KEY]["weight"] = CONTRA_WEIGHT
         metadata[CONTRALATERAL_KEY]["missing_other_logit"] = round(float(np.mean(own)), 6)
-    ex.calibrate_metadata(metadata, predictions)
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    save_calibration_plot(out / "calibration.png", rows, metadata)
-    load_bundle(out, "cpu")
-    metadata["training"]["inference"] = ex.measure_inference(out, args.threads)
-    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
-    ex._write_bundle_texts(out, metadata, notes)
-    load_bundle(out, "cpu")
+    finish_bundle(out, metadata, rows, args.notes, args.threads)
     summary = metadata["metrics"]
     print(f"bundle written to {out} ({time.time() - started:.0f}s): AUC "
           f"{summary['normal_vs_abnormal_auc']} {summary['normal_vs_abnormal_auc_ci95']}, hits "
