@@ -13,7 +13,6 @@ from tools.model.cells import (
     HeadSpec,
     LiteTrunk,
     choose_heat,
-    export_canvas,
     fit_cells,
     fit_loc,
     heatmap_logits,
@@ -113,9 +112,15 @@ def test_the_unfolded_and_folded_trunks_agree() -> None:
         assert torch.allclose(a, b, atol=2e-3)
 
 
-def test_export_runs_on_smaller_boxes_like_the_network(trunk) -> None:
+def test_export_runs_on_smaller_boxes_like_the_network(trunk, tmp_path) -> None:
+    from node.bundle import MODEL_FILE, PT2_FILE
+    from tools.model.cells import save_network
+
     model = CellHeadModel(trunk, _head("16c", 2), "top10", "smooth3-erode", _head("32", 3))
-    program = export_canvas(model, CANVAS)
+    (tmp_path / MODEL_FILE).write_bytes(b"an old copy")
+    assert save_network(tmp_path, model, torchscript=False) is None
+    assert not (tmp_path / MODEL_FILE).exists()  # no stale TorchScript copy beside the .pt2
+    program = torch.export.load(str(tmp_path / PT2_FILE))
     x = _breast(1)[:, :, :224, :160].contiguous()
     with torch.inference_mode():
         for expected, got in zip(model(x), program.module()(x), strict=True):
@@ -191,3 +196,15 @@ def test_heat_head_comes_from_the_score_heads_trunk() -> None:
             ("lite2:16", 0.1, "raw", "loc"): 9}
     assert choose_heat(hits, "lite0:16c", 0.01) == ("lite0:16", 0.1, "raw", "loc")
     assert choose_heat(hits, "lite2:16c", 0.01) == ("lite2:16", 0.1, "raw", "loc")
+
+
+def test_the_heat_scale_gives_the_heat_head_the_score_heads_spread() -> None:
+    from tools.model.cells import heat_scale_of
+
+    rng = np.random.default_rng(0)
+    score, heat = rng.normal(0, 3, (4, 8, 6)), rng.normal(5, 0.5, (4, 8, 6))
+    mask = np.ones((4, 8, 6), bool)
+    mask[:, :, 5] = False
+    heat[:, :, 5] = 1e3  # off the breast: not counted
+    scale = heat_scale_of(score, mask, heat, mask)
+    assert np.std(heat[mask] * scale) == pytest.approx(np.std(score[mask]))

@@ -842,8 +842,7 @@ def final(args: argparse.Namespace) -> int:
     """Select the shipped recipe (grouped CV over all films, the inner rule of `nested`), fit it
     on all films and write the bundle: predictions.jsonl, the calibration and the operating
     points come from repeat 0's nested out-of-fold predictions."""
-    from node.bundle import LEGACY_SHA_KEY, MODEL_FILE, PT2_FILE, file_sha256
-    from tools.model import export as ex
+    from node.bundle import LEGACY_SHA_KEY, PT2_FILE, file_sha256
 
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -889,25 +888,13 @@ def final(args: argparse.Namespace) -> int:
         heat_model = fit_head(hv.maps, hv.mask, hv.label, np.unique(hv.pairs.ravel()), hv.info,
                               heat[1], heat[3], SEED)
         heat_spec = head_spec(heat_model, heat[0].split(":")[1])
-        # the spread of the two heads' cell logits over the films' breast cells
-        films = pairs[:, 0]
-        spread = float(np.std(model.logits(maps[films])[mask[films]]))
-        heat_films = hv.pairs[:, 0]
-        heat_spread = float(np.std(heat_model.logits(hv.maps[heat_films])[hv.mask[heat_films]]))
-        heat_scale = spread / max(heat_spread, 1e-6)
-        print(f"heat head scale {heat_scale:.3f} (cell logit spread {spread:.3f} / "
-              f"{heat_spread:.3f})", file=sys.stderr)
+        films, heat_films = pairs[:, 0], hv.pairs[:, 0]
+        heat_scale = heat_scale_of(model.logits(maps[films]), mask[films],
+                                   heat_model.logits(hv.maps[heat_films]), hv.mask[heat_films])
+        print(f"heat head scale {heat_scale:.3f}", file=sys.stderr)
     net = CellHeadModel(LiteTrunk(meta["arch"]).for_inference(), head_spec(model, level),
                         pooling, peak, heat_spec, heat_scale)
-    program = export_canvas(net, CANVAS)
-    program.example_inputs = None  # not needed to load or run: 3 MB less in git
-    ex.save_exported(program, out / PT2_FILE)
-    legacy = None
-    if args.torchscript:  # the TorchScript copy older workers load (checked by its sha256)
-        trace_canvas(net, CANVAS).save(str(out / MODEL_FILE))
-        legacy = file_sha256(out / MODEL_FILE)
-    elif (out / MODEL_FILE).exists():
-        (out / MODEL_FILE).unlink()
+    legacy = save_network(out, net, args.torchscript)
     wall = time.time() - started + sum(float(m.get("wall_s", 0)) for m in metas.values()) + float(
         nested_result.get("wall_s", 0))
     metadata = bundle_metadata(args, meta, nested_result, (level, l2, pooling, contra, heat),
@@ -929,6 +916,32 @@ def final(args: argparse.Namespace) -> int:
     finish_bundle(out, metadata, rows_out, args.notes, args.threads)
     print(f"bundle written to {out} ({time.time() - started:.0f}s)", file=sys.stderr)
     return 0
+
+
+def heat_scale_of(score_logits: np.ndarray, score_mask: np.ndarray, heat_logits: np.ndarray,
+                  heat_mask: np.ndarray) -> float:
+    """The factor on a heat head's logits that gives them the score head's spread: the standard
+    deviation of the score head's cell logits over the films' breast cells over the heat
+    head's."""
+    spread = float(np.std(score_logits[score_mask]))
+    return spread / max(float(np.std(heat_logits[heat_mask])), 1e-6)
+
+
+def save_network(out: Path, net: nn.Module, torchscript: bool = True) -> str | None:
+    """The bundle's network as `model.pt2` (any batch and box size) and, with `torchscript`, the
+    TorchScript copy older workers load (an old copy is removed without it); the copy's sha256."""
+    from node.bundle import MODEL_FILE, PT2_FILE, file_sha256
+    from tools.model import export as ex
+
+    program = export_canvas(net, CANVAS)
+    program.example_inputs = None  # not needed to load or run: 3 MB less in git
+    ex.save_exported(program, out / PT2_FILE)
+    if torchscript:
+        trace_canvas(net, CANVAS).save(str(out / MODEL_FILE))
+        return file_sha256(out / MODEL_FILE)
+    if (out / MODEL_FILE).exists():
+        (out / MODEL_FILE).unlink()
+    return None
 
 
 def finish_bundle(out: Path, metadata: dict[str, Any], rows: list[dict[str, Any]],

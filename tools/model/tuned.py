@@ -33,27 +33,26 @@ import numpy as np
 import torch
 
 from tools.model.cells import (
-    CANVAS,
     CONTRA_WEIGHT,
     CONTRALATERAL_KEY,
     SEED,
     CellHeadModel,
     Features,
     LiteTrunk,
-    export_canvas,
     extract_command,
     film_index,
     finish_bundle,
     fit_cells,
     fit_head,
     head_spec,
+    heat_scale_of,
     level_maps,
     pool_scores,
+    save_network,
     stored_point,
-    trace_canvas,
 )
 from tools.model.dataset import grouped_folds, mias_records
-from tools.model.topfit import TRUNK_FILE
+from tools.model.topfit import TRUNK_FILE, shipped_recipe
 
 ARM = "tuned shipped"  # topfit's arm: the trained trunk with the recipe's heads refitted on it
 
@@ -210,10 +209,9 @@ def tuned_training(base: dict[str, Any], trunk_run: dict[str, Any], args: argpar
 
 
 def build(args: argparse.Namespace) -> int:
-    from node.bundle import LEGACY_SHA_KEY, MODEL_FILE, PT2_FILE, file_sha256
+    from node.bundle import LEGACY_SHA_KEY, PT2_FILE, file_sha256
     from node.drift import REFERENCE_KEY
     from pipelines.calibration import CALIBRATION_KEY
-    from tools.model import export as ex
 
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -229,8 +227,6 @@ def build(args: argparse.Namespace) -> int:
     records, _ = film_index(feats.info)
     ids = [r.id for r in records]
     check_inputs(feature_info, trunk_run, trunk_sha, outer, ids)
-    from tools.model.topfit import shipped_recipe
-
     recipe = shipped_recipe(base)
     films = np.arange(len(records))
     maps, mask, label = level_maps(feats, recipe["level"])
@@ -242,17 +238,13 @@ def build(args: argparse.Namespace) -> int:
         heat_model = fit_head(hmaps, hmask, hlabel, films, feats.info, heat["l2"],
                               heat["loss"], SEED)
         heat_spec = head_spec(heat_model, heat["level"])
-        spread = float(np.std(model.logits(maps)[mask]))
-        heat_scale = spread / max(float(np.std(heat_model.logits(hmaps)[hmask])), 1e-6)
+        heat_scale = heat_scale_of(model.logits(maps), mask, heat_model.logits(hmaps), hmask)
     net = CellHeadModel(LiteTrunk(trunk_run["arch"], trunk_dir / TRUNK_FILE).for_inference(),
                         head_spec(model, recipe["level"]), recipe["pooling"], heat["mode"],
                         heat_spec, heat_scale)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    program = export_canvas(net, CANVAS)
-    program.example_inputs = None  # not needed to load or run
-    ex.save_exported(program, out / PT2_FILE)
-    trace_canvas(net, CANVAS).save(str(out / MODEL_FILE))  # the copy older workers load
+    legacy = save_network(out, net)
     rows = prediction_rows(outer[0], records, Path(args.mias))
     predictions = out / "predictions.jsonl"
     predictions.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -262,7 +254,7 @@ def build(args: argparse.Namespace) -> int:
                              LEGACY_SHA_KEY)}
     metadata["version"] = args.version
     metadata["model_sha256"] = file_sha256(out / PT2_FILE)
-    metadata[LEGACY_SHA_KEY] = file_sha256(out / MODEL_FILE)
+    metadata[LEGACY_SHA_KEY] = legacy
     metadata["output"]["heatmap"] = metadata["output"]["heatmap"].replace(
         "on frozen ImageNet features", "on the fine-tuned trunk's features")
     metadata["output"]["heatmap"] = metadata["output"]["heatmap"].replace(
