@@ -40,8 +40,8 @@ train: install
 	for n in 0 1 2; do $(PYTHON) -m tools.model.topfit --features build/cells/lite0 --out build/cells/e1-r$$n --bundle build/cells/bundle-0.5.0 --train all --recipes inner --repeat $$n --mias ../shared/data/mias --threads 2 || exit 1; done
 	$(PYTHON) -m tools.model.topfit --features build/cells/lite0 --out build/cells/e1-final --bundle build/cells/bundle-0.5.0 --train all --final --mias ../shared/data/mias --threads 2
 	$(PYTHON) -m tools.model.cells extract --mias ../shared/data/mias --out build/cells/e1 --arch efficientnet-lite0 --threads 2 --trunk build/cells/e1-final/trunk.pt
-	$(PYTHON) -m tools.model.tuned --features build/cells/e1 --trunk build/cells/e1-final --outer build/cells/e1-r0/topfit.json build/cells/e1-r1/topfit.json build/cells/e1-r2/topfit.json --base build/cells/bundle-0.5.0 --mias ../shared/data/mias --out build/cells/bundle-0.6.0 --version 0.6.0 --notes models/mias-baseline/experiments.md --threads 2
-	@echo "bundle in build/cells/bundle-0.6.0: compare its card with models/mias-baseline, then copy it there to ship it"
+	$(PYTHON) -m tools.model.tuned --features build/cells/e1 --trunk build/cells/e1-final --outer build/cells/e1-r0/topfit.json build/cells/e1-r1/topfit.json build/cells/e1-r2/topfit.json --base build/cells/bundle-0.5.0 --mias ../shared/data/mias --out build/cells/bundle-0.6.1 --version 0.6.1 --notes models/mias-baseline/experiments.md --threads 2
+	@echo "bundle in build/cells/bundle-0.6.1: compare its card with models/mias-baseline, then copy it there to ship it"
 
 clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from pydicom import Dataset
 
+from pipelines.calibration import logit
 from pipelines.model import ModelRunner, load_bundle
 from pipelines.quality import Domain, domain_flags
 from pipelines.results import SCREENING_VIEWS
@@ -186,8 +187,14 @@ def test_the_real_ffdm_exam_scores_the_same_however_it_is_stored(
     half = study("half", 505, 2, 12)
     for view_key in SCREENING_VIEWS:
         assert sixteen[view_key] == pytest.approx(twelve[view_key], abs=1e-4), view_key
-        # mias-baseline 0.6.0: within 0.001, 0.5.0 within 0.007 (python -m tools.model.domain)
-        assert half[view_key] == pytest.approx(twelve[view_key], abs=0.02), view_key
+        # Half the resolution is another resampling of the breast, so it may move a score a
+        # little. Compared on the log-odds, where a difference means the same at any score (a
+        # calibration that stretches the ends of the scale, as 0.6.1's Platt on the logit does,
+        # stretches a probability difference there). Measured for mias-baseline 0.6.1: 0.12 on
+        # L-CC, 0.10 on R-CC, 0.04 and 0.01 on the MLO views (0.6.0's Platt on the score,
+        # confined to 0.096-0.597, hid them: within 0.001).
+        shift = abs(float(logit(half[view_key])) - float(logit(twelve[view_key])))
+        assert shift <= 0.25, (view_key, shift)
 
 
 @pytest.mark.slow

@@ -955,28 +955,12 @@ def finish_bundle(out: Path, metadata: dict[str, Any], rows: list[dict[str, Any]
 
     ex.calibrate_metadata(metadata, out / "predictions.jsonl")
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    save_calibration_plot(out / "calibration.png", rows, metadata)
+    ex.save_calibration_plot(out / "calibration.png", rows, metadata)
     load_bundle(out, "cpu")
     metadata["training"]["inference"] = ex.measure_inference(out, threads)
     notes = Path(notes_path).read_text(encoding="utf-8") if notes_path else ""
     ex._write_bundle_texts(out, metadata, notes)
     load_bundle(out, "cpu")
-
-
-def save_calibration_plot(path: Path, rows: list[dict[str, Any]], metadata: dict[str, Any]
-                          ) -> None:
-    """The reliability diagram of the out-of-fold scores, raw and Platt-calibrated
-    (tools/model/evaluate.py's plot)."""
-    from pipelines.calibration import Calibration
-    from tools.model import metrics
-    from tools.model.evaluate import plot_calibration
-
-    labels = np.array([r["label"] for r in rows])
-    raw = np.array([r["score"] for r in rows], dtype=np.float64)
-    calibration = Calibration.from_metadata(metadata)
-    calibrated = calibration.scores(raw) if calibration is not None else raw
-    plot_calibration(path, {"calibration": metrics.calibration_bins(labels, calibrated, bins=10),
-                            "calibration_raw": metrics.calibration_bins(labels, raw, bins=10)})
 
 
 def stored_point(point: tuple[float, float], placement: list[int], record: Record,

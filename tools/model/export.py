@@ -8,19 +8,22 @@
 Writes model.pt2 (a `torch.export` ExportedProgram with a dynamic batch dimension, saved with
 torch.export.save; forward(x (B,1,H,W)) -> (probability (B,), heatmap (B,1,H,W))),
 metadata.json (`format` "pt2", input size, intensity normalisation, orientation, output meaning,
-the declared `domain`, the `calibration` (Platt scaling fitted on the out-of-fold predictions,
+the declared `domain`, the `calibration` (Platt scaling on the score or on its logit, whichever
+calibrates the out-of-fold predictions better when cross-fitted over their folds;
 pipelines/calibration.py) and the operating points on its calibrated scale, metrics with CIs and
 the split, training data and command, model_sha256, and `reference_scores`: the calibrated
 out-of-fold image scores with their PSI bins, the reference of drift monitoring) and the model
 card README.md; then loads the bundle with pipelines.model.load_bundle, which runs its checks,
-and times CPU inference. `--calibrate` and `--to-pt2` upgrade an exported bundle in place
-without retraining (`--to-pt2` keeps model.ts beside model.pt2, checked by its sha256).
+and times CPU inference. `--calibrate` (which also recalibrates a calibrated bundle) and
+`--to-pt2` upgrade an exported bundle in place without retraining (`--to-pt2` keeps model.ts
+beside model.pt2, checked by its sha256).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -32,7 +35,16 @@ import numpy as np
 import torch
 
 from node.drift import REFERENCE_KEY, reference_from_scores
-from pipelines.calibration import CALIBRATION_KEY, PLATT, Calibration, fit_platt
+from pipelines.calibration import (
+    CALIBRATION_KEY,
+    PLATT,
+    PLATT_LOGIT,
+    Calibration,
+    cross_fitted,
+    fit_platt,
+    log_loss,
+)
+from pipelines.calibration import METHODS as CALIBRATION_METHODS
 from pipelines.quality import DOMAIN_KEY
 from tools.model import metrics as model_metrics
 from tools.model import nets
@@ -264,19 +276,39 @@ def _format_text(metadata: dict[str, Any]) -> str:
             f"`model_format_deprecated`); contract {contract}.")
 
 
+def _power_of_two(value: float) -> str:
+    exponent = math.log2(value) if value > 0 else 0.5
+    return f"2^{int(exponent)}" if float(exponent).is_integer() else f"{value:g}"
+
+
 def _calibration_text(metadata: dict[str, Any]) -> str:
     c = metadata.get(CALIBRATION_KEY)
     if not c:
         return ("\n## Calibration\nNone: the scores are the network's raw outputs, not "
                 "probabilities.\n")
     raw = ", ".join(f"{k} {v:.4f}" for k, v in c["raw_operating_points"].items())
+    logit = c["method"] == PLATT_LOGIT
+    name = "Platt scaling on the logit" if logit else "Platt scaling"
+    clip = f", clip {_power_of_two(float(c['clip']))}" if logit else ""
+    span = (f" Calibrated scores span {c['range'][0]:.3f} to {c['range'][1]:.3f}."
+            if c.get("range") else "")
+    compared = c.get("methods_compared")
+    choice = ""
+    if compared:
+        cells = "; ".join(
+            f"{m}: " + (f"not fitted ({v['failed']})" if "failed" in v else
+                        f"log loss {v['cross_fitted_log_loss']:.4f}, Brier "
+                        f"{v['cross_fitted_brier']:.4f}, ECE {v['cross_fitted_ece_10_bins']:.4f}")
+            for m, v in compared.items())
+        choice = f"\nChosen by {c['chosen_by']}; cross-fitted: {cells}.\n"
     return f"""
 ## Calibration
-**Platt scaling** ({c['formula']}; slope {c['slope']:.4f}, intercept {c['intercept']:.4f}),
-fitted on {c['fitted_on']}. The worker (`pipelines/model.py`) applies it to
+**{name}** ({c['formula']}; slope {c['slope']:.4f}, intercept {c['intercept']:.4f}{clip}),
+fitted on {c['fitted_on']}.{span}{choice}
+The worker (`pipelines/model.py`) applies it to
 {c['applied_to']}; the operating points
 above are on the calibrated scale, recomputed from the calibrated out-of-fold scores with the
-same rules (raw thresholds were {raw}). Platt's map is strictly increasing, so the ranking, the
+same rules (raw thresholds were {raw}). The map is increasing, so the ranking, the
 AUC and every verdict are those of the raw scores. Brier score {c['brier']['raw']:.4f} raw,
 {c['brier']['calibrated']:.4f} calibrated; expected calibration error (10 bins)
 {c['ece_10_bins']['raw']:.4f} raw, {c['ece_10_bins']['calibrated']:.4f} calibrated (the
@@ -353,6 +385,9 @@ def model_card(metadata: dict[str, Any], notes: str) -> str:
     lo, hi = m["normal_vs_abnormal_auc_ci95"]
     mlo, mhi = m["malignant_vs_rest_auc_ci95"]
     hits = f"{m['lesion_hits'][0]}/{m['lesion_hits'][1]}"
+    # From the counts, not from the stored rate (rounded to four digits, then to three here)
+    hit_rate = (f"{m['lesion_hits'][0] / m['lesion_hits'][1]:.3f}" if m['lesion_hits'][1]
+                else "n/a")
     inference = t.get("inference", {})
     rows = "".join(
         f"| {name} | {v['threshold']:.4f} | {v['sensitivity']:.3f} | {v['specificity']:.3f} |\n"
@@ -394,7 +429,7 @@ Split: {m['split']}.
 |---|---|---|
 | normal vs abnormal AUC | {m['normal_vs_abnormal_auc']:.3f} | {lo:.3f}–{hi:.3f} |
 | malignant vs rest AUC | {m['malignant_vs_rest_auc']:.3f} | {mlo:.3f}–{mhi:.3f} |
-| lesion hit rate (heatmap peak inside a circle) | {m['lesion_hit_rate']:.3f} ({hits}) | |
+| lesion hit rate (heatmap peak inside a circle) | {hit_rate} ({hits}) | |
 
 Hit rate: over the abnormal images that have an annotated centre. Per-fold AUC: {folds}.
 CIs: {m['ci_method']}.
@@ -515,28 +550,79 @@ def _expected_calibration_error(labels: np.ndarray, scores: np.ndarray) -> float
                      for b in bins if b["count"]) / len(labels))
 
 
+def calibration_folds(rows: list[dict[str, Any]], folds: int = 5) -> np.ndarray:
+    """The fold of each out-of-fold prediction: its `fold` when every row has one (the
+    cross-validation's, grouped by woman), else its `group` (or `id`) dealt round-robin, in sorted
+    order, into `folds` folds, so one woman's images stay in one fold."""
+    if all(row.get("fold") is not None for row in rows):
+        return np.array([int(row["fold"]) for row in rows])
+    groups = [str(row.get("group", row.get("id"))) for row in rows]
+    index = {group: i % folds for i, group in enumerate(sorted(set(groups)))}
+    return np.array([index[group] for group in groups])
+
+
+def compare_calibrations(labels: np.ndarray, raw: np.ndarray, folds: np.ndarray
+                         ) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Each calibration method cross-fitted over the folds (fitted on the others, applied to
+    each); the method with the lower cross-fitted log loss wins ("platt" on a tie). A method whose
+    fit fails on some fold (its slope not positive) is reported and not chosen."""
+    compared: dict[str, dict[str, Any]] = {}
+    for method in CALIBRATION_METHODS:
+        try:
+            out = cross_fitted(labels, raw, folds, method)
+        except ValueError as error:
+            compared[method] = {"failed": str(error)}
+            continue
+        compared[method] = {
+            "cross_fitted_log_loss": round(log_loss(labels, out), 4),
+            "cross_fitted_brier": round(float(np.mean((out - labels) ** 2)), 4),
+            "cross_fitted_ece_10_bins": round(_expected_calibration_error(labels, out), 4),
+        }
+    usable = [m for m in CALIBRATION_METHODS if "failed" not in compared[m]]
+    if not usable:
+        raise ValueError("no calibration method fits every fold: "
+                         + "; ".join(f"{m}: {v['failed']}" for m, v in compared.items()))
+    return min(usable, key=lambda m: compared[m]["cross_fitted_log_loss"]), compared
+
+
+CALIBRATION_FORMULAS = {
+    PLATT: "calibrated = 1 / (1 + exp(-(slope * raw + intercept)))",
+    PLATT_LOGIT: "calibrated = 1 / (1 + exp(-(slope * logit(r) + intercept))), r = raw clipped "
+                 "to [clip, 1 - clip], logit(r) = ln(r / (1 - r))",
+}
+
+
 def calibrate_metadata(metadata: dict[str, Any], predictions_path: Path) -> dict[str, Any]:
-    """Fit Platt scaling on the out-of-fold predictions and put the bundle on its scale: the
-    `calibration`, the operating points recomputed from the calibrated out-of-fold scores with
-    tools/model/metrics.py's rules (Platt is strictly increasing, so they pick the same images:
-    every verdict is unchanged), their confusion counts, and the drift reference."""
+    """Fit the calibration on the out-of-fold predictions and put the bundle on its scale: the
+    method with the lower cross-fitted log loss (`compare_calibrations`), refitted on every
+    out-of-fold score as the `calibration`; the operating points recomputed from the calibrated
+    out-of-fold scores with tools/model/metrics.py's rules (the map keeps the order, so they pick
+    the same images: every verdict is unchanged), their confusion counts, and the drift
+    reference."""
     rows = read_predictions(predictions_path)
     labels = np.array([int(r["label"]) for r in rows])
     raw = np.array([float(r["score"]) for r in rows], dtype=np.float64)
-    calibration = fit_platt(labels, raw)
+    folds = calibration_folds(rows)
+    method, compared = compare_calibrations(labels, raw, folds)
+    calibration = fit_platt(labels, raw, method=method)
     calibrated = calibration.scores(raw)
     points = model_metrics.operating_points(labels, calibrated)
     raw_points = model_metrics.operating_points(labels, raw)
     prevalence = float(labels.mean())
     metadata[CALIBRATION_KEY] = {
-        "method": PLATT,
+        "method": method,
         "slope": calibration.slope,
         "intercept": calibration.intercept,
-        "formula": "calibrated = 1 / (1 + exp(-(slope * raw + intercept)))",
+        **({"clip": calibration.clip} if method == PLATT_LOGIT else {}),
+        "formula": CALIBRATION_FORMULAS[method],
+        "range": [round(calibration.score(0.0), 4), round(calibration.score(1.0), 4)],
         "applied_to": "every image score and heatmap cell, before breast and exam aggregation "
                       "(max)",
         "fitted_on": f"{len(rows)} out-of-fold image scores of the cross-validation "
                      "(predictions.jsonl), Platt's smoothed targets, maximum likelihood",
+        "chosen_by": f"the lower cross-fitted log loss over the {len(np.unique(folds))} folds of "
+                     "predictions.jsonl (each fold calibrated by a map fitted on the others)",
+        "methods_compared": compared,
         "prevalence": round(prevalence, 4),
         "caveat": f"calibrated to the training data's prevalence ({100 * prevalence:.0f} % "
                   "abnormal images), not to a screening population (about 0.5-1 % of exams "
@@ -557,10 +643,26 @@ def calibrate_metadata(metadata: dict[str, Any], predictions_path: Path) -> dict
     }
     metadata.setdefault("output", {})["score"] = (
         "probability of an abnormality needing work-up, benign or malignant, Platt-calibrated "
-        f"on the out-of-fold predictions: at the training data's prevalence ({100 * prevalence:.0f} "
-        "% abnormal), not a screening population's")
+        f"{'on the logit ' if method == PLATT_LOGIT else ''}on the out-of-fold predictions: at "
+        f"the training data's prevalence ({100 * prevalence:.0f} % abnormal), not a screening "
+        "population's")
     metadata[REFERENCE_KEY] = reference_of_predictions(predictions_path, calibration)
     return metadata
+
+
+def save_calibration_plot(path: Path, rows: list[dict[str, Any]], metadata: dict[str, Any]
+                          ) -> None:
+    """The reliability diagram of the out-of-fold scores, raw and calibrated
+    (tools/model/evaluate.py's plot)."""
+    from tools.model.evaluate import plot_calibration
+
+    labels = np.array([r["label"] for r in rows])
+    raw = np.array([r["score"] for r in rows], dtype=np.float64)
+    calibration = Calibration.from_metadata(metadata)
+    calibrated = calibration.scores(raw) if calibration is not None else raw
+    plot_calibration(path, {
+        "calibration": model_metrics.calibration_bins(labels, calibrated, bins=10),
+        "calibration_raw": model_metrics.calibration_bins(labels, raw, bins=10)})
 
 
 def add_calibration(bundle: Path, notes: str | None = None) -> dict[str, Any]:
@@ -574,6 +676,9 @@ def add_calibration(bundle: Path, notes: str | None = None) -> dict[str, Any]:
         metadata.setdefault(DOMAIN_KEY, MIAS_DOMAIN)
     calibrate_metadata(metadata, bundle / "predictions.jsonl")
     _write_bundle_texts(bundle, metadata, notes)
+    if (bundle / "calibration.png").is_file():  # the reliability diagram, on the new map
+        save_calibration_plot(bundle / "calibration.png",
+                              read_predictions(bundle / "predictions.jsonl"), metadata)
     load_bundle(bundle, "cpu")
     return metadata
 
@@ -667,7 +772,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only add the drift reference (reference_scores) to the bundle's "
                              "metadata.json from its predictions.jsonl")
     parser.add_argument("--calibrate", action="store_true",
-                        help="add Platt calibration (fitted on the bundle's predictions.jsonl) "
+                        help="(re)calibrate: Platt on the score or on its logit, whichever has "
+                             "the lower cross-fitted log loss on the bundle's predictions.jsonl, "
                              "and put its operating points and drift reference on that scale")
     parser.add_argument("--to-pt2", action="store_true",
                         help="export the bundle's model.ts as model.pt2 (torch.export), keeping "
@@ -692,8 +798,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{largest:g}", file=sys.stderr)
         if args.calibrate:
             calibration = add_calibration(args.trained, notes)[CALIBRATION_KEY]
-            print(f"bundle {args.trained}: Platt slope {calibration['slope']:.4f}, intercept "
-                  f"{calibration['intercept']:.4f}; ECE {calibration['ece_10_bins']}",
+            print(f"bundle {args.trained}: {calibration['method']} slope "
+                  f"{calibration['slope']:.4f}, intercept {calibration['intercept']:.4f}; ECE "
+                  f"{calibration['ece_10_bins']}; compared {calibration['methods_compared']}",
                   file=sys.stderr)
         record_upgrade(args.trained, args.version, argv, notes)
         return 0

@@ -12,7 +12,7 @@ run; the trunk's schedule is fixed, so nothing is chosen on a test fold).
         --trunk build/cells/e1-final/trunk.pt
     python -m tools.model.tuned --features build/cells/e1 --trunk build/cells/e1-final \\
         --outer build/cells/e1-r0/topfit.json --base build/cells/bundle-0.5.0 \\
-        --mias ../shared/data/mias --out build/bundle --version 0.6.0
+        --mias ../shared/data/mias --out build/bundle --version 0.6.1
 
 The outer runs' `tuned shipped` arm is what the bundle is: the same trunk schedule trained on
 each outer training part, the heads refitted on its maps. The first `--outer` run (repeat 0)
