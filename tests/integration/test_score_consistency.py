@@ -6,7 +6,8 @@ preprocessing (at the same pixel size: the PNG's manifest record states the spac
 header gives), same model, and the heatmap back on the source grid with the same flips undone.
 The DICOM goes through the worker's own functions (pipelines.study select/decode/orient and
 pipelines.scoring.score_views, as process_run calls them); the PNG through
-tools.model.evaluate.score_record. 8-bit and 16-bit, a left and a right breast, CC and MLO.
+tools.model.evaluate.score_record. 8-bit and 16-bit, a left and a right breast, CC and MLO, and
+both breasts of one view read against each other.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pipelines.study import decode_view, select_views
 from tests.support.spooled import spool_datasets
 from tests.support.study_pixels import replace_pixels
 from tools.model.dataset import Record
-from tools.model.evaluate import score_record
+from tools.model.evaluate import counterparts, score_record
 from tools.stack.make_study import StudySpec, build_view_dataset, encode_dataset, render_breast
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "mias-baseline"
@@ -123,3 +124,44 @@ def test_a_cc_stored_lateral_side_down_is_turned_the_same_way(
     assert abs(result.views[0].probability - png.probability) <= TOLERANCE
     assert np.abs(heatmaps[0] - png.heatmap).max() <= TOLERANCE
     assert not np.allclose(heatmaps[0], heatmaps[0][::-1], atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_both_breasts_of_a_view_are_read_against_each_other_on_both_paths(
+    tmp_path: Path, runner: ModelRunner
+) -> None:
+    """R-MLO and L-MLO of one woman: the worker reads each against the other (the bundle's
+    `contralateral` block); the evaluation tool, given each film's counterpart, must give the
+    same scores and heatmaps, and without it a different score (read against the training
+    films' mean instead): so the pairing is what makes the two paths agree."""
+    if runner.metadata.get("contralateral") is None:
+        pytest.skip("the bundle reads each breast on its own")
+    pair = ("R-MLO", "L-MLO")
+    spec = StudySpec(views=pair, rows=ROWS, cols=COLS, seed=7)
+    datasets, records = [], {}
+    for index, view_key in enumerate(pair):
+        pixels = _pixels(view_key, 16, seed=10 + index)
+        ds = build_view_dataset(spec, view_key)
+        replace_pixels(ds, pixels)
+        encode_dataset(ds, "explicit")
+        datasets.append(ds)
+        laterality, view = view_key.split("-")
+        records[view_key] = Record(
+            id=view_key, image=_write_png(tmp_path / f"{view_key}.png", pixels), group="w1",
+            laterality=laterality, view=view, label=1, malignant=None,
+            chest_wall="right" if laterality == "R" else "left",
+            pixel_spacing_mm=pixel_spacing_of(ds))
+    spool_datasets(tmp_path / "run", datasets)
+    selected, _ = select_views(tmp_path / "run")
+    views = [decode_view(s) for s in selected]
+    result, heatmaps = score_views(views, runner, "1.2.3")
+    pairs = counterparts(list(records.values()))
+    assert {k: v.id for k, v in pairs.items()} == {"R-MLO": "L-MLO", "L-MLO": "R-MLO"}
+    for view, score, heatmap in zip(views, result.views, heatmaps, strict=True):
+        key = view.entry.view_key
+        png = score_record(runner, records[key], pairs[key])
+        assert abs(score.probability - png.probability) <= TOLERANCE, key
+        assert np.abs(heatmap - png.heatmap).max() <= TOLERANCE, key
+        alone = score_record(runner, records[key])
+        assert abs(alone.probability - png.probability) > 1e-4, key

@@ -116,8 +116,16 @@ def test_metrics_equal_tools_metrics_on_independently_computed_scores(
     _, result = report
     m = result["metrics"]
     records = read_manifest(manifest)
-    scores = np.array([runner.predict([to_model_orientation(load_pixels(r), r)])[0].probability
-                       for r in records])
+    # Each woman's two MLO films in one call, each read against the other, as a study's views
+    # are (the bundle's contralateral reading).
+    scores = np.empty(len(records))
+    for woman in sorted({r.group for r in records}):
+        index = [i for i, r in enumerate(records) if r.group == woman]
+        assert [records[i].laterality for i in index] == ["L", "R"]
+        predictions = runner.predict(
+            [to_model_orientation(load_pixels(records[i]), records[i]) for i in index],
+            ["MLO", "MLO"], pixel_spacings=[None, None], contralateral=[1, 0])
+        scores[index] = [prediction.probability for prediction in predictions]
     labels = np.array([r.label for r in records])
     groups = np.array([r.group for r in records])
     assert m["images"] == len(records) and m["women"] == WOMEN
@@ -246,3 +254,17 @@ def test_fold_and_split_selection_are_grouped(manifest: Path) -> None:
     assert sorted(seen) == sorted(r.id for r in records)
     with pytest.raises(ValueError):
         evaluate.select_records(records, 5, 2, None, seed=0)
+
+
+def test_counterparts_pair_the_same_view_of_a_womans_other_breast() -> None:
+    """The pairing the worker makes inside a study: same woman, same view, other side; a film
+    with no such film in the manifest has none (it is read as a one-breast study is)."""
+    def record(id_: str, group: str, laterality: str, view: str) -> Record:
+        return Record(id_, Path(f"{id_}.png"), group, laterality, view, 0, None,
+                      "right" if laterality == "R" else "left")
+
+    films = [record("a", "w1", "R", "MLO"), record("b", "w1", "L", "MLO"),
+             record("c", "w1", "L", "CC"), record("d", "w2", "R", "MLO"),
+             record("e", "w3", "L", "MLO"), record("f", "w3", "R", "MLO")]
+    pairs = {key: value.id for key, value in evaluate.counterparts(films).items()}
+    assert pairs == {"a": "b", "b": "a", "e": "f", "f": "e"}

@@ -3,8 +3,11 @@
 Each image is scored exactly as the worker scores a DICOM view (`score_record`): the bundle is
 loaded with `pipelines.model.load_bundle`, the pixels are turned chest wall left with
 `tools.model.dataset.record_orientation` (the worker's rule, pipelines/orientation.py), the
-runner preprocesses with the bundle's own `build_preprocess`, and the heatmap comes back on the
-stored image's grid with the same flips undone. Alternatively `--predictions` takes precomputed
+runner preprocesses them as the bundle declares (breast crop resampled to its pixel size from
+the record's `pixel_spacing_mm`, or the whole image resized), a bundle that reads a breast
+against the other is given the same view of the woman's other breast when the manifest has it
+(`counterparts`, as the worker pairs a study's views), and the heatmap comes back on the stored
+image's grid with the same flips undone. Alternatively `--predictions` takes precomputed
 scores (the out-of-fold predictions `tools/model/train.py` writes), so the cross-validated metrics of a
 shipped model can be reported without retraining it: scores from the model that was trained on
 every image would flatter it.
@@ -69,28 +72,56 @@ class Outcome:
 
 # ----------------------------------------------------------------------------- scoring
 
-def score_pixels(runner: Any, pixels: np.ndarray, record: Record) -> Any:
+def score_pixels(runner: Any, pixels: np.ndarray, record: Record,
+                 other: tuple[np.ndarray, Record] | None = None) -> Any:
     """Score stored pixels as the worker does; the heatmap is returned on the stored grid.
 
+    `other`: the same view of the woman's other breast (stored pixels and record), scored in the
+    same call as the worker scores a study's views together: a bundle that reads a breast against
+    the other (`contralateral` in its metadata) reads it against that view; without it, as for a
+    study with one breast, against the training films' mean (`missing_other_logit`).
     The flips are mirrors, each its own inverse, so the record's `Orientation` applied to the
     heatmap takes it back to the stored orientation, as `pipelines.scoring.score_views` does.
     """
     from pipelines.model import ViewPrediction
 
-    orientation = record_orientation(record)
+    items = [(pixels, record)] + ([other] if other is not None else [])
+    orientations = [record_orientation(r) for _, r in items]
+    images = [o.apply(p) for o, (p, _) in zip(orientations, items, strict=True)]
     metadata = getattr(runner, "metadata", None) or {}
     if metadata.get("input", {}).get("pixel_spacing_mm"):  # the view and pixel size, as the worker
-        prediction = runner.predict([orientation.apply(pixels)], [record.view],
-                                    pixel_spacings=[record.pixel_spacing_mm])[0]
+        extra = ({"contralateral": [1, 0] if other is not None else [None]}
+                 if metadata.get("contralateral") is not None else {})
+        prediction = runner.predict(images, [r.view for _, r in items],
+                                    pixel_spacings=[r.pixel_spacing_mm for _, r in items],
+                                    **extra)[0]
     else:
-        prediction = runner.predict([orientation.apply(pixels)])[0]
-    heatmap = orientation.apply(np.asarray(prediction.heatmap, dtype=np.float32))
+        prediction = runner.predict(images[:1])[0]
+    heatmap = orientations[0].apply(np.asarray(prediction.heatmap, dtype=np.float32))
     return ViewPrediction(probability=float(prediction.probability), heatmap=heatmap)
 
 
-def score_record(runner: Any, record: Record) -> Any:
-    """`pipelines.model.ViewPrediction` for one manifest image (PNG or any PIL-readable file)."""
-    return score_pixels(runner, load_pixels(record), record)
+def counterparts(records: Sequence[Record]) -> dict[str, Record]:
+    """Per record id, the same view (CC, MLO) of the same woman's other breast among `records`,
+    when there is one: the view the worker pairs it with in a study
+    (`pipelines.study.contralateral_indices`)."""
+    where: dict[tuple[str, str, str], Record] = {}
+    for record in records:
+        where.setdefault((record.group, record.view, record.laterality), record)
+    other = {"L": "R", "R": "L"}
+    pairs = {}
+    for record in records:
+        match = where.get((record.group, record.view, other.get(record.laterality, "")))
+        if match is not None and match.id != record.id:
+            pairs[record.id] = match
+    return pairs
+
+
+def score_record(runner: Any, record: Record, other: Record | None = None) -> Any:
+    """`pipelines.model.ViewPrediction` for one manifest image (PNG or any PIL-readable file),
+    read against `other` (the same view of the other breast, `counterparts`) when given."""
+    return score_pixels(runner, load_pixels(record), record,
+                        (load_pixels(other), other) if other is not None else None)
 
 
 def _area_downsample(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -121,9 +152,10 @@ def score_with_bundle(runner: Any, records: Sequence[Record]) -> list[Outcome]:
     from pipelines.preprocess import input_size
 
     grid = input_size(runner.metadata)
+    pairs = counterparts(records)
     outcomes = []
     for record in tqdm(records, desc="scoring", unit="image", file=sys.stderr):
-        prediction = score_record(runner, record)
+        prediction = score_record(runner, record, pairs.get(record.id))
         outcome = Outcome(record, prediction.probability)
         localise(outcome, prediction.heatmap, grid)
         outcomes.append(outcome)
@@ -666,11 +698,13 @@ def evaluate(
         from pipelines.preprocess import input_size
 
         grid = input_size(runner.metadata)
+        pairs = counterparts(records)
         for chosen in selection_by_category.values():
             for outcome in chosen:
                 if outcome.heatmap is None:
                     peak, hit = outcome.peak, outcome.hit
-                    localise(outcome, score_record(runner, outcome.record).heatmap, grid)
+                    localise(outcome, score_record(runner, outcome.record,
+                                                   pairs.get(outcome.record.id)).heatmap, grid)
                     outcome.peak, outcome.hit = peak, hit  # the given peak marks the plot
     for category, chosen in selection_by_category.items():
         name = f"gallery_{category}.png"

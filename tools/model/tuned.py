@@ -15,7 +15,9 @@ run; the trunk's schedule is fixed, so nothing is chosen on a test fold).
         --mias ../shared/data/mias --out build/bundle --version 0.6.1
 
 The outer runs' `tuned shipped` arm is what the bundle is: the same trunk schedule trained on
-each outer training part, the heads refitted on its maps. The first `--outer` run (repeat 0)
+each outer training part, with the heads of that fold's recipe refitted on its maps (the arm's
+name is topfit's; with `topfit --recipes inner`, as `make train` runs it, a fold's recipe is
+the one its inner CV chose, not the shipped one). The first `--outer` run (repeat 0)
 gives the card's metrics and predictions.jsonl; more runs (other repeats) give the spread.
 """
 
@@ -54,7 +56,7 @@ from tools.model.cells import (
 from tools.model.dataset import grouped_folds, mias_records
 from tools.model.topfit import TRUNK_FILE, shipped_recipe
 
-ARM = "tuned shipped"  # topfit's arm: the trained trunk with the recipe's heads refitted on it
+ARM = "tuned shipped"  # topfit's arm: the trained trunk with the fold's recipe's heads refitted
 
 
 def _json(path: Path) -> dict[str, Any]:
