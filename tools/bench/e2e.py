@@ -10,6 +10,7 @@ completion, queue, decode, preprocess, inference, heatmap, write, send.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from tools.stack.make_study import make_study
-from tools.stack.node_stack import NodeStack
+from tools.stack.node_stack import DEFAULT_BUNDLE, NodeStack
 
 STAGES = ("completion", "queue", "decode", "preprocess", "inference", "heatmap", "write", "send")
 
@@ -61,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nEnd to end: last instance sent -> SR + 4 SEG stored in Orthanc; "
               f"4 x {args.rows} x {args.cols} ({size_mb:.0f} MB, {args.transfer_syntax}); "
               f"median of {len(totals)} studies after 1 warm-up\n")
+        metadata = json.loads(((args.bundle or DEFAULT_BUNDLE) / "metadata.json").read_text())
         print(f"Machine: {platform.node()}, {os.cpu_count()} cores, Python "
-              f"{platform.python_version()}\n")
+              f"{platform.python_version()}; bundle {metadata.get('name')} "
+              f"{metadata.get('version')}, load average at the end "
+              f"{os.getloadavg()[0]:.2f}\n")
         print("| stage | seconds (median) |")
         print("|---|---|")
         for stage in STAGES:
