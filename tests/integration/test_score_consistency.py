@@ -54,17 +54,14 @@ def _write_png(path: Path, pixels: np.ndarray) -> Path:
     return path
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("bits", [8, 16])
-def test_png_and_dicom_of_the_same_pixels_score_the_same(
-    tmp_path: Path, runner: ModelRunner, bits: int
-) -> None:
-    spec = StudySpec(views=VIEWS, rows=ROWS, cols=COLS, seed=bits)
-    datasets, records, pixels_by_view = [], {}, {}
-    for index, view_key in enumerate(VIEWS):
-        pixels = _pixels(view_key, bits, seed=index)
-        pixels_by_view[view_key] = pixels
+def _study_of(tmp_path: Path, view_keys: tuple[str, ...], bits: int, seeds: tuple[int, ...],
+              study_seed: int) -> tuple[Path, dict[str, Record]]:
+    """The views as a spooled DICOM study (the worker's input) and as PNG manifest records of
+    the same pixels (the evaluation tool's), one woman: the run folder and the records."""
+    spec = StudySpec(views=view_keys, rows=ROWS, cols=COLS, seed=study_seed)
+    datasets, records = [], {}
+    for view_key, seed in zip(view_keys, seeds, strict=True):
+        pixels = _pixels(view_key, bits, seed=seed)
         ds = build_view_dataset(spec, view_key)
         replace_pixels(ds, pixels)
         encode_dataset(ds, "explicit")
@@ -78,6 +75,16 @@ def test_png_and_dicom_of_the_same_pixels_score_the_same(
         )
     run_dir = tmp_path / "run"
     spool_datasets(run_dir, datasets)
+    return run_dir, records
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("bits", [8, 16])
+def test_png_and_dicom_of_the_same_pixels_score_the_same(
+    tmp_path: Path, runner: ModelRunner, bits: int
+) -> None:
+    run_dir, records = _study_of(tmp_path, VIEWS, bits, (0, 1), bits)
 
     selected, skipped = select_views(run_dir)
     assert skipped == []
@@ -137,23 +144,8 @@ def test_both_breasts_of_a_view_are_read_against_each_other_on_both_paths(
     films' mean instead): so the pairing is what makes the two paths agree."""
     if runner.metadata.get("contralateral") is None:
         pytest.skip("the bundle reads each breast on its own")
-    pair = ("R-MLO", "L-MLO")
-    spec = StudySpec(views=pair, rows=ROWS, cols=COLS, seed=7)
-    datasets, records = [], {}
-    for index, view_key in enumerate(pair):
-        pixels = _pixels(view_key, 16, seed=10 + index)
-        ds = build_view_dataset(spec, view_key)
-        replace_pixels(ds, pixels)
-        encode_dataset(ds, "explicit")
-        datasets.append(ds)
-        laterality, view = view_key.split("-")
-        records[view_key] = Record(
-            id=view_key, image=_write_png(tmp_path / f"{view_key}.png", pixels), group="w1",
-            laterality=laterality, view=view, label=1, malignant=None,
-            chest_wall="right" if laterality == "R" else "left",
-            pixel_spacing_mm=pixel_spacing_of(ds))
-    spool_datasets(tmp_path / "run", datasets)
-    selected, _ = select_views(tmp_path / "run")
+    run_dir, records = _study_of(tmp_path, ("R-MLO", "L-MLO"), 16, (10, 11), 7)
+    selected, _ = select_views(run_dir)
     views = [decode_view(s) for s in selected]
     result, heatmaps = score_views(views, runner, "1.2.3")
     pairs = counterparts(list(records.values()))

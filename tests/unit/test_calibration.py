@@ -12,16 +12,8 @@ import pytest
 import torch
 
 from node.errors import ModelError
-from pipelines.calibration import (
-    LOGIT_CLIP,
-    PLATT,
-    PLATT_LOGIT,
-    Calibration,
-    cross_fitted,
-    fit_platt,
-    log_loss,
-    logit,
-)
+from pipelines import calibration as cal
+from pipelines.calibration import PLATT, PLATT_LOGIT, Calibration, fit_platt
 from tools.model import metrics
 from tools.model.export import (
     calibration_folds,
@@ -59,7 +51,7 @@ def test_the_logit_fit_recovers_a_temperature_and_shift() -> None:
     assert fitted.intercept == pytest.approx(-0.5, abs=0.06)
     on_score = fit_platt(labels, scores)
     assert on_score.score(1.0) < 0.9 < fitted.score(1.0)
-    assert log_loss(labels, fitted.scores(scores)) < log_loss(labels, on_score.scores(scores))
+    assert cal.log_loss(labels, fitted.scores(scores)) < cal.log_loss(labels, on_score.scores(scores))
 
 
 @pytest.mark.parametrize("calibration", [Calibration(3.0, -2.0),
@@ -78,11 +70,11 @@ def test_the_logit_map_clips_at_the_stored_resolution() -> None:
     """0 and 1 (a saturated network, or a score stored with six decimals) map to finite logits:
     the calibrated range is bounded away from 0 and 1 by the clip, and the metadata round-trips."""
     calibration = Calibration(0.33, -0.99, PLATT_LOGIT)
-    assert logit([0.0, 1.0]).tolist() == pytest.approx([-20 * np.log(2), 20 * np.log(2)], abs=1e-5)
-    assert calibration.score(1.0) == calibration.score(1 - LOGIT_CLIP) < 1.0
-    assert calibration.score(0.0) == calibration.score(LOGIT_CLIP) > 0.0
+    assert cal.logit([0.0, 1.0]).tolist() == pytest.approx([-20 * np.log(2), 20 * np.log(2)], abs=1e-5)
+    assert calibration.score(1.0) == calibration.score(1 - cal.LOGIT_CLIP) < 1.0
+    assert calibration.score(0.0) == calibration.score(cal.LOGIT_CLIP) > 0.0
     metadata = {"calibration": {"method": PLATT_LOGIT, "slope": 0.33, "intercept": -0.99,
-                                "clip": LOGIT_CLIP}}
+                                "clip": cal.LOGIT_CLIP}}
     assert Calibration.from_metadata(metadata) == calibration
 
 
@@ -142,13 +134,13 @@ def test_cross_fitting_calibrates_each_fold_with_a_map_fitted_on_the_others() ->
     labels = (rng.random(400) < 0.35).astype(int)
     scores = 1 / (1 + np.exp(-(4.0 * (labels - 0.5) + rng.normal(0, 2.5, 400))))
     folds = np.arange(400) % 5
-    out = cross_fitted(labels, scores, folds, PLATT_LOGIT)
+    out = cal.cross_fitted(labels, scores, folds, PLATT_LOGIT)
     held = folds == 3
     expected = fit_platt(labels[~held], scores[~held], method=PLATT_LOGIT).scores(scores[held])
     np.testing.assert_allclose(out[held], expected)
     assert not np.allclose(out, fit_platt(labels, scores, method=PLATT_LOGIT).scores(scores))
     with pytest.raises(ValueError, match="two folds"):
-        cross_fitted(labels, scores, np.zeros(400), PLATT)
+        cal.cross_fitted(labels, scores, np.zeros(400), PLATT)
 
 
 def test_the_choice_follows_the_cross_fitted_log_loss() -> None:
