@@ -157,3 +157,31 @@ def test_mini_mias_masks_cover_the_lesion_centres() -> None:
     # segmented breast; mdb267's centre sits on the fitted pectoral line
     assert covered >= 108
     assert single == len(records)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason="mini-MIAS not present")
+def test_how_often_the_pectoral_muscle_is_found_on_mini_mias() -> None:
+    """Every mini-MIAS film is an MLO view, and most show the pectoral muscle; the triangle test
+    finds and cuts it only where a straight edge with a clear fall of brightness runs from the
+    top. Measured with this code: a
+    wedge cut on 173 of the 322 films (median 13 % of the breast where cut); on the other 149 the
+    muscle stays in the input (the model card's known failure modes). A better detector raises
+    the count: this guards against one that lowers it."""
+    from tools.model.dataset import load_pixels, mias_records, to_model_orientation
+
+    records = mias_records(MIAS)
+    assert len(records) == 322 and {r.view for r in records} == {"MLO"}
+    cut, fractions = 0, []
+    for record in records:
+        image = to_model_orientation(load_pixels(record), record).astype(np.float32)
+        whole = breast_mask(image, "CC")  # not looked for
+        wedge = whole & ~breast_mask(image, "MLO")
+        if wedge.any():
+            cut += 1
+            fractions.append(float(wedge.sum() / whole.sum()))
+    print(f"mini-MIAS: pectoral wedge cut on {cut}/{len(records)} films, median "
+          f"{np.median(fractions):.3f} of the breast where cut")
+    assert cut >= 173
+    assert 0.01 < float(np.median(fractions)) < 0.25  # a wedge, not the breast
