@@ -46,6 +46,12 @@ def _reduce(image: np.ndarray) -> tuple[np.ndarray, int]:
     return reduced, factor
 
 
+def _smoothed(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """The reduced copy the mask is computed on, smoothed; and its reduction factor."""
+    reduced, factor = _reduce(image)
+    return ndimage.gaussian_filter(reduced, sigma=max(1.0, min(reduced.shape) / 200)), factor
+
+
 def _expand(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
     if factor == 1:
         return mask
@@ -104,8 +110,14 @@ def tissue_mask(smooth: np.ndarray) -> np.ndarray:
     return filled
 
 
-def pectoral_mask(smooth: np.ndarray, breast: np.ndarray) -> np.ndarray:
-    """The pectoral muscle as a triangle in the upper-left corner, or all False if none fits.
+PECTORAL_OUTCOMES = ("cut", "no breast", "too few rows", "rows disagree",
+                     "not narrowing or not from the top corner", "meets the chest wall out of range",
+                     "starts below the top", "faint edge")
+
+
+def find_pectoral(smooth: np.ndarray, breast: np.ndarray) -> tuple[np.ndarray, str]:
+    """The pectoral muscle as a triangle in the upper-left corner, or all False if none fits,
+    with the outcome: "cut", or which test the edge failed (`PECTORAL_OUTCOMES`).
 
     The muscle's edge is the strongest drop of brightness going away from the chest wall: in each
     of the breast's upper 60 % rows, the column of the steepest fall within the inner breast's
@@ -118,7 +130,7 @@ def pectoral_mask(smooth: np.ndarray, breast: np.ndarray) -> np.ndarray:
     rows, cols = smooth.shape
     none = np.zeros_like(breast)
     if breast.sum() < 100:
-        return none
+        return none, "no breast"
     first = int(np.flatnonzero(breast.any(axis=1))[0])  # the breast's top row
     band = range(first, min(first + max(2, rows // 12), rows))
     wall = int(np.median([np.flatnonzero(breast[r])[0] for r in band if breast[r].any()]))
@@ -135,7 +147,7 @@ def pectoral_mask(smooth: np.ndarray, breast: np.ndarray) -> np.ndarray:
         found_cols.append(best - wall)
         strength.append(fall[r, best])
     if len(found_rows) < max(5, rows // 20):
-        return none
+        return none, "too few rows"
     r_arr = np.asarray(found_rows, np.float64)
     c_arr = np.asarray(found_cols, np.float64)
     tolerance = 0.03 * cols
@@ -152,24 +164,36 @@ def pectoral_mask(smooth: np.ndarray, breast: np.ndarray) -> np.ndarray:
         if inliers.sum() > best_inliers.sum():
             best_inliers = inliers
     if best_inliers.sum() < max(5, len(r_arr) // 4):
-        return none
+        return none, "rows disagree"
     slope, intercept = np.polyfit(r_arr[best_inliers] - first, c_arr[best_inliers], 1)
     if slope >= 0 or not 0.05 * cols <= intercept <= 0.7 * cols:
-        return none
+        return none, "not narrowing or not from the top corner"
     apex = first - intercept / slope
     if not 0.08 * rows <= apex <= 0.85 * rows:
-        return none
+        return none, "meets the chest wall out of range"
     if r_arr[best_inliers].min() > first + 0.15 * rows:  # the edge must start at the top
-        return none
+        return none, "starts below the top"
     values = smooth[breast]
     contrast = float(np.percentile(values, 99) - np.percentile(values, 1))
     # sobel's weights sum to 4 per unit step per pixel: the median fall, in intensity per pixel
     if float(np.median(np.asarray(strength)[best_inliers])) / 4 < 0.1 * contrast / max(
             2.0, cols / 100):
-        return none
+        return none, "faint edge"
     grid_r, grid_c = np.mgrid[0:rows, 0:cols]
     triangle: np.ndarray = (grid_c < wall + intercept + slope * (grid_r - first)) & breast
-    return triangle
+    return triangle, "cut"
+
+
+def pectoral_mask(smooth: np.ndarray, breast: np.ndarray) -> np.ndarray:
+    """`find_pectoral`'s triangle (all False when none fits)."""
+    return find_pectoral(smooth, breast)[0]
+
+
+def pectoral_outcome(image: np.ndarray) -> str:
+    """How `breast_mask(image, "MLO")`'s pectoral search ended on an image (chest wall left):
+    "cut" or the failed test (for measuring the detector; the mask is `breast_mask`'s)."""
+    smooth, _ = _smoothed(np.asarray(image))
+    return find_pectoral(smooth, tissue_mask(smooth))[1]
 
 
 def breast_mask(image: np.ndarray, view: str | None = None,
@@ -181,8 +205,7 @@ def breast_mask(image: np.ndarray, view: str | None = None,
     array = np.asarray(image)  # any dtype: only the reduced copy is float32
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {array.shape}")
-    reduced, factor = _reduce(array)
-    smooth = ndimage.gaussian_filter(reduced, sigma=max(1.0, min(reduced.shape) / 200))
+    smooth, factor = _smoothed(array)
     breast = tissue_mask(smooth)
     if (view or "").upper() != "CC":
         breast = _largest_component(breast & ~pectoral_mask(smooth, breast))

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from node.synthetic import render_breast
-from pipelines.breast import apply_breast_mask, breast_mask
+from pipelines.breast import PECTORAL_OUTCOMES, apply_breast_mask, breast_mask, pectoral_outcome
 from pipelines.model import load_bundle
 from pipelines.preprocess import mask_heatmap, prepare_image, uses_breast_mask
 
@@ -153,9 +153,8 @@ def test_mini_mias_masks_cover_the_lesion_centres() -> None:
         single += ndimage.label(mask)[1] == 1  # one piece: no film label beside the breast
     print(f"mini-MIAS: all centres inside the mask on {covered}/{len(records)} films; "
           f"mask in one piece on {single}/{len(records)}")
-    # measured 108/111: mdb212 and mdb214 have their centres on the skin line, outside the
-    # segmented breast; mdb267's centre sits on the fitted pectoral line
-    assert covered >= 108
+    # measured 110/111: mdb212's centre lies on the skin line, outside the segmented breast
+    assert covered >= 110
     assert single == len(records)
 
 
@@ -165,23 +164,31 @@ def test_mini_mias_masks_cover_the_lesion_centres() -> None:
 def test_how_often_the_pectoral_muscle_is_found_on_mini_mias() -> None:
     """Every mini-MIAS film is an MLO view, and most show the pectoral muscle; the triangle test
     finds and cuts it only where a straight edge with a clear fall of brightness runs from the
-    top. Measured with this code: a
-    wedge cut on 173 of the 322 films (median 13 % of the breast where cut); on the other 149 the
-    muscle stays in the input (the model card's known failure modes). A better detector raises
-    the count: this guards against one that lowers it."""
+    top. Measured with this code: a wedge cut on 173 of the 322 films (median 13 % of the breast
+    where cut); on the other 149 the muscle stays in the input (the model card's known failure
+    modes): the line through the steepest falls does not narrow downwards or does not start
+    from the top corner on 85, meets the chest wall outside 8-85 % of the height on 45, and too
+    few rows agree on 18. A better detector raises the count: this guards against one that
+    lowers it."""
+    from collections import Counter
+
     from tools.model.dataset import load_pixels, mias_records, to_model_orientation
 
     records = mias_records(MIAS)
     assert len(records) == 322 and {r.view for r in records} == {"MLO"}
-    cut, fractions = 0, []
+    cut, fractions, outcomes = 0, [], Counter()
     for record in records:
         image = to_model_orientation(load_pixels(record), record).astype(np.float32)
         whole = breast_mask(image, "CC")  # not looked for
         wedge = whole & ~breast_mask(image, "MLO")
+        outcome = pectoral_outcome(image)
+        assert outcome in PECTORAL_OUTCOMES
+        assert (outcome == "cut") == bool(wedge.any()), record.id
+        outcomes[outcome] += 1
         if wedge.any():
             cut += 1
             fractions.append(float(wedge.sum() / whole.sum()))
     print(f"mini-MIAS: pectoral wedge cut on {cut}/{len(records)} films, median "
-          f"{np.median(fractions):.3f} of the breast where cut")
+          f"{np.median(fractions):.3f} of the breast where cut; outcomes {dict(outcomes)}")
     assert cut >= 173
     assert 0.01 < float(np.median(fractions)) < 0.25  # a wedge, not the breast
