@@ -56,6 +56,12 @@ def test_storage_changes_do_not_move_the_scores(tmp_path: Path, capsys: pytest.C
     for view_key in SCREENING_VIEWS:
         assert rows["storage: 16-bit"][view_key] == pytest.approx(given[view_key], abs=1e-3)
         assert rows["storage: half resolution"][view_key] == pytest.approx(given[view_key], abs=0.03)
-    # the markdown table on stdout: a header, a rule and one line per variant
+    # the markdown tables on stdout: per variant, then per view where the heatmap peaks
     table = [line for line in captured.out.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + len(rows)
+    assert len(table) == 2 + len(rows) + 2 + len(SCREENING_VIEWS)
+    for view_key, where in report["peaks"].items():
+        assert where["score"] == pytest.approx(given[view_key], abs=1e-4)
+        assert where["peak_mm_from_chest_wall"] >= 0  # on the breast, chest wall left
+        assert 0.0 <= where["peak_height"] <= 1.0
+        # a view at or above the point has a finding there (its peak is its score), one below none
+        assert (where["breast_at_or_above_point"] > 0) == (where["score"] >= report["operating_point"])

@@ -19,6 +19,9 @@ acquisition that leave the breast itself unchanged:
 - pixel size: the stated pixel size 20 % smaller and 25 % larger (a PNG carries no pixel size,
   and a wrong one changes the breast's scale on the model's grid).
 
+For the exam as given, the tool also says where each view's heatmap peaks and how much of the
+breast is at or above the operating point.
+
 A score above the operating point that stays there under every change is driven by the image's
 content (a finding, or anatomy the training data did not show); one that moves across the
 operating point with the storage or the pixel size is driven by the domain. One exam is an
@@ -70,13 +73,42 @@ def film_like(image: np.ndarray, spacing_mm: float, model_spacing_mm: float) -> 
     return out.astype(np.float32)
 
 
-def score_exam(runner: Any, images: list[np.ndarray], spacing_mm: float) -> dict[str, float]:
+def predict_exam(runner: Any, images: list[np.ndarray], spacing_mm: float) -> list[Any]:
+    """The four views scored together, as the worker scores a study (each breast read against
+    the same view of the other)."""
     views = [key.split("-")[1] for key in SCREENING_VIEWS]
     other = [SCREENING_VIEWS.index(("R" if key[0] == "L" else "L") + key[1:])
              for key in SCREENING_VIEWS]
-    predictions = runner.predict(images, views, [spacing_mm] * len(images), other)
+    return list(runner.predict(images, views, [spacing_mm] * len(images), other))
+
+
+def score_exam(runner: Any, images: list[np.ndarray], spacing_mm: float) -> dict[str, float]:
     return {key: round(float(p.probability), 4)
-            for key, p in zip(SCREENING_VIEWS, predictions, strict=True)}
+            for key, p in zip(SCREENING_VIEWS, predict_exam(runner, images, spacing_mm),
+                              strict=True)}
+
+
+def peaks(runner: Any, images: list[np.ndarray], spacing_mm: float, point: float
+          ) -> dict[str, dict[str, float]]:
+    """Where each view's heatmap peaks (mm from the chest wall, the breast's leftmost pixel in the
+    peak's row; height as a fraction of the image's from the top) and how much of the breast is
+    at or above the operating point (the findings' area)."""
+    from pipelines.breast import breast_mask
+
+    out = {}
+    for key, image, prediction in zip(SCREENING_VIEWS, images,
+                                      predict_exam(runner, images, spacing_mm), strict=True):
+        heatmap = np.asarray(prediction.heatmap)
+        row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+        breast = breast_mask(image, key.split("-")[1])
+        inside = np.flatnonzero(breast[row])
+        wall = int(inside[0]) if len(inside) else 0
+        out[key] = {"score": round(float(prediction.probability), 4),
+                    "peak_mm_from_chest_wall": round((int(col) - wall) * spacing_mm, 1),
+                    "peak_height": round(float(row) / heatmap.shape[0], 3),
+                    "breast_at_or_above_point": round(
+                        float((heatmap[breast] >= point).mean()) if breast.any() else 0.0, 4)}
+    return out
 
 
 def variants(images: list[np.ndarray], spacing_mm: float, model_spacing_mm: float
@@ -120,8 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['variant']} | {row['pixel_spacing_mm']} | "
               + " | ".join(f"{row[k]:.3f}" for k in SCREENING_VIEWS)
               + f" | {', '.join(row['above_balanced']) or 'none'} |")
+    located = peaks(runner, images, args.pixel_spacing, point)
+    print("\nAs given, where each view's heatmap peaks:\n")
+    print("| view | score | peak, mm from the chest wall | peak height (from the top) | breast "
+          "at or above the point |")
+    print("|---|---|---|---|---|")
+    for key, where in located.items():
+        print(f"| {key} | {where['score']:.3f} | {where['peak_mm_from_chest_wall']:.0f} | "
+              f"{100 * where['peak_height']:.0f} % | "
+              f"{100 * where['breast_at_or_above_point']:.1f} % |")
     print(json.dumps({"bundle": runner.metadata.get("version"), "operating_point": point,
-                      "rows": rows}), file=sys.stderr)
+                      "rows": rows, "peaks": located}), file=sys.stderr)
     return 0
 
 
