@@ -313,3 +313,26 @@ def test_the_final_trunk_is_saved_and_loads_as_the_trunk_extract_runs(cache: Pat
     assert not torch.allclose(f16, g16, atol=1e-3)  # the trained weights, not ImageNet's
     torch.testing.assert_close(h16, f16, atol=2e-3, rtol=0)  # what `extract --trunk` runs
     torch.testing.assert_close(h32, f32, atol=2e-3, rtol=0)
+
+
+def test_features_without_the_pectoral_cut_make_no_bundle(cache: Path, tmp_path: Path) -> None:
+    """`cells extract --no-pectoral` is an ablation: the worker cuts the pectoral muscle where it
+    finds it, so `cells final` refuses such features (a bundle from them would be scored on
+    inputs unlike its training's), and their extract command says how they were made."""
+    import shutil
+
+    from tools.model import cells
+
+    ablation = tmp_path / "lite0-nopect"
+    shutil.copytree(cache, ablation)
+    info = json.loads((ablation / "info.json").read_text())
+    (ablation / "info.json").write_text(json.dumps({**info, "pectoral": False}))
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"features": str(ablation),
+                                  "ids": [image["id"] for image in info["images"]]}))
+    with pytest.raises(SystemExit, match="--no-pectoral"):
+        cells.main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
+                    "--mias", str(tmp_path)])
+    assert not (tmp_path / "bundle").exists()
+    assert "--no-pectoral" in cells.extract_command(str(ablation), {**info, "pectoral": False})
+    assert "pectoral" not in cells.extract_command(str(cache), info)

@@ -170,7 +170,9 @@ def extract(args: argparse.Namespace) -> int:
     for index, record in enumerate(records):
         pixels = load_pixels(record)
         oriented = to_model_orientation(pixels, record)
-        canvas, placement, _ = canvas_input(oriented, metadata, record.view,
+        # --no-pectoral (an ablation): the mask as on a CC view, no pectoral search
+        canvas, placement, _ = canvas_input(oriented, metadata,
+                                            record.view if args.pectoral else "CC",
                                             record.pixel_spacing_mm)
         lesions = []
         for le in lesions_in_model_orientation(record, pixels.shape):
@@ -217,6 +219,7 @@ def extract(args: argparse.Namespace) -> int:
                                                   "sha256": file_sha256(args.trunk)}
     (out / "info.json").write_text(json.dumps({"arch": args.arch, "canvas": CANVAS,
                                                "vflip": bool(args.vflip), "trunk": trunk_file,
+                                               "pectoral": bool(args.pectoral),
                                                "spacing_mm": SPACING_MM, "ring_mm": RING_MM,
                                                "wall_s": round(time.time() - started, 1),
                                                "images": info}))
@@ -850,6 +853,10 @@ def final(args: argparse.Namespace) -> int:
     levels, records, metas = load_levels(feature_folders(nested_result))
     if nested_result["ids"] != [r.id for r in records]:
         raise SystemExit("nested.json was run on other films")
+    if any(meta.get("pectoral") is False for meta in metas.values()):
+        raise SystemExit("features extracted with --no-pectoral: the worker cuts the pectoral "
+                         "muscle where it finds it, so a bundle from them would not see what "
+                         "it was trained on")
     best, heat, selection_aucs, selection_hits = select_recipe(
         levels, records, args.folds, SEED + 1000, SPACES[args.space])
     key, l2, pooling, contra = best
@@ -1035,8 +1042,9 @@ def feature_folders(nested_result: dict[str, Any]) -> list[str]:
 
 def extract_command(folder: str, meta: dict[str, Any]) -> str:
     mirrors = " --vflip" if meta.get("vflip") else ""
+    pectoral = " --no-pectoral" if meta.get("pectoral") is False else ""
     return (f"python -m tools.model.cells extract --mias ../shared/data/mias --out {folder} "
-            f"--arch {meta.get('arch', 'efficientnet-lite0')}{mirrors} --threads 2")
+            f"--arch {meta.get('arch', 'efficientnet-lite0')}{mirrors}{pectoral} --threads 2")
 
 
 def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_result: dict[str, Any],
@@ -1266,6 +1274,10 @@ def main(argv: list[str] | None = None) -> int:
     ext.add_argument("--arch", default="efficientnet-lite0", choices=sorted(BLOCK16))
     ext.add_argument("--vflip", action=argparse.BooleanOptionalAction, default=False)
     ext.add_argument("--threads", type=int, default=2)
+    ext.add_argument("--pectoral", action=argparse.BooleanOptionalAction, default=True,
+                     help="cut the pectoral muscle where pipelines/breast.py finds it, as the "
+                          "worker does; --no-pectoral never looks for it (an ablation: such "
+                          "features cannot make a bundle)")
     ext.add_argument("--trunk", type=Path, default=None,
                      help="a fine-tuned trunk (`topfit --final`'s trunk.pt) instead of ImageNet's")
     nst = sub.add_parser("nested")
