@@ -89,7 +89,9 @@ def _wait_for(path: Path, marker: str, process: subprocess.Popen[bytes], timeout
 
 
 def _signal_and_check(command: list[str], marker: str, sig: signal.Signals, tmp_path: Path,
-                      expected_names: set[str]) -> str:
+                      expected_names: set[str], again_at: str | None = None) -> str:
+    """Start `command`, wait for `marker`, send `sig` (and, with `again_at`, the same signal
+    again once that text is printed), then check that everything it started is gone."""
     output = tmp_path / "output.txt"
     with output.open("wb") as sink:
         process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
@@ -101,6 +103,9 @@ def _signal_and_check(command: list[str], marker: str, sig: signal.Signals, tmp_
     assert ports, "the started services listen on no port?"
 
     process.send_signal(sig)
+    if again_at is not None:
+        _wait_for(output, again_at, process, timeout_s=60)
+        process.send_signal(sig)  # a second Ctrl-C while it stops
     process.wait(timeout=120)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(_alive(p, s) for p, s in children.items()):
@@ -117,6 +122,15 @@ def test_sigterm_of_the_demo_with_keep_stops_everything_it_started(tmp_path: Pat
                             "--keep: services left running", signal.SIGTERM, tmp_path,
                             {"redis-server", "Orthanc"})
     assert "Stopping what the demo started" in out
+
+
+def test_ctrl_c_twice_on_the_demo_still_stops_everything_quietly(tmp_path: Path) -> None:
+    """The second Ctrl-C arrives while the demo stops its services: it is ignored, so the stop
+    runs to its end, with no traceback on the user's terminal."""
+    out = _signal_and_check([sys.executable, "-m", "tools.demo", "--keep", "--dir", str(tmp_path / "d")],
+                            "--keep: services left running", signal.SIGINT, tmp_path,
+                            {"redis-server", "Orthanc"}, again_at="Stopping what the demo started")
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
 
 
 STACK_SCRIPT = """

@@ -134,21 +134,23 @@ def exit_on_termination_signals() -> None:
 
     Python's default for SIGTERM ends the process at once: no `finally`, no atexit, so whatever
     it started keeps running. With this, `kill PID` unwinds like Ctrl-C does, and the `finally`
-    blocks and atexit handlers stop the services. A second signal while stopping is ignored, so
-    it cannot cut the stop short (children still die with their parent, see `die_with_parent`).
+    blocks and atexit handlers stop the services. A second signal of any of the three while
+    stopping (Ctrl-C pressed twice) is ignored, so it cannot cut the stop short or end it in a
+    traceback (children still die with their parent, see `die_with_parent`).
     """
-    signals = (signal.SIGTERM, signal.SIGHUP)
+    signals = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
     def leave(signum: int, _frame: object) -> None:
         for sig in signals:
             signal.signal(sig, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
+    # Python leaves SIGINT ignored when it started ignored (a job started with `&` by a script):
+    # Ctrl-C or `kill -INT` must still stop everything, so it is set here too.
     for sig in signals:
         signal.signal(sig, leave)
-    # Python leaves SIGINT ignored when it started ignored (a job started with `&` by a script):
-    # Ctrl-C or `kill -INT` must still stop everything.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _log_tail(path: Path, limit: int = LOG_TAIL_BYTES) -> str:
