@@ -63,6 +63,12 @@ def uses_breast_mask(metadata: dict[str, Any]) -> bool:
     return bool(metadata["input"].get("breast_mask", False))
 
 
+def pectoral_detector(metadata: dict[str, Any]) -> int:
+    """Which pectoral search a bundle was trained with (`input.pectoral_detector`, 1 or 2,
+    `pipelines.breast.find_pectoral`); bundles without the key, the shipped one included, 1."""
+    return int(metadata["input"].get("pectoral_detector", 1))
+
+
 def prepare_image(image: np.ndarray, metadata: dict[str, Any],
                   view: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The image to preprocess and its breast mask, the same in training and in the worker.
@@ -75,7 +81,7 @@ def prepare_image(image: np.ndarray, metadata: dict[str, Any],
         return image, None
     from pipelines.breast import apply_breast_mask
 
-    return apply_breast_mask(image, view)
+    return apply_breast_mask(image, view, pectoral_detector(metadata))
 
 
 def mask_heatmap(heatmap: np.ndarray, mask: np.ndarray | None, *, in_place: bool = False
@@ -173,10 +179,12 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
     return top, bottom, left, right
 
 
-def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None = None,
-                 pixel_spacing_mm: float | None = None
-                 ) -> tuple[torch.Tensor, Placement, np.ndarray]:
-    """(1, H, W) canvas tensor in [0, 1], its `Placement`, and the breast mask on the source grid.
+def windowed_breast(image: np.ndarray, metadata: dict[str, Any], view: str | None = None,
+                    pixel_spacing_mm: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, Placement, np.ndarray]:
+    """The breast's crop at the bundle's pixel size, windowed to [0, 1] by its own percentiles
+    (0 outside the breast), the breast on that grid, its `Placement` on the canvas, and the breast
+    mask on the source grid. `canvas_input` places it on the canvas.
 
     `pixel_spacing_mm`: the image's pixel size (PixelSpacing, else ImagerPixelSpacing); None
     (unknown) is taken as the spacing the bundle was trained on (`input.assumed_pixel_spacing_mm`,
@@ -191,7 +199,7 @@ def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None =
     array = np.asarray(image)  # converted to float32 only on the crop, not the whole image
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {array.shape}")
-    mask = breast_mask(array, view)
+    mask = breast_mask(array, view, pectoral_detector=pectoral_detector(metadata))
     margin = int(round(float(spec.get("crop_margin_mm", 2.0)) / source))
     top, bottom, left, right = _bounding_box(mask, margin)
     scale = min(source / target, height / (bottom - top), width / (right - left))
@@ -211,8 +219,48 @@ def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None =
         float(intensity["lower_percentile"]) / 100, float(intensity["upper_percentile"]) / 100]))
     scaled = ((resized - low) / max(high - low, 1e-6)).clamp_(0.0, 1.0)
     scaled = torch.where(inside, scaled, torch.zeros((), dtype=torch.float32))
-    canvas = torch.zeros(1, height, width, dtype=torch.float32)
-    canvas[0, :out_h, :out_w] = scaled
     placement = Placement(array.shape[0], array.shape[1], top, bottom, left, right, out_h, out_w,
                           target * (source / target) / scale)
+    return scaled, inside, placement, mask
+
+
+def breast_quantiles(values: torch.Tensor | np.ndarray, levels: int) -> np.ndarray:
+    """The values' quantile function at `levels` evenly spaced levels from 0 to 1 (linear
+    interpolation), float64."""
+    array = np.asarray(values, dtype=np.float64).ravel()
+    if array.size == 0:
+        raise ValueError("no breast pixels to take quantiles of")
+    return np.quantile(array, np.linspace(0.0, 1.0, levels))
+
+
+def match_quantiles(values: torch.Tensor, reference: Any) -> torch.Tensor:
+    """Histogram matching: each value replaced by the reference quantile function at the value's
+    own mid-rank (ties share one), so the values' distribution becomes the reference's and their
+    order is kept. `reference`: increasing quantiles at evenly spaced levels from 0 to 1."""
+    ref = np.asarray(reference, dtype=np.float64)
+    if ref.ndim != 1 or ref.size < 2 or np.any(np.diff(ref) < 0):
+        raise ValueError("reference quantiles must be an increasing list of two or more values")
+    array = values.numpy().astype(np.float64)
+    ordered = np.sort(array)
+    ranks = 0.5 * (np.searchsorted(ordered, array, "left") + np.searchsorted(ordered, array, "right"))
+    levels = ranks / max(1, array.size)
+    matched = np.interp(levels, np.linspace(0.0, 1.0, ref.size), ref)
+    return torch.from_numpy(matched.astype(np.float32))
+
+
+def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None = None,
+                 pixel_spacing_mm: float | None = None
+                 ) -> tuple[torch.Tensor, Placement, np.ndarray]:
+    """(1, H, W) canvas tensor in [0, 1], its `Placement`, and the breast mask on the source grid
+    (`windowed_breast` placed top-left). A bundle whose `input.intensity` has
+    `reference_quantiles` has each breast's windowed values matched to them (`match_quantiles`);
+    no bundle shipped so far does."""
+    height, width = input_size(metadata)
+    scaled, inside, placement, mask = windowed_breast(image, metadata, view, pixel_spacing_mm)
+    reference = metadata["input"]["intensity"].get("reference_quantiles")
+    if reference is not None and bool(inside.any()):
+        scaled = scaled.clone()
+        scaled[inside] = match_quantiles(scaled[inside], reference)
+    canvas = torch.zeros(1, height, width, dtype=torch.float32)
+    canvas[0, :placement.height, :placement.width] = scaled
     return canvas, placement, mask

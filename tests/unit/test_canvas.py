@@ -97,3 +97,43 @@ def test_point_to_canvas_inverts_to_source() -> None:
     back = placement.to_source(heatmap)
     row, col = np.unravel_index(int(torch.argmax(back)), tuple(back.shape))
     assert abs(row - 500) <= 2 and abs(col - 250) <= 2
+
+
+def test_quantile_matching_gives_the_reference_distribution_and_keeps_the_order() -> None:
+    from pipelines.preprocess import breast_quantiles, match_quantiles
+
+    rng = np.random.default_rng(3)
+    values = torch.from_numpy(rng.beta(5.0, 2.0, 20_000).astype(np.float32))  # bright, skewed
+    reference = np.linspace(0.0, 1.0, 101) ** 2  # dark, the other way
+    matched = match_quantiles(values, reference)
+    assert np.allclose(breast_quantiles(matched, 101)[5:96], reference[5:96], atol=0.01)
+    order = np.argsort(values.numpy(), kind="stable")
+    assert np.all(np.diff(matched.numpy()[order]) >= 0)  # a monotone map: the ranks stay
+    # ties share one value (a clipped window's zeros stay one grey)
+    tied = match_quantiles(torch.tensor([0.0, 0.0, 0.0, 0.5, 1.0]), reference)
+    assert tied[0] == tied[1] == tied[2] < tied[3] < tied[4]
+    with pytest.raises(ValueError):
+        match_quantiles(values, [0.5, 0.2, 0.9])
+
+
+def test_a_declared_reference_is_matched_inside_the_breast_only() -> None:
+    from copy import deepcopy
+
+    from pipelines.preprocess import breast_quantiles, windowed_breast
+
+    image = synthetic_breast(1024, 1024, 0.2, (102.4, 40.0))
+    plain, placement, _ = canvas_input(image, METADATA, "CC", 0.2)
+    _, inside, _, _ = windowed_breast(image, METADATA, "CC", 0.2)
+    matched_metadata = deepcopy(METADATA)
+    reference = [round(float(v), 6) for v in np.linspace(0.0, 1.0, 101) ** 3]
+    matched_metadata["input"]["intensity"]["reference_quantiles"] = reference
+    matched, same_placement, _ = canvas_input(image, matched_metadata, "CC", 0.2)
+    assert same_placement == placement
+    content = matched[0, :placement.height, :placement.width]
+    assert float(content[~inside].abs().max()) == 0.0
+    assert float(matched[0, placement.height:].abs().max()) == 0.0
+    quantiles = breast_quantiles(content[inside], 101)
+    assert np.allclose(quantiles[10:91], reference[10:91], atol=0.02)
+    assert not np.allclose(quantiles[10:91],
+                           breast_quantiles(plain[0, :placement.height, :placement.width][inside],
+                                            101)[10:91], atol=0.02)
