@@ -336,3 +336,29 @@ def test_features_without_the_pectoral_cut_make_no_bundle(cache: Path, tmp_path:
     assert not (tmp_path / "bundle").exists()
     assert "--no-pectoral" in cells.extract_command(str(ablation), {**info, "pectoral": False})
     assert "pectoral" not in cells.extract_command(str(cache), info)
+
+
+def test_features_of_the_second_pectoral_detector_say_so(cache: Path, tmp_path: Path) -> None:
+    """Features extracted with `--pectoral-detector 2` carry it into the extract command and
+    into a bundle's `input` (the worker then cuts the muscle as they were cut); `cells final`
+    refuses feature folders extracted with different detectors."""
+    import shutil
+
+    from pipelines.preprocess import pectoral_detector
+    from tools.model import cells
+
+    assert "pectoral_detector" not in cells.input_metadata()  # detector 1: no key, as shipped
+    assert pectoral_detector({"input": cells.input_metadata(pectoral_detector=2)}) == 2
+    second = tmp_path / "lite0-pect2"
+    shutil.copytree(cache, second)
+    info = json.loads((second / "info.json").read_text())
+    (second / "info.json").write_text(json.dumps({**info, "pectoral_detector": 2}))
+    assert cells.extract_command(str(second), {**info, "pectoral_detector": 2}).endswith(
+        "--pectoral-detector 2 --threads 2")
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"features": [str(cache), str(second)],
+                                  "ids": [image["id"] for image in info["images"]]}))
+    with pytest.raises(SystemExit, match="different pectoral detectors"):
+        cells.main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
+                    "--mias", str(tmp_path)])
+    assert not (tmp_path / "bundle").exists()

@@ -57,8 +57,11 @@ CONTEXT_PX = 64  # canvas padding the trunk sees beyond the breast crop
 MIN_BOX_PX = 128  # smallest box side: top-10 pooling needs 10 cells at stride 32
 
 
-def input_metadata(canvas: tuple[int, int] = CANVAS, spacing: float = SPACING_MM) -> dict[str, Any]:
-    """The `input` part of the bundle's metadata: what `canvas_input` reads."""
+def input_metadata(canvas: tuple[int, int] = CANVAS, spacing: float = SPACING_MM,
+                   pectoral_detector: int = 1) -> dict[str, Any]:
+    """The `input` part of the bundle's metadata: what `canvas_input` reads (the key
+    `pectoral_detector` only for detector 2: bundles without it run detector 1)."""
+    detector = {} if pectoral_detector == 1 else {"pectoral_detector": pectoral_detector}
     return {
         "height": canvas[0], "width": canvas[1], "channels": 1,
         "orientation": "chest_wall_left", "photometric": "MONOCHROME2 (bright = dense)",
@@ -66,6 +69,7 @@ def input_metadata(canvas: tuple[int, int] = CANVAS, spacing: float = SPACING_MM
         "crop": "breast bounding box (pipelines/breast.py mask, pectoral removed on MLO), "
                 "placed top-left on the canvas, chest wall on the left edge",
         "breast_mask": True,
+        **detector,
         # the worker runs the network on the breasts' box (pipelines/model.py:content_box), the
         # box the features were cached on here
         "content_box": {"multiple": 32, "context_px": CONTEXT_PX, "min_px": MIN_BOX_PX},
@@ -161,7 +165,7 @@ def extract(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = mias_records(args.mias)
-    metadata = {"input": input_metadata()}
+    metadata = {"input": input_metadata(pectoral_detector=args.pectoral_detector)}
     # the trunk the bundle runs (batch norms folded, channels-last): the cached features are
     # the shipped network's, and extraction is 1.8 x faster
     trunk = LiteTrunk(args.arch, args.trunk).for_inference()
@@ -220,6 +224,7 @@ def extract(args: argparse.Namespace) -> int:
     (out / "info.json").write_text(json.dumps({"arch": args.arch, "canvas": CANVAS,
                                                "vflip": bool(args.vflip), "trunk": trunk_file,
                                                "pectoral": bool(args.pectoral),
+                                               "pectoral_detector": args.pectoral_detector,
                                                "spacing_mm": SPACING_MM, "ring_mm": RING_MM,
                                                "wall_s": round(time.time() - started, 1),
                                                "images": info}))
@@ -857,6 +862,8 @@ def final(args: argparse.Namespace) -> int:
         raise SystemExit("features extracted with --no-pectoral: the worker cuts the pectoral "
                          "muscle where it finds it, so a bundle from them would not see what "
                          "it was trained on")
+    if len({meta.get("pectoral_detector", 1) for meta in metas.values()}) > 1:
+        raise SystemExit("the feature folders were extracted with different pectoral detectors")
     best, heat, selection_aucs, selection_hits = select_recipe(
         levels, records, args.folds, SEED + 1000, SPACES[args.space])
     key, l2, pooling, contra = best
@@ -1043,6 +1050,8 @@ def feature_folders(nested_result: dict[str, Any]) -> list[str]:
 def extract_command(folder: str, meta: dict[str, Any]) -> str:
     mirrors = " --vflip" if meta.get("vflip") else ""
     pectoral = " --no-pectoral" if meta.get("pectoral") is False else ""
+    if meta.get("pectoral_detector", 1) != 1:
+        pectoral += f" --pectoral-detector {meta['pectoral_detector']}"
     return (f"python -m tools.model.cells extract --mias ../shared/data/mias --out {folder} "
             f"--arch {meta.get('arch', 'efficientnet-lite0')}{mirrors}{pectoral} --threads 2")
 
@@ -1091,7 +1100,7 @@ def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_resul
         "format": "pt2",
         "name": args.name,
         "version": args.version,
-        "input": input_metadata(),
+        "input": input_metadata(pectoral_detector=int(meta.get("pectoral_detector", 1))),
         "output": {
             "contract": "forward(x: float32 (B,1,H,W)) -> (probability (B,), heatmap (B,1,H,W))",
             "heatmap_size": list(CANVAS),
@@ -1278,6 +1287,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="cut the pectoral muscle where pipelines/breast.py finds it, as the "
                           "worker does; --no-pectoral never looks for it (an ablation: such "
                           "features cannot make a bundle)")
+    ext.add_argument("--pectoral-detector", type=int, choices=(1, 2), default=1,
+                     help="pipelines/breast.py's pectoral search: 1 (the row-by-row edge, the "
+                          "shipped bundles'), 2 (then the straight-line search where 1 finds "
+                          "none); a bundle made from the features declares it")
     ext.add_argument("--trunk", type=Path, default=None,
                      help="a fine-tuned trunk (`topfit --final`'s trunk.pt) instead of ImageNet's")
     nst = sub.add_parser("nested")

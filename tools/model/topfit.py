@@ -175,15 +175,16 @@ class WholeTrunk(CellHead):
         return self.cell_logits(*self.maps(crop))
 
 
-def film_crops(mias: Path, info: list[dict[str, Any]], boxes: list[tuple[int, int]]
-               ) -> list[torch.Tensor]:
+def film_crops(mias: Path, info: list[dict[str, Any]], boxes: list[tuple[int, int]],
+               pectoral_detector: int = 1) -> list[torch.Tensor]:
     """Each film's canvas on its content box, (1, H, W), built as `cells extract` builds it
-    (same orientation, canvas and box); SystemExit when a box differs from the cache's."""
+    (same orientation, canvas, box and pectoral detector); SystemExit when a box differs from
+    the cache's."""
     from pipelines.model import content_box
     from pipelines.preprocess import canvas_input
 
     records = {record.id: record for record in mias_records(mias)}
-    metadata = {"input": input_metadata()}
+    metadata = {"input": input_metadata(pectoral_detector=pectoral_detector)}
     crops = []
     for item, box in zip(info, boxes, strict=True):
         record = records[item["id"]]
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     boxes = content_boxes(feats.level["32"])
     crops: list[torch.Tensor] = []
     if args.train == "all":
-        crops = film_crops(args.mias, feats.info, boxes)
+        crops = film_crops(args.mias, feats.info, boxes, int(meta.get("pectoral_detector", 1)))
     if args.final:
         return final_trunk(args, feats, meta, crops)
     seed = SEED + args.repeat

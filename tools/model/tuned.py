@@ -229,6 +229,10 @@ def build(args: argparse.Namespace) -> int:
     records, _ = film_index(feats.info)
     ids = [r.id for r in records]
     check_inputs(feature_info, trunk_run, trunk_sha, outer, ids)
+    if int(feature_info.get("pectoral_detector", 1)) != int(
+            base["input"].get("pectoral_detector", 1)):
+        raise SystemExit(f"{args.features} was extracted with another pectoral detector than "
+                         f"the base bundle declares")
     recipe = shipped_recipe(base)
     films = np.arange(len(records))
     maps, mask, label = level_maps(feats, recipe["level"])
