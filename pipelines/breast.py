@@ -152,10 +152,9 @@ def find_pectoral_line(smooth: np.ndarray, breast: np.ndarray) -> tuple[np.ndarr
     160 points, one vectorised pass."""
     rows, cols = smooth.shape
     none = np.zeros_like(breast)
-    present = np.flatnonzero(breast.any(axis=1))
-    first, last = int(present[0]), int(present[-1])
+    first, wall = _top_and_wall(breast)
+    last = int(np.flatnonzero(breast.any(axis=1))[-1])
     height = last - first + 1
-    _, wall = _top_and_wall(breast)
     width = int(breast.sum(axis=1).max())
     inner = ndimage.binary_erosion(breast, iterations=max(2, cols // 60))
     g_row = ndimage.sobel(smooth, axis=0) / 4  # sobel's weights sum to 4 per unit step
@@ -172,7 +171,7 @@ def find_pectoral_line(smooth: np.ndarray, breast: np.ndarray) -> tuple[np.ndarr
     fall = -(g_row[r_idx, c_idx] * x0 + g_col[r_idx, c_idx] * reach) / np.hypot(x0, reach)
     enough = valid.sum(axis=2, keepdims=True) >= 20
     samples = np.where(valid & enough, fall, np.nan)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # lines with no sample: all NaN
         median = np.nanmedian(samples, axis=2)
     score = median * np.sqrt(np.minimum(reach[..., 0], last - first) / height)

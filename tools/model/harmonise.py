@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from node.shadow_report import spearman
+
 LEVELS = 101  # quantiles at every percent
 
 
@@ -79,16 +81,6 @@ def read_films(runner: Any, mias: str) -> dict[str, Any]:
                                          for s, y in zip(scores, labels, strict=True))}
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(values: list[float]) -> np.ndarray:
-        array = np.asarray(values, dtype=np.float64)
-        ordered = np.sort(array)
-        return 0.5 * (np.searchsorted(ordered, array, "left")
-                      + np.searchsorted(ordered, array, "right"))
-
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
-
-
 def main(argv: list[str] | None = None) -> int:
     from pipelines.model import load_bundle
     from pipelines.results import SCREENING_VIEWS
@@ -123,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
              for reading, model in (("as shipped", runner), ("matched", matched))}
     before, after = films["as shipped"]["scores"], films["matched"]["scores"]
     moved = np.abs(np.asarray(after) - np.asarray(before))
-    summary = {"spearman": round(spearman(before, after), 4),
+    rho = spearman(before, after)
+    summary = {"spearman": None if rho is None else round(rho, 4),
                "median_abs_change": round(float(np.median(moved)), 4),
                "p90_abs_change": round(float(np.percentile(moved, 90)), 4),
                "crossed_balanced": int(sum((a >= point) != (b >= point)
