@@ -179,6 +179,21 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
     return top, bottom, left, right
 
 
+def _resampled_mask(crop_mask: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """A source-grid mask crop on a height x width grid (antialiased bilinear, kept where >= 0.5)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(crop_mask)).float()
+    return F.interpolate(tensor[None, None], size=(height, width), mode="bilinear",
+                         align_corners=False, antialias=True)[0, 0] >= 0.5
+
+
+def mask_in_placement(mask: np.ndarray, placement: Placement) -> torch.Tensor:
+    """A source-grid mask (another breast mask of the same image, e.g. another pectoral
+    detector's) on a `Placement`'s content grid (placement.height x placement.width), resampled
+    as `windowed_breast` resamples its own."""
+    return _resampled_mask(mask[placement.top:placement.bottom, placement.left:placement.right],
+                           placement.height, placement.width)
+
+
 def windowed_breast(image: np.ndarray, metadata: dict[str, Any], view: str | None = None,
                     pixel_spacing_mm: float | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, Placement, np.ndarray]:
@@ -206,11 +221,9 @@ def windowed_breast(image: np.ndarray, metadata: dict[str, Any], view: str | Non
     out_h = max(1, min(height, int(round((bottom - top) * scale))))
     out_w = max(1, min(width, int(round((right - left) * scale))))
     crop = torch.from_numpy(np.ascontiguousarray(array[top:bottom, left:right], dtype=np.float32))
-    crop_mask = torch.from_numpy(np.ascontiguousarray(mask[top:bottom, left:right]))
     resized = F.interpolate(crop[None, None], size=(out_h, out_w), mode="bilinear",
                             align_corners=False, antialias=True)[0, 0]
-    inside = F.interpolate(crop_mask[None, None].float(), size=(out_h, out_w), mode="bilinear",
-                           align_corners=False, antialias=True)[0, 0] >= 0.5
+    inside = _resampled_mask(mask[top:bottom, left:right], out_h, out_w)
     intensity = spec["intensity"]
     values = resized[inside] if bool(inside.any()) else resized.flatten()
     # numpy's linear-interpolated quantiles (a partial sort) equal torch.quantile's (a full sort)

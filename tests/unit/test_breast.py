@@ -241,3 +241,21 @@ def test_a_bundle_declaring_detector_two_is_fed_its_mask() -> None:
     assert mask_two.sum() < mask_one.sum() and not (mask_two & ~mask_one).any()
     assert np.array_equal(mask_two, breast_mask(image, "MLO", pectoral_detector=2))
     assert not torch.equal(one, two)
+
+
+def test_another_detectors_mask_lands_on_the_canvas_grid() -> None:
+    """`mask_in_placement` (`cells extract --cell-mask-detector`'s cells) resamples a source-grid
+    mask exactly as the canvas's own breast is resampled: the canvas's own mask gives back the
+    canvas's breast, and the same breast with its pectoral wedge kept covers it and more."""
+    from copy import deepcopy
+
+    from pipelines.preprocess import mask_in_placement, windowed_breast
+
+    metadata = deepcopy(load_bundle(REPO / "models" / "mias-baseline").metadata)
+    image = _oriented("L-MLO")
+    _, inside, placement, mask = windowed_breast(image, metadata, "MLO", 0.1)
+    again = mask_in_placement(mask, placement)
+    assert again.shape == (placement.height, placement.width)
+    assert torch.equal(again, inside)
+    wider = mask_in_placement(breast_mask(image, "CC"), placement)  # the wedge kept
+    assert not bool((inside & ~wider).any()) and int(wider.sum()) > int(inside.sum())

@@ -11,6 +11,7 @@ from tools.model.dataset import Lesion
 from tools.model.metrics import (
     auc,
     bootstrap_auc_ci,
+    bootstrap_auc_difference,
     calibration_bins,
     hit_rate,
     lesion_hit,
@@ -100,3 +101,22 @@ def test_lesion_hit_and_hit_rate() -> None:
     hits = hit_rate([heatmap, heatmap, heatmap], [[(21.0, 10.0, 3.0)], [], [(0.0, 0.0, 2.0)]],
                     [(4.0, 4.0)] * 3)
     assert hits == (1, 2)
+
+
+def test_the_paired_auc_difference_resamples_women_once_for_both_scorings() -> None:
+    """`bootstrap_auc_difference`: b minus a on the same images; identical scorings differ by
+    exactly 0 in every resample, a scoring that ranks better gives a positive difference whose
+    interval lies around it, and the single-scoring CI is unchanged by the shared resampler."""
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 60)
+    groups = np.arange(120) // 2
+    noisy = labels + rng.normal(scale=1.5, size=120)
+    sharper = labels + rng.normal(scale=0.5, size=120)
+    assert bootstrap_auc_difference(labels, noisy, noisy, groups, n=200) == (0.0, 0.0, 0.0)
+    diff, low, high = bootstrap_auc_difference(labels, sharper, noisy, groups, n=500, seed=1)
+    assert diff == pytest.approx(auc(labels, sharper) - auc(labels, noisy))
+    assert 0.0 < low < diff < high
+    flipped, flow, fhigh = bootstrap_auc_difference(labels, noisy, sharper, groups, n=500, seed=1)
+    assert (flipped, flow, fhigh) == pytest.approx((-diff, -high, -low))
+    with pytest.raises(ValueError):
+        bootstrap_auc_difference(labels, noisy, noisy[:-2], groups)

@@ -362,3 +362,64 @@ def test_features_of_the_second_pectoral_detector_say_so(cache: Path, tmp_path: 
         cells.main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
                     "--mias", str(tmp_path)])
     assert not (tmp_path / "bundle").exists()
+
+
+def test_features_with_another_detectors_cells_make_no_bundle(cache: Path, tmp_path: Path) -> None:
+    """`cells extract --cell-mask-detector` is a diagnostic: its breast cells are not those of
+    its canvas, which a bundle's network pools, so `cells final` refuses such features."""
+    import shutil
+
+    from tools.model import cells
+
+    info = json.loads((cache / "info.json").read_text())
+    assert cells.canvas_cells(info) and cells.canvas_cells({**info, "cell_mask_detector": 1})
+    assert cells.canvas_cells({**info, "pectoral_detector": 2, "cell_mask_detector": 2})
+    assert not cells.canvas_cells({**info, "cell_mask_detector": 2})
+    other = tmp_path / "lite0-cells2"
+    shutil.copytree(cache, other)
+    (other / "info.json").write_text(json.dumps({**info, "cell_mask_detector": 2}))
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"features": str(other),
+                                  "ids": [image["id"] for image in info["images"]]}))
+    with pytest.raises(SystemExit, match="--cell-mask-detector"):
+        cells.main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
+                    "--mias", str(tmp_path)])
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_compare_sets_two_nested_runs_side_by_side(cache: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`cells compare`: per repeat, both runs' AUCs and hits and the paired difference over
+    women, read from the outer-fold scores; runs on other films or seeds are refused."""
+    from tools.model import cells
+
+    info = json.loads((cache / "info.json").read_text())["images"]
+    ids = [image["id"] for image in info]
+    labels = np.array([image["label"] for image in info])
+    rng = np.random.default_rng(0)
+
+    def run(path: Path, scores: list[np.ndarray], hits: list[int], seeds: tuple[int, ...]) -> str:
+        reps = [{"repeat": r, "seed": seed, "oof": list(map(float, s)),
+                 "auc": auc(labels, s), "malignant_auc": float("nan"), "lesion_hits": [h, 3]}
+                for r, (s, h, seed) in enumerate(zip(scores, hits, seeds, strict=True))]
+        path.write_text(json.dumps({"features": [str(cache)], "ids": ids,
+                                    "spaces": {"contralateral": reps}}))
+        return str(path)
+
+    weak = [labels + rng.normal(scale=2.0, size=len(ids)) for _ in range(2)]
+    strong = [labels * 3.0 + 0.1 * w for w in weak]
+    base = run(tmp_path / "a.json", weak, [1, 2], (7, 8))
+    assert cells.main(["compare", "--base", base,
+                       "--other", run(tmp_path / "b.json", strong, [3, 3], (7, 8))]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = [line for line in table if line.startswith("| 0") or line.startswith("| 1")]
+    assert len(rows) == 2 and all(" / 1.000 | +" in row for row in rows)
+    assert all(row.endswith(f"{h} / 3 of 3 |") for row, h in zip(rows, (1, 2), strict=True))
+    assert table[-1].endswith("lesion hits 3 / 6 of 6")
+    with pytest.raises(SystemExit, match="other seeds"):
+        cells.main(["compare", "--base", base,
+                    "--other", run(tmp_path / "c.json", strong, [3, 3], (7, 9))])
+    (tmp_path / "d.json").write_text(json.dumps({**json.loads(Path(base).read_text()),
+                                                  "ids": ids[::-1]}))
+    with pytest.raises(SystemExit, match="different films"):
+        cells.main(["compare", "--base", base, "--other", str(tmp_path / "d.json")])

@@ -17,7 +17,9 @@ contribute no cell). `nested` runs repeated grouped cross-validation (by woman):
 training part, an inner grouped CV picks the recipe (feature level, L2 strength, score pooling,
 contralateral use) by inner out-of-fold AUC; the outer test fold is scored once with the recipe
 picked. `final` picks the shipped recipe by grouped CV over all films, scores it out of fold
-(calibration, operating points), fits it on all films and writes the bundle.
+(calibration, operating points), fits it on all films and writes the bundle. `report` prints a
+nested run's tables; `compare --base A/nested.json --other B/nested.json` sets two nested runs
+on the same films side by side, with the paired AUC difference over women.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from tools.model.dataset import (
     mias_records,
     to_model_orientation,
 )
-from tools.model.metrics import auc, bootstrap_auc_ci
+from tools.model.metrics import auc, bootstrap_auc_ci, bootstrap_auc_difference
 
 CANVAS = (768, 512)
 SPACING_MM = 0.4
@@ -132,6 +134,13 @@ def _lite_block_forward_check(arch: str) -> None:
     del arch
 
 
+def canvas_cells(meta: dict[str, Any]) -> bool:
+    """Whether a feature folder's breast cells are its canvas's own, as a bundle's network takes
+    them (not another detector's, `extract --cell-mask-detector`)."""
+    detector = int(meta.get("pectoral_detector", 1))
+    return int(meta.get("cell_mask_detector") or detector) == detector
+
+
 def cell_labels(lesions: list[tuple[float, float, float]], stride: int, grid: tuple[int, int],
                 ring_px: float) -> np.ndarray:
     """Per-cell label on a stride grid (canvas coordinates): 1 inside a circle, -1 in the ring,
@@ -158,14 +167,16 @@ def cell_mask(canvas: torch.Tensor, stride: int) -> np.ndarray:
 
 def extract(args: argparse.Namespace) -> int:
     from node.bundle import file_sha256
+    from pipelines.breast import breast_mask
     from pipelines.model import content_box
-    from pipelines.preprocess import canvas_input
+    from pipelines.preprocess import canvas_input, mask_in_placement
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = mias_records(args.mias)
     metadata = {"input": input_metadata(pectoral_detector=args.pectoral_detector)}
+    mask_detector = args.cell_mask_detector or args.pectoral_detector
     # the trunk the bundle runs (batch norms folded, channels-last): the cached features are
     # the shipped network's, and extraction is 1.8 x faster
     trunk = LiteTrunk(args.arch, args.trunk).for_inference()
@@ -175,17 +186,24 @@ def extract(args: argparse.Namespace) -> int:
         pixels = load_pixels(record)
         oriented = to_model_orientation(pixels, record)
         # --no-pectoral (an ablation): the mask as on a CC view, no pectoral search
-        canvas, placement, _ = canvas_input(oriented, metadata,
-                                            record.view if args.pectoral else "CC",
-                                            record.pixel_spacing_mm)
+        view = record.view if args.pectoral else "CC"
+        canvas, placement, _ = canvas_input(oriented, metadata, view, record.pixel_spacing_mm)
+        # the cells counted as breast: the canvas's own, or (--cell-mask-detector, a
+        # diagnostic) those another pectoral detector leaves, on this canvas's grid
+        cells_of = canvas
+        if mask_detector != args.pectoral_detector:
+            keep = torch.zeros(CANVAS, dtype=torch.bool)
+            keep[:placement.height, :placement.width] = mask_in_placement(
+                breast_mask(oriented, view, pectoral_detector=mask_detector), placement)
+            cells_of = canvas * keep
         lesions = []
         for le in lesions_in_model_orientation(record, pixels.shape):
             x, y = placement.point_to_canvas(le.x, le.y)
             lesions.append((x, y, le.r * placement.scale))
         ring = RING_MM / SPACING_MM
-        views = [canvas]
+        views = [cells_of]
         if args.vflip:
-            views.append(torch.flip(canvas, dims=[1]))
+            views.append(torch.flip(cells_of, dims=[1]))
         # The trunk sees the content region plus a margin of canvas padding (rounded to 32
         # pixels), not the whole canvas, as the worker runs it (`content_box`); the cached maps
         # are then placed on the full canvas grid (padding cells are masked).
@@ -225,6 +243,7 @@ def extract(args: argparse.Namespace) -> int:
                                                "vflip": bool(args.vflip), "trunk": trunk_file,
                                                "pectoral": bool(args.pectoral),
                                                "pectoral_detector": args.pectoral_detector,
+                                               "cell_mask_detector": mask_detector,
                                                "spacing_mm": SPACING_MM, "ring_mm": RING_MM,
                                                "wall_s": round(time.time() - started, 1),
                                                "images": info}))
@@ -864,6 +883,10 @@ def final(args: argparse.Namespace) -> int:
                          "it was trained on")
     if len({meta.get("pectoral_detector", 1) for meta in metas.values()}) > 1:
         raise SystemExit("the feature folders were extracted with different pectoral detectors")
+    if any(not canvas_cells(meta) for meta in metas.values()):
+        raise SystemExit("features extracted with --cell-mask-detector: the bundle's network "
+                         "takes the breast cells from its canvas, so it would not pool the "
+                         "cells it was trained on")
     best, heat, selection_aucs, selection_hits = select_recipe(
         levels, records, args.folds, SEED + 1000, SPACES[args.space])
     key, l2, pooling, contra = best
@@ -1273,6 +1296,46 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    """Two nested runs on the same films and seeds (`--base`, then `--other`), repeat by repeat:
+    their AUCs, lesion hits and the paired AUC difference (other minus base) with its 95 %
+    interval, bootstrapping women (2000 rounds, the repeat's seed), normal vs abnormal and
+    malignant vs rest; a markdown table on stdout."""
+    base, other = (json.loads(Path(path).read_text()) for path in (args.base, args.other))
+    if base["ids"] != other["ids"]:
+        raise SystemExit("the two nested runs scored different films")
+    folder = base["features"][0] if isinstance(base["features"], list) else base["features"]
+    records, _ = film_index(json.loads((Path(folder) / "info.json").read_text())["images"])
+    if [r.id for r in records] != base["ids"]:
+        raise SystemExit(f"{folder} holds other films than the nested runs")
+    labels = np.array([r.label for r in records])
+    malignant = np.array([r.malignant or 0 for r in records])
+    groups = np.array([r.group for r in records])
+    print("| repeat | AUC base / other | paired difference (95 % CI) | malignant vs rest base / "
+          "other | paired difference (95 % CI) | lesion hits base / other |")
+    print("|---|---|---|---|---|---|")
+    totals = np.zeros((2, 2), dtype=int)
+    aucs = []
+    for a, b in zip(base["spaces"][args.space], other["spaces"][args.space], strict=True):
+        if a["seed"] != b["seed"]:
+            raise SystemExit(f"repeat {a['repeat']} was run with other seeds")
+        cells = [f"{a['repeat']}", f"{a['auc']:.3f} / {b['auc']:.3f}"]
+        for truth, key in ((labels, "auc"), (malignant, "malignant_auc")):
+            diff, low, high = bootstrap_auc_difference(truth, b["oof"], a["oof"], groups,
+                                                       n=2000, seed=a["seed"])
+            if key == "malignant_auc":
+                cells.append(f"{a[key]:.3f} / {b[key]:.3f}")
+            cells.append(f"{diff:+.3f} ({low:+.3f} to {high:+.3f})")
+        cells.append(f"{a['lesion_hits'][0]} / {b['lesion_hits'][0]} of {a['lesion_hits'][1]}")
+        totals += [a["lesion_hits"], b["lesion_hits"]]
+        aucs.append((a["auc"], b["auc"]))
+        print("| " + " | ".join(cells) + " |")
+    mean_a, mean_b = np.mean(aucs, axis=0)
+    print(f"\nmean AUC {mean_a:.4f} / {mean_b:.4f} (difference {mean_b - mean_a:+.4f}); lesion "
+          f"hits {totals[0, 0]} / {totals[1, 0]} of {totals[0, 1]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.model.cells", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1291,6 +1354,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="pipelines/breast.py's pectoral search: 1 (the row-by-row edge, the "
                           "shipped bundles'), 2 (then the straight-line search where 1 finds "
                           "none); a bundle made from the features declares it")
+    ext.add_argument("--cell-mask-detector", type=int, choices=(1, 2), default=None,
+                     help="a diagnostic: the cells counted as breast (pooling, training, "
+                          "heatmap peak) are those this pectoral detector leaves, on the "
+                          "canvas of --pectoral-detector; such features cannot make a bundle "
+                          "(its network takes the breast from the canvas)")
     ext.add_argument("--trunk", type=Path, default=None,
                      help="a fine-tuned trunk (`topfit --final`'s trunk.pt) instead of ImageNet's")
     nst = sub.add_parser("nested")
@@ -1316,9 +1384,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="also write model.ts, a TorchScript copy")
     rep = sub.add_parser("report")
     rep.add_argument("--nested", required=True)
+    cmp = sub.add_parser("compare")
+    cmp.add_argument("--base", required=True, help="nested.json of the reference run")
+    cmp.add_argument("--other", required=True, help="nested.json of the run compared with it")
+    cmp.add_argument("--space", default="contralateral", choices=sorted(SPACES))
     args = parser.parse_args(argv)
-    return {"extract": extract, "nested": nested, "final": final,
-            "report": report}[args.command](args)
+    return {"extract": extract, "nested": nested, "final": final, "report": report,
+            "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,28 +42,50 @@ def auc(labels: Any, scores: Any) -> float:
     return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
 
 
+def _group_resamples(groups: Any, size: int, n: int, seed: int) -> Iterator[np.ndarray]:
+    """`n` bootstrap resamples of the images, drawing whole groups (women) with replacement."""
+    g = np.asarray(groups).ravel()
+    if g.shape != (size,):
+        raise ValueError("groups must have one entry per image")
+    rng = np.random.default_rng(seed)
+    unique, group_index = np.unique(g, return_inverse=True)
+    members = [np.flatnonzero(group_index == i) for i in range(len(unique))]
+    for _ in range(n):
+        chosen = rng.integers(0, len(unique), len(unique))
+        yield np.concatenate([members[i] for i in chosen])
+
+
+def _percentiles(values: list[float], alpha: float) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return (float(np.percentile(values, 100 * alpha / 2)),
+            float(np.percentile(values, 100 * (1 - alpha / 2))))
+
+
 def bootstrap_auc_ci(labels: Any, scores: Any, groups: Any, n: int = 2000, seed: int = 0,
                      alpha: float = 0.05) -> tuple[float, float]:
     """Percentile CI of the AUC, resampling groups with replacement; resamples that miss a
     class are skipped."""
     y, s = _as_arrays(labels, scores)
-    g = np.asarray(groups).ravel()
-    if g.shape != y.shape:
-        raise ValueError("groups must have one entry per image")
-    rng = np.random.default_rng(seed)
-    unique, group_index = np.unique(g, return_inverse=True)
-    members = [np.flatnonzero(group_index == i) for i in range(len(unique))]
-    values = []
-    for _ in range(n):
-        chosen = rng.integers(0, len(unique), len(unique))
-        idx = np.concatenate([members[i] for i in chosen])
-        value = auc(y[idx], s[idx])
-        if not np.isnan(value):
-            values.append(value)
-    if not values:
-        return float("nan"), float("nan")
-    return (float(np.percentile(values, 100 * alpha / 2)),
-            float(np.percentile(values, 100 * (1 - alpha / 2))))
+    values = [value for idx in _group_resamples(groups, len(y), n, seed)
+              if not np.isnan(value := auc(y[idx], s[idx]))]
+    return _percentiles(values, alpha)
+
+
+def bootstrap_auc_difference(labels: Any, scores_b: Any, scores_a: Any, groups: Any,
+                             n: int = 2000, seed: int = 0, alpha: float = 0.05
+                             ) -> tuple[float, float, float]:
+    """Paired AUC difference of two scorings of the same images (b minus a) and its percentile
+    CI, both AUCs taken on the same resample of groups (women) each round; resamples that miss
+    a class are skipped."""
+    y, b = _as_arrays(labels, scores_b)
+    _, a = _as_arrays(labels, scores_a)
+    if a.shape != b.shape:
+        raise ValueError("the two scorings must score the same images")
+    values = [value for idx in _group_resamples(groups, len(y), n, seed)
+              if not np.isnan(value := auc(y[idx], b[idx]) - auc(y[idx], a[idx]))]
+    low, high = _percentiles(values, alpha)
+    return auc(y, b) - auc(y, a), low, high
 
 
 def roc_curve(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
