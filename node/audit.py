@@ -34,6 +34,7 @@ EVENTS = frozenset(
         "instance_rejected",
         "study_queued",
         "study_scored",
+        "study_not_scored",
         "study_failed",
         "results_sent",
         "results_send_failed",

@@ -269,9 +269,17 @@ class SendSection(_Frozen):
 
 
 class ScoringSection(_Frozen):
-    """Which objects are scored; tomosynthesis is accepted and recorded as not scored."""
+    """Which objects are scored; tomosynthesis is accepted and recorded as not scored.
+
+    `outside_domain`: what becomes of an image outside the live bundle's declared domain
+    (metadata.json `domain`: modality, pixel size, view, ...). `score` (default): it is scored,
+    flagged `outside_domain:<reason>` and every result object says so. `skip`: it is not
+    scored; the run's record gives it as skipped (`outside_domain:<reasons>`), the study's
+    other views are scored, and a study with none left ends done without results (`not_scored`).
+    """
 
     max_attempts: int = Field(default=3, ge=1, le=100)
+    outside_domain: Literal["score", "skip"] = "score"
 
 
 class WorkerSection(_Frozen):

@@ -72,7 +72,10 @@ def domain_caveat(view_key: str, reasons: Seq[str]) -> str:
 
 def domain_texts(result: StudyResult, outside_domain: Mapping[str, Seq[str]]) -> list[str]:
     """One sentence per scored view outside the model's declared domain, so the reader of the
-    report knows which scores come from images the model was not trained on."""
-    return [f"{domain_caveat(view.view_key, outside_domain[view.sop_uid])}; its score was not "
-            "validated on such images"
-            for view in result.views if outside_domain.get(view.sop_uid)]
+    report knows which scores come from images the model was not trained on, and one per view
+    left unscored for it (`StudyResult.not_scored`)."""
+    return [*(f"{domain_caveat(view.view_key, outside_domain[view.sop_uid])}; its score was not "
+              "validated on such images"
+              for view in result.views if outside_domain.get(view.sop_uid)),
+            *(f"{domain_caveat(view_key, reasons)}; not scored"
+              for view_key, reasons in result.not_scored)]

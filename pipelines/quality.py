@@ -184,3 +184,9 @@ def domain_flags(header: Dataset, domain: Domain | None) -> tuple[str, ...]:
     if domain.presentation_intents and intent and intent not in domain.presentation_intents:
         reasons.append("presentation_intent")
     return tuple(OUTSIDE_DOMAIN + reason for reason in reasons)
+
+
+def outside_reason(flags: Iterable[str]) -> str:
+    """A view's `outside_domain:` flags as one skip reason (`scoring.outside_domain: skip`):
+    `outside_domain:pixel_spacing,view`."""
+    return OUTSIDE_DOMAIN + ",".join(f.removeprefix(OUTSIDE_DOMAIN) for f in flags)

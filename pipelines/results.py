@@ -45,6 +45,9 @@ class StudyResult:
     breast_scores: dict[str, float]  # {"R": p, "L": p}, only breasts with at least one view
     exam_score: float
     missing_views: tuple[str, ...] = field(default=())  # e.g. ("R-CC",) of SCREENING_VIEWS
+    # views received but not scored, outside the model's declared domain (`scoring.
+    # outside_domain: skip`): (view key, reasons), e.g. ("R-CC", ("view",)); not in missing_views
+    not_scored: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
@@ -67,6 +67,7 @@ from pipelines.quality import (
     domain_flags,
     entry_flags,
     merge_flags,
+    outside_reason,
 )
 from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult, ViewScore
 from pipelines.seg import build_binary_seg, build_seg
@@ -474,22 +475,33 @@ def _score_write_send(
     views, skipped, undecodable = _load_views(run_dir, manifest,
                                               settings.quality.low_contrast_fraction)
     timings["decode"] = round(time.perf_counter() - t0, 3)
-    outside = _outside_domain(info.run_id, views, getattr(predictor, "metadata", None))
+    skip = settings.scoring.outside_domain == "skip"
+    outside = _outside_domain(info.run_id, views, getattr(predictor, "metadata", None), skip)
+    withheld: dict[str, tuple[str, ...]] = {}  # view key -> reasons: not scored
+    if skip:
+        views, skipped, withheld = _withhold(views, skipped, outside)
     progress.inputs = _describe_inputs(manifest, views, skipped, outside)
     if not views:
         reasons = sorted({s.reason for s in skipped}) or ["no instances"]
         if undecodable or not skipped:
             raise InputError("no scorable view: " + "; ".join(reasons)[:400])
-        # Only objects we accept but do not score (tomosynthesis, other views): nothing to send,
-        # and nothing went wrong.
+        # Only objects we accept but do not score (tomosynthesis, other views, images outside
+        # the model's domain under `scoring.outside_domain: skip`): nothing to send, and
+        # nothing went wrong.
         progress.not_scored = "no scorable view: " + "; ".join(reasons)[:400]
         progress.outputs, progress.sends, progress.missing_views = (), (), ()
+        audit.record("study_not_scored", run_id=info.run_id, study_uid=info.study_uid,
+                     reason=progress.not_scored)
         return None
     pause_s = float(os.environ.get(TEST_PAUSE_ENV, "0") or 0)
     if pause_s > 0:
         log.warning("test_pause_before_inference", run_id=info.run_id, pause_s=pause_s)
         time.sleep(pause_s)
     result, heatmaps = score_views(views, predictor, info.study_uid)
+    if withheld:  # received, not scored: said in the reports, not "not available"
+        result = replace(result, not_scored=tuple(
+            (key, withheld[key]) for key in SCREENING_VIEWS if key in withheld),
+            missing_views=tuple(k for k in result.missing_views if k not in withheld))
     progress.views = views
     for key, value in predictor.last_timings_s.items():
         timings[key] = round(value, 3)
@@ -553,18 +565,33 @@ def _audit_sends(audit: AuditLog, info: RunInfo, sends: Sequence[SendResult]) ->
             audit.record("results_sent", **fields)
 
 
-def _outside_domain(run_id: str, views: list[LoadedView], metadata: object
+def _outside_domain(run_id: str, views: list[LoadedView], metadata: object, skip: bool = False
                     ) -> dict[str, tuple[str, ...]]:
-    """Each scored view outside the live bundle's declared domain: its `outside_domain:` flags,
-    and one `input_outside_domain` warning (run, view and reasons; no PHI)."""
+    """Each decoded view outside the live bundle's declared domain: its `outside_domain:` flags,
+    and one `input_outside_domain` warning (run, view, reasons, and whether it is scored:
+    `scoring.outside_domain`; no PHI)."""
     domain = Domain.from_metadata(metadata if isinstance(metadata, Mapping) else None)
     flags = {v.entry.sop_uid: domain_flags(v.header, domain) for v in views}
     for view in views:
         if flags[view.entry.sop_uid]:
             log.warning("input_outside_domain", run_id=run_id, sop_uid=view.entry.sop_uid,
                         view=view.entry.view_key,
-                        reasons=[f.split(":", 1)[1] for f in flags[view.entry.sop_uid]])
+                        reasons=[f.split(":", 1)[1] for f in flags[view.entry.sop_uid]],
+                        scored=not skip)
     return {uid: found for uid, found in flags.items() if found}
+
+
+def _withhold(views: list[LoadedView], skipped: list[Skipped],
+              outside: Mapping[str, tuple[str, ...]]
+              ) -> tuple[list[LoadedView], list[Skipped], dict[str, tuple[str, ...]]]:
+    """`scoring.outside_domain: skip`: the views inside the domain; the skipped instances with
+    those outside it added (reason `outside_domain:<reasons>`); view key -> reasons of those."""
+    out = [v for v in views if v.entry.sop_uid in outside]
+    withheld = {v.entry.view_key: tuple(f.split(":", 1)[1] for f in outside[v.entry.sop_uid])
+                for v in out}
+    return ([v for v in views if v.entry.sop_uid not in outside],
+            skipped + [Skipped(v.entry.sop_uid, outside_reason(outside[v.entry.sop_uid]))
+                       for v in out], withheld)
 
 
 def _describe_inputs(manifest: Sequence[InstanceEntry], views: list[LoadedView],

@@ -263,3 +263,23 @@ def test_views_outside_the_domain_are_named_in_the_impression(sources: list[Data
         "not validated on such images.")
     assert description.TextValue.count("declared domain") == 1
     assert_dciodvfy_clean(data, tmp_path / "outside.dcm", allowed_warnings=set())
+
+
+def test_views_left_unscored_outside_the_domain_are_said_in_the_impression(
+        sources: list[Dataset], tmp_path: Path) -> None:
+    """`scoring.outside_domain: skip`: the impression says which received views have no score
+    and why, and does not call them not available."""
+    from dataclasses import replace
+
+    mlo = [s for s in sources if s.ViewPosition == "MLO"]
+    result = replace(_result(mlo), not_scored=(("R-CC", ("view",)), ("L-CC", ("view",))))
+    data = to_bytes(build_cad_sr(mlo, result, _findings(_heatmaps(result)), MODEL, SPEC))
+    report = dcmread(io.BytesIO(data))
+    [summary] = _children(report, "111017")
+    [description] = _children(summary, "111033")
+    assert description.TextValue.endswith(
+        " R-CC: outside the model's declared domain (view); not scored. L-CC: outside the "
+        "model's declared domain (view); not scored.")
+    assert "not available" not in description.TextValue
+    assert_dciodvfy_clean(data, tmp_path / "not-scored.dcm", allowed_warnings=set())
+    assert_pixelmed_clean(report, allowed_warnings={})

@@ -172,7 +172,8 @@ def test_inputs_outside_the_declared_domain_are_flagged_and_logged(
     assert outside == {cc_uid: ("outside_domain:pixel_spacing", "outside_domain:view")}
     [line] = [entry for entry in logs if entry["event"] == "input_outside_domain"]
     assert line["reasons"] == ["pixel_spacing", "view"] and line["run_id"] == "run-1"
-    assert set(line) <= {"event", "log_level", "run_id", "sop_uid", "view", "reasons"}
+    assert line["scored"] is True  # scoring.outside_domain: score, the default
+    assert set(line) <= {"event", "log_level", "run_id", "sop_uid", "view", "reasons", "scored"}
     inputs = _describe_inputs([v.entry for v in views], views, [], outside)
     assert [i.quality_flags for i in inputs] == [
         ("outside_domain:pixel_spacing", "outside_domain:view"), None]

@@ -129,3 +129,70 @@ def test_a_run_fails_with_a_typed_kind_the_record_keeps(tmp_path: Path) -> None:
     assert record is not None and record.error is not None
     assert record.error.kind is FailureKind.INPUT
     assert record.error.message.startswith("no scorable view: not_decoded:")
+
+
+def _texts(ds: object) -> list[str]:
+    """Every TextValue of an SR's content tree, depth first."""
+    found: list[str] = []
+    for item in getattr(ds, "ContentSequence", []):
+        if "TextValue" in item:
+            found.append(str(item.TextValue))
+        found += _texts(item)
+    return found
+
+
+class _MloOnly(_ImageAsHeatmap):
+    """A stand-in whose bundle declares MLO views only (metadata.json `domain`)."""
+
+    metadata = {"domain": {"views": ["MLO"]}}
+
+
+def test_images_outside_the_domain_are_scored_or_skipped_as_configured(tmp_path: Path) -> None:
+    """`scoring.outside_domain`: by default a CC view outside an MLO-only domain is scored and
+    flagged; with `skip` it is recorded as skipped with its reason, the MLO views are scored
+    alone, and a study of CC views only ends done with no results, one audit event and one
+    warning per view saying it was not scored."""
+    from structlog.testing import capture_logs
+
+    from node.audit import read_audit
+
+    paths = make_study(tmp_path / "study", rows=64, cols=48, seed=14)
+    for policy in ("score", "skip"):
+        settings = make_settings(tmp_path / policy, scoring={"outside_domain": policy})
+        spool = Spool(settings.spool.dir).ensure()
+        run_id = _claimed_run(spool, paths)
+        probabilities = [0.2, 0.6, 0.3, 0.4] if policy == "score" else [0.3, 0.4]
+        assert process_run(settings, spool, run_id, _MloOnly(probabilities)) == "done"
+        record = read_record(spool.state_dir("done") / run_id)
+        assert record is not None and record.inputs is not None and record.scores is not None
+        by_view = {f"{i.laterality}-{i.view}": i for i in record.inputs}
+        for key in ("R-CC", "L-CC"):
+            assert by_view[key].quality_flags == ("outside_domain:view",)
+            assert by_view[key].scored is (policy == "score")
+            assert by_view[key].reason == (None if policy == "score" else "outside_domain:view")
+        assert sorted(record.scores.views) == (["L-CC", "L-MLO", "R-CC", "R-MLO"]
+                                               if policy == "score" else ["L-MLO", "R-MLO"])
+        assert record.not_scored is None and record.outputs
+        assert record.missing_views == ()  # received is not "not available"
+        said = {kind: _texts(dcmread(spool.state_dir("done") / run_id / o.file))
+                for o in record.outputs for kind in [o.kind] if kind in ("sr", "cad_sr")}
+        for key in ("R-CC", "L-CC"):
+            caveat = f"{key}: outside the model's declared domain (view)"
+            tail = ("its score was not validated on such images" if policy == "score"
+                    else "not scored")
+            assert any(f"{caveat}; {tail}" in text for text in said["sr"]), said["sr"]
+            assert any(f"{caveat}; {tail}." in text for text in said["cad_sr"]), said["cad_sr"]
+
+    settings = make_settings(tmp_path / "cc-only", scoring={"outside_domain": "skip"})
+    spool = Spool(settings.spool.dir).ensure()
+    run_id = _claimed_run(spool, [p for p in paths if dcmread(p).ViewPosition == "CC"])
+    with capture_logs() as logs:
+        assert process_run(settings, spool, run_id, _MloOnly([])) == "done"
+    record = read_record(spool.state_dir("done") / run_id)
+    assert record is not None and record.error is None and record.scores is None
+    assert record.not_scored == "no scorable view: outside_domain:view"
+    assert record.outputs == () and record.sends == ()
+    warnings = [e for e in logs if e["event"] == "input_outside_domain"]
+    assert len(warnings) == 2 and all(e["scored"] is False for e in warnings)
+    [event] = [e for e in read_audit(settings.audit_path) if e["event"] == "study_not_scored"]
+    assert event["run_id"] == run_id and event["reason"] == record.not_scored

@@ -375,3 +375,25 @@ def test_views_outside_the_domain_are_named_in_the_text(
     assert not any("declared domain" in t for t in read_sr_scores(plain)["texts"])
     assert_dciodvfy_clean(data, tmp_path / "sr-outside-domain.dcm", ALLOWED_WARNINGS)
     assert_pixelmed_clean(dcmread(io.BytesIO(data)), PIXELMED_ALLOWED_WARNINGS)
+
+
+def test_views_left_unscored_outside_the_domain_are_said_not_missing(
+        sources: list[Dataset], heatmaps: dict[str, npt.NDArray[np.float32]],
+        tmp_path: Path) -> None:
+    """`scoring.outside_domain: skip`: the CC views were received but not scored; the report
+    scores the MLO views, says why the CC views have no score, and lists no view as missing."""
+    from dataclasses import replace
+
+    mlo = [s for s in sources if s.ViewPosition == "MLO"]
+    result = replace(_result(mlo), not_scored=(("R-CC", ("view",)), ("L-CC", ("pixel_spacing",
+                                                                               "view"))))
+    data = to_bytes(build_sr(mlo, result, MODEL, SPEC, heatmaps={
+        str(s.SOPInstanceUID): heatmaps[str(s.SOPInstanceUID)] for s in mlo}))
+    read = read_sr_scores(dcmread(io.BytesIO(data)))
+    assert sorted(read["views"]) == ["L-MLO", "R-MLO"] and read["missing_views"] == []
+    said = [t for t in read["texts"] if "declared domain" in t]
+    assert said == ["R-CC: outside the model's declared domain (view); not scored",
+                    "L-CC: outside the model's declared domain (pixel size, view); not scored"]
+    assert not any("not available" in t for t in read["texts"])
+    assert_dciodvfy_clean(data, tmp_path / "sr-not-scored.dcm", ALLOWED_WARNINGS)
+    assert_pixelmed_clean(dcmread(io.BytesIO(data)), PIXELMED_ALLOWED_WARNINGS)
