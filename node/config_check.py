@@ -10,6 +10,7 @@ the key, and no line ever carries a secret (the password's variable is named, ne
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -39,6 +40,8 @@ def offline_problems(settings: Settings, environ: Mapping[str, str] | None = Non
         except ModelError as error:
             problems.append(f"{key}: {error}")
     problems += pipeline_problems(settings)
+    if settings.scoring.outside_domain == "skip":
+        problems += _undeclared_domains(settings)
     problems += _directory_problems("spool.dir", settings.spool.dir)
     problems += _file_problems("audit.path", settings.audit_path)
     problems += tls_problems(settings)
@@ -61,6 +64,25 @@ def _bundles(settings: Settings) -> list[tuple[str, Path]]:
             found.append((f"pipelines[{index}].shadow_model.bundle_dir",
                           pipeline.shadow_model.bundle_dir))
     return found
+
+
+def _undeclared_domains(settings: Settings) -> list[str]:
+    """`scoring.outside_domain: skip` with a live bundle that declares no (valid) `domain`:
+    nothing could be found outside it, so every image would be scored after all."""
+    from pipelines.quality import Domain
+
+    problems = []
+    for key, bundle_dir in _bundles(settings):
+        if "shadow_model" in key:  # a shadow scores what the live bundle scores
+            continue
+        try:
+            metadata = json.loads((bundle_dir / "metadata.json").read_text())
+        except (OSError, ValueError):
+            continue  # check_bundle_files has said so
+        if Domain.from_metadata(metadata if isinstance(metadata, dict) else None) is None:
+            problems.append(f"{key}: scoring.outside_domain is skip, but the bundle's "
+                            "metadata.json declares no domain: every image would be scored")
+    return problems
 
 
 def pipeline_problems(settings: Settings) -> list[str]:

@@ -222,3 +222,26 @@ def test_the_monitoring_token_variable_and_certificate_are_checked(
     assert code == 2
     assert [line.split(": ")[1] for line in lines] == ["monitoring.token_env",
                                                        "monitoring.tls.cert_file/key_file"]
+
+
+def test_skipping_outside_the_domain_needs_a_bundle_that_declares_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`scoring.outside_domain: skip` with the shipped bundle checks OK; with a bundle whose
+    metadata declares no domain it is a problem naming the key (nothing would be skipped)."""
+    skip = {"scoring": {"outside_domain": "skip"}}
+    code, lines, _ = _check(_runnable(tmp_path / "a" / "node.yaml", **skip), capsys)
+    assert code == 0 and lines == []
+    bare = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, bare)
+    meta = json.loads((bare / "metadata.json").read_text())
+    del meta["domain"]
+    (bare / "metadata.json").write_text(json.dumps(meta))
+    path = _runnable(tmp_path / "b" / "node.yaml", model={"bundle_dir": str(bare)}, **skip)
+    code, lines, _ = _check(path, capsys)
+    assert code == 2
+    assert lines == [f"{path}: model.bundle_dir: scoring.outside_domain is skip, but the "
+                     "bundle's metadata.json declares no domain: every image would be scored"]
+    code, lines, _ = _check(_runnable(tmp_path / "c" / "node.yaml",
+                                      model={"bundle_dir": str(bare)}), capsys)
+    assert code == 0 and lines == []  # scoring.outside_domain: score, the default
