@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset, dcmread
+from pydicom import dcmread
 
 from node.audit import read_audit
 from pipelines.sr import read_sr_scores
 from tests.support.dciodvfy import run_dciodvfy
+from tests.support.sr_content import text_values
 from tools.stack.make_study import make_study
 from tools.stack.node_stack import NodeStack
 
@@ -40,16 +41,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeStack]:
         yield node_stack
     finally:
         node_stack.stop()
-
-
-def _texts(ds: Dataset) -> list[str]:
-    """Every TextValue of an SR's content tree, depth first."""
-    found: list[str] = []
-    for item in getattr(ds, "ContentSequence", []):
-        if "TextValue" in item:
-            found.append(str(item.TextValue))
-        found += _texts(item)
-    return found
 
 
 def _study_uid(paths: list[Path]) -> str:
@@ -100,7 +91,7 @@ def test_a_film_sized_study_has_its_mlo_views_scored_and_its_cc_views_said(
     cad_path = tmp_path / "cad-sr.dcm"
     cad_path.write_bytes(stack.orthanc.get_instance_file(cad_id))
     assert any("R-CC: outside the model's declared domain (view); not scored." in text
-               for text in _texts(dcmread(cad_path)))
+               for text in text_values(dcmread(cad_path)))
     sr_path = tmp_path / "sr.dcm"
     sr_path.write_bytes(data)
     for path in (sr_path, cad_path):

@@ -20,6 +20,7 @@ from pipelines.scoring import process_run, score_views
 from pipelines.study import decode_view, select_views
 from tests.support.settings import make_settings
 from tests.support.spooled import spool_run, spooled_views
+from tests.support.sr_content import text_values
 from tools.stack.make_study import make_study
 
 
@@ -131,16 +132,6 @@ def test_a_run_fails_with_a_typed_kind_the_record_keeps(tmp_path: Path) -> None:
     assert record.error.message.startswith("no scorable view: not_decoded:")
 
 
-def _texts(ds: object) -> list[str]:
-    """Every TextValue of an SR's content tree, depth first."""
-    found: list[str] = []
-    for item in getattr(ds, "ContentSequence", []):
-        if "TextValue" in item:
-            found.append(str(item.TextValue))
-        found += _texts(item)
-    return found
-
-
 class _MloOnly(_ImageAsHeatmap):
     """A stand-in whose bundle declares MLO views only (metadata.json `domain`)."""
 
@@ -174,7 +165,7 @@ def test_images_outside_the_domain_are_scored_or_skipped_as_configured(tmp_path:
                                                if policy == "score" else ["L-MLO", "R-MLO"])
         assert record.not_scored is None and record.outputs
         assert record.missing_views == ()  # received is not "not available"
-        said = {kind: _texts(dcmread(spool.state_dir("done") / run_id / o.file))
+        said = {kind: text_values(dcmread(spool.state_dir("done") / run_id / o.file))
                 for o in record.outputs for kind in [o.kind] if kind in ("sr", "cad_sr")}
         for key in ("R-CC", "L-CC"):
             caveat = f"{key}: outside the model's declared domain (view)"

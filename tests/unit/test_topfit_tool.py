@@ -4,7 +4,9 @@ synthetic feature cache written as `cells extract` writes one (the real run need
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -315,25 +317,34 @@ def test_the_final_trunk_is_saved_and_loads_as_the_trunk_extract_runs(cache: Pat
     torch.testing.assert_close(h32, f32, atol=2e-3, rtol=0)
 
 
+def _refused_by_final(cache: Path, tmp_path: Path, changes: dict[str, Any], match: str
+                      ) -> dict[str, Any]:
+    """A copy of the cache whose info.json has `changes` (tmp_path/refused) is refused by
+    `cells final` with `match` in the message, writing no bundle; its info.json."""
+    from tools.model import cells
+
+    folder = tmp_path / "refused"
+    shutil.copytree(cache, folder)
+    info = json.loads((folder / "info.json").read_text())
+    (folder / "info.json").write_text(json.dumps({**info, **changes}))
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"features": str(folder),
+                                  "ids": [image["id"] for image in info["images"]]}))
+    with pytest.raises(SystemExit, match=match):
+        cells.main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
+                    "--mias", str(tmp_path)])
+    assert not (tmp_path / "bundle").exists()
+    return info
+
+
 def test_features_without_the_pectoral_cut_make_no_bundle(cache: Path, tmp_path: Path) -> None:
     """`cells extract --no-pectoral` is an ablation: the worker cuts the pectoral muscle where it
     finds it, so `cells final` refuses such features (a bundle from them would be scored on
     inputs unlike its training's), and their extract command says how they were made."""
-    import shutil
-
     from tools.model import cells
 
-    ablation = tmp_path / "lite0-nopect"
-    shutil.copytree(cache, ablation)
-    info = json.loads((ablation / "info.json").read_text())
-    (ablation / "info.json").write_text(json.dumps({**info, "pectoral": False}))
-    nested = tmp_path / "nested.json"
-    nested.write_text(json.dumps({"features": str(ablation),
-                                  "ids": [image["id"] for image in info["images"]]}))
-    with pytest.raises(SystemExit, match="--no-pectoral"):
-        cells.main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
-                    "--mias", str(tmp_path)])
-    assert not (tmp_path / "bundle").exists()
+    info = _refused_by_final(cache, tmp_path, {"pectoral": False}, "--no-pectoral")
+    ablation = tmp_path / "refused"
     assert "--no-pectoral" in cells.extract_command(str(ablation), {**info, "pectoral": False})
     assert "pectoral" not in cells.extract_command(str(cache), info)
 
@@ -342,8 +353,6 @@ def test_features_of_the_second_pectoral_detector_say_so(cache: Path, tmp_path: 
     """Features extracted with `--pectoral-detector 2` carry it into the extract command and
     into a bundle's `input` (the worker then cuts the muscle as they were cut); `cells final`
     refuses feature folders extracted with different detectors."""
-    import shutil
-
     from pipelines.preprocess import pectoral_detector
     from tools.model import cells
 
@@ -367,24 +376,13 @@ def test_features_of_the_second_pectoral_detector_say_so(cache: Path, tmp_path: 
 def test_features_with_another_detectors_cells_make_no_bundle(cache: Path, tmp_path: Path) -> None:
     """`cells extract --cell-mask-detector` is a diagnostic: its breast cells are not those of
     its canvas, which a bundle's network pools, so `cells final` refuses such features."""
-    import shutil
-
     from tools.model import cells
 
     info = json.loads((cache / "info.json").read_text())
     assert cells.canvas_cells(info) and cells.canvas_cells({**info, "cell_mask_detector": 1})
     assert cells.canvas_cells({**info, "pectoral_detector": 2, "cell_mask_detector": 2})
     assert not cells.canvas_cells({**info, "cell_mask_detector": 2})
-    other = tmp_path / "lite0-cells2"
-    shutil.copytree(cache, other)
-    (other / "info.json").write_text(json.dumps({**info, "cell_mask_detector": 2}))
-    nested = tmp_path / "nested.json"
-    nested.write_text(json.dumps({"features": str(other),
-                                  "ids": [image["id"] for image in info["images"]]}))
-    with pytest.raises(SystemExit, match="--cell-mask-detector"):
-        cells.main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
-                    "--mias", str(tmp_path)])
-    assert not (tmp_path / "bundle").exists()
+    _refused_by_final(cache, tmp_path, {"cell_mask_detector": 2}, "--cell-mask-detector")
 
 
 def test_compare_sets_two_nested_runs_side_by_side(cache: Path, tmp_path: Path,
