@@ -69,6 +69,15 @@ def pectoral_detector(metadata: dict[str, Any]) -> int:
     return int(metadata["input"].get("pectoral_detector", 1))
 
 
+def cell_mask_detector(metadata: dict[str, Any]) -> int:
+    """Which pectoral detector's mask gives a canvas bundle its breast cells
+    (`input.cell_mask_detector`): the canvas's own (`pectoral_detector`) unless the bundle
+    declares another. `canvas_input` then negates the breast pixels the canvas keeps and that
+    mask leaves out (the muscle only the other detector cuts): the network reads |x| as its image
+    and takes its breast cells where x > 0."""
+    return int(metadata["input"].get("cell_mask_detector", pectoral_detector(metadata)))
+
+
 def prepare_image(image: np.ndarray, metadata: dict[str, Any],
                   view: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The image to preprocess and its breast mask, the same in training and in the worker.
@@ -267,13 +276,21 @@ def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None =
     """(1, H, W) canvas tensor in [0, 1], its `Placement`, and the breast mask on the source grid
     (`windowed_breast` placed top-left). A bundle whose `input.intensity` has
     `reference_quantiles` has each breast's windowed values matched to them (`match_quantiles`);
-    no bundle shipped so far does."""
+    no bundle shipped so far does. A bundle with another `cell_mask_detector` gets the pixels
+    that detector's mask leaves out negated, and that mask as the breast on the source grid
+    (no heatmap outside it); no bundle shipped so far does."""
+    from pipelines.breast import breast_mask
+
     height, width = input_size(metadata)
     scaled, inside, placement, mask = windowed_breast(image, metadata, view, pixel_spacing_mm)
     reference = metadata["input"]["intensity"].get("reference_quantiles")
     if reference is not None and bool(inside.any()):
         scaled = scaled.clone()
         scaled[inside] = match_quantiles(scaled[inside], reference)
+    detector = cell_mask_detector(metadata)
+    if detector != pectoral_detector(metadata):
+        mask = breast_mask(np.asarray(image), view, pectoral_detector=detector)
+        scaled = torch.where(inside & ~mask_in_placement(mask, placement), -scaled, scaled)
     canvas = torch.zeros(1, height, width, dtype=torch.float32)
     canvas[0, :placement.height, :placement.width] = scaled
     return canvas, placement, mask

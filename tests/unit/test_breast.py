@@ -259,3 +259,34 @@ def test_another_detectors_mask_lands_on_the_canvas_grid() -> None:
     assert torch.equal(again, inside)
     wider = mask_in_placement(breast_mask(image, "CC"), placement)  # the wedge kept
     assert not bool((inside & ~wider).any()) and int(wider.sum()) > int(inside.sum())
+
+
+@pytest.mark.skipif(not (MIAS / "Info.txt").is_file(), reason="mini-MIAS not present")
+def test_a_bundle_taking_its_cells_from_detector_two_gets_the_muscle_negated() -> None:
+    """`input.cell_mask_detector: 2` on detector 1's canvas: mdb010's muscle, which only
+    detector 2 cuts, comes negated (|canvas| is detector 1's canvas to the pixel), and the
+    source-grid breast (where the worker keeps heatmaps) is detector 2's."""
+    from copy import deepcopy
+
+    from pipelines.preprocess import canvas_input, cell_mask_detector
+    from tools.model.dataset import load_pixels, mias_records, to_model_orientation
+
+    shipped = json.loads((REPO / "models" / "mias-baseline" / "metadata.json").read_text())
+    assert cell_mask_detector(shipped) == 1
+    cells_two = deepcopy(shipped)
+    cells_two["input"]["cell_mask_detector"] = 2
+    assert cell_mask_detector(cells_two) == 2
+    record = next(r for r in mias_records(MIAS) if r.id == "mdb010")
+    image = to_model_orientation(load_pixels(record), record)
+    one, placed_one, mask_one = canvas_input(image, shipped, "MLO", record.pixel_spacing_mm)
+    two, placed_two, mask_two = canvas_input(image, cells_two, "MLO", record.pixel_spacing_mm)
+    assert placed_two == placed_one and torch.equal(two.abs(), one)
+    assert np.array_equal(mask_two, breast_mask(image, "MLO", pectoral_detector=2))
+    negated = two < 0
+    assert int(negated.sum()) > 1000 and not bool((one[negated] <= 0).any())
+    # the negated pixels sit where detector 2's mask, on the canvas grid, leaves the breast
+    from pipelines.preprocess import mask_in_placement
+
+    keep = mask_in_placement(mask_two, placed_one)
+    h, w = placed_one.height, placed_one.width
+    assert torch.equal(negated[0, :h, :w], (one[0, :h, :w] > 0) & ~keep)

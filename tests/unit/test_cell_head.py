@@ -12,6 +12,7 @@ from tools.model.cells import (
     CellHeadModel,
     HeadSpec,
     LiteTrunk,
+    cell_features,
     choose_heat,
     fit_cells,
     fit_loc,
@@ -101,6 +102,30 @@ def test_heatmap_peaks_at_the_image_score_and_stays_on_the_breast(trunk, score, 
         assert float(heatmap[i].max()) >= 0.5 * float(probability[i])
         assert float(heatmap[i, 0, 232:, :].max()) == 0.0  # below the breast's last cells
         assert float(heatmap[i, 0, :, 152:].max()) == 0.0
+
+
+def test_negated_pixels_are_image_but_not_breast_cells(trunk) -> None:
+    """`input.cell_mask_detector`: the breast the cells leave out comes negated; the trunk reads
+    |x| (the same maps, so the other cells' logits are unchanged) and those cells hold no
+    heatmap and give no score."""
+    model = CellHeadModel(trunk, _head("16", 0), "top3", "raw")
+    x = _breast(1)
+    cut = x.clone()
+    cut[:, :, :64, :48] *= -1.0  # a 4 x 3 block of stride-16 cells at the chest wall's top
+    with torch.inference_mode():
+        plain_cells = model.head(cell_features(*model.trunk(x), "16"))
+        cut_cells = model.head(cell_features(*model.trunk(cut.abs()), "16"))
+        _, plain = model(x)
+        probability, heatmap = model(cut)
+    assert torch.equal(plain_cells, cut_cells)
+    assert float(heatmap[0, 0, :56, :40].abs().max()) == 0.0  # no heat on the negated cells
+    assert float(plain[0, 0, :56, :40].max()) > 0.0
+    inside = torch.zeros_like(plain_cells, dtype=torch.bool)
+    inside[:, :, :13, :8] = True  # the breast's stride-16 cells (200 x 120 pixels)
+    inside[:, :, :4, :3] = False
+    expected = torch.sigmoid(cut_cells.masked_fill(~inside, -1.0e4).flatten(1).topk(3).values
+                             .mean(1))
+    assert torch.allclose(probability, expected, atol=1e-6)
 
 
 def test_the_unfolded_and_folded_trunks_agree() -> None:

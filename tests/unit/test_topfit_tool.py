@@ -317,10 +317,11 @@ def test_the_final_trunk_is_saved_and_loads_as_the_trunk_extract_runs(cache: Pat
     torch.testing.assert_close(h32, f32, atol=2e-3, rtol=0)
 
 
-def _refused_by_final(cache: Path, tmp_path: Path, changes: dict[str, Any], match: str
-                      ) -> dict[str, Any]:
-    """A copy of the cache whose info.json has `changes` (tmp_path/refused) is refused by
-    `cells final` with `match` in the message, writing no bundle; its info.json."""
+def _refused_by_final(cache: Path, tmp_path: Path, changes: dict[str, Any], match: str,
+                      beside: bool = False) -> dict[str, Any]:
+    """A copy of the cache whose info.json has `changes` (tmp_path/refused; with `beside`, the
+    cache itself too) is refused by `cells final` with `match` in the message, writing no
+    bundle; its info.json."""
     from tools.model import cells
 
     folder = tmp_path / "refused"
@@ -328,7 +329,7 @@ def _refused_by_final(cache: Path, tmp_path: Path, changes: dict[str, Any], matc
     info = json.loads((folder / "info.json").read_text())
     (folder / "info.json").write_text(json.dumps({**info, **changes}))
     nested = tmp_path / "nested.json"
-    nested.write_text(json.dumps({"features": str(folder),
+    nested.write_text(json.dumps({"features": [str(cache), str(folder)] if beside else str(folder),
                                   "ids": [image["id"] for image in info["images"]]}))
     with pytest.raises(SystemExit, match=match):
         cells.main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
@@ -358,31 +359,31 @@ def test_features_of_the_second_pectoral_detector_say_so(cache: Path, tmp_path: 
 
     assert "pectoral_detector" not in cells.input_metadata()  # detector 1: no key, as shipped
     assert pectoral_detector({"input": cells.input_metadata(pectoral_detector=2)}) == 2
-    second = tmp_path / "lite0-pect2"
-    shutil.copytree(cache, second)
-    info = json.loads((second / "info.json").read_text())
-    (second / "info.json").write_text(json.dumps({**info, "pectoral_detector": 2}))
-    assert cells.extract_command(str(second), {**info, "pectoral_detector": 2}).endswith(
+    info = _refused_by_final(cache, tmp_path, {"pectoral_detector": 2},
+                             "different pectoral detectors", beside=True)
+    assert cells.extract_command(str(cache), {**info, "pectoral_detector": 2}).endswith(
         "--pectoral-detector 2 --threads 2")
-    nested = tmp_path / "nested.json"
-    nested.write_text(json.dumps({"features": [str(cache), str(second)],
-                                  "ids": [image["id"] for image in info["images"]]}))
-    with pytest.raises(SystemExit, match="different pectoral detectors"):
-        cells.main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
-                    "--mias", str(tmp_path)])
-    assert not (tmp_path / "bundle").exists()
 
 
-def test_features_with_another_detectors_cells_make_no_bundle(cache: Path, tmp_path: Path) -> None:
-    """`cells extract --cell-mask-detector` is a diagnostic: its breast cells are not those of
-    its canvas, which a bundle's network pools, so `cells final` refuses such features."""
+def test_features_taking_their_cells_from_another_detector_say_so(cache: Path, tmp_path: Path
+                                                                   ) -> None:
+    """`cells extract --cell-mask-detector 2`: a bundle made from such features declares it
+    (`input.cell_mask_detector`, the worker then negates the pixels its cells leave out), its
+    extract command says so, and `cells final` refuses folders whose cells differ."""
+    from pipelines.preprocess import cell_mask_detector
     from tools.model import cells
 
     info = json.loads((cache / "info.json").read_text())
-    assert cells.canvas_cells(info) and cells.canvas_cells({**info, "cell_mask_detector": 1})
-    assert cells.canvas_cells({**info, "pectoral_detector": 2, "cell_mask_detector": 2})
-    assert not cells.canvas_cells({**info, "cell_mask_detector": 2})
-    _refused_by_final(cache, tmp_path, {"cell_mask_detector": 2}, "--cell-mask-detector")
+    assert cells.cells_detector(info) == 1
+    assert cells.cells_detector({**info, "cell_mask_detector": 2}) == 2
+    assert cells.cells_detector({"pectoral_detector": 2}) == 2
+    assert "cell_mask_detector" not in cells.input_metadata(cell_mask_detector=1)
+    assert cell_mask_detector({"input": cells.input_metadata(cell_mask_detector=2)}) == 2
+    assert cells.extract_command(str(cache), {**info, "cell_mask_detector": 2}).endswith(
+        "--cell-mask-detector 2 --threads 2")
+    assert "--cell-mask-detector" not in cells.extract_command(str(cache), info)
+    _refused_by_final(cache, tmp_path, {"cell_mask_detector": 2}, "different detectors",
+                      beside=True)
 
 
 def test_compare_sets_two_nested_runs_side_by_side(cache: Path, tmp_path: Path,

@@ -60,10 +60,14 @@ MIN_BOX_PX = 128  # smallest box side: top-10 pooling needs 10 cells at stride 3
 
 
 def input_metadata(canvas: tuple[int, int] = CANVAS, spacing: float = SPACING_MM,
-                   pectoral_detector: int = 1) -> dict[str, Any]:
+                   pectoral_detector: int = 1, cell_mask_detector: int | None = None
+                   ) -> dict[str, Any]:
     """The `input` part of the bundle's metadata: what `canvas_input` reads (the key
-    `pectoral_detector` only for detector 2: bundles without it run detector 1)."""
+    `pectoral_detector` only for detector 2: bundles without it run detector 1;
+    `cell_mask_detector` only when it differs from `pectoral_detector`)."""
     detector = {} if pectoral_detector == 1 else {"pectoral_detector": pectoral_detector}
+    if cell_mask_detector not in (None, pectoral_detector):
+        detector["cell_mask_detector"] = cell_mask_detector
     return {
         "height": canvas[0], "width": canvas[1], "channels": 1,
         "orientation": "chest_wall_left", "photometric": "MONOCHROME2 (bright = dense)",
@@ -134,11 +138,10 @@ def _lite_block_forward_check(arch: str) -> None:
     del arch
 
 
-def canvas_cells(meta: dict[str, Any]) -> bool:
-    """Whether a feature folder's breast cells are its canvas's own, as a bundle's network takes
-    them (not another detector's, `extract --cell-mask-detector`)."""
-    detector = int(meta.get("pectoral_detector", 1))
-    return int(meta.get("cell_mask_detector") or detector) == detector
+def cells_detector(meta: dict[str, Any]) -> int:
+    """The pectoral detector whose mask gave a feature folder (or a bundle's `input`) its
+    breast cells: `cell_mask_detector`, else its canvas's `pectoral_detector`."""
+    return int(meta.get("cell_mask_detector") or meta.get("pectoral_detector", 1))
 
 
 def cell_labels(lesions: list[tuple[float, float, float]], stride: int, grid: tuple[int, int],
@@ -167,16 +170,16 @@ def cell_mask(canvas: torch.Tensor, stride: int) -> np.ndarray:
 
 def extract(args: argparse.Namespace) -> int:
     from node.bundle import file_sha256
-    from pipelines.breast import breast_mask
     from pipelines.model import content_box
-    from pipelines.preprocess import canvas_input, mask_in_placement
+    from pipelines.preprocess import canvas_input
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = mias_records(args.mias)
-    metadata = {"input": input_metadata(pectoral_detector=args.pectoral_detector)}
     mask_detector = args.cell_mask_detector or args.pectoral_detector
+    metadata = {"input": input_metadata(pectoral_detector=args.pectoral_detector,
+                                        cell_mask_detector=mask_detector)}
     # the trunk the bundle runs (batch norms folded, channels-last): the cached features are
     # the shipped network's, and extraction is 1.8 x faster
     trunk = LiteTrunk(args.arch, args.trunk).for_inference()
@@ -186,32 +189,28 @@ def extract(args: argparse.Namespace) -> int:
         pixels = load_pixels(record)
         oriented = to_model_orientation(pixels, record)
         # --no-pectoral (an ablation): the mask as on a CC view, no pectoral search
-        view = record.view if args.pectoral else "CC"
-        canvas, placement, _ = canvas_input(oriented, metadata, view, record.pixel_spacing_mm)
-        # the cells counted as breast: the canvas's own, or (--cell-mask-detector, a
-        # diagnostic) those another pectoral detector leaves, on this canvas's grid
-        cells_of = canvas
-        if mask_detector != args.pectoral_detector:
-            keep = torch.zeros(CANVAS, dtype=torch.bool)
-            keep[:placement.height, :placement.width] = mask_in_placement(
-                breast_mask(oriented, view, pectoral_detector=mask_detector), placement)
-            cells_of = canvas * keep
+        # with --cell-mask-detector the pixels that detector leaves out come negated: the
+        # trunk sees |canvas|, the breast cells are where canvas > 0, as in the bundle
+        canvas, placement, _ = canvas_input(oriented, metadata,
+                                            record.view if args.pectoral else "CC",
+                                            record.pixel_spacing_mm)
         lesions = []
         for le in lesions_in_model_orientation(record, pixels.shape):
             x, y = placement.point_to_canvas(le.x, le.y)
             lesions.append((x, y, le.r * placement.scale))
         ring = RING_MM / SPACING_MM
-        views = [cells_of]
+        views = [canvas]
         if args.vflip:
-            views.append(torch.flip(cells_of, dims=[1]))
+            views.append(torch.flip(canvas, dims=[1]))
         # The trunk sees the content region plus a margin of canvas padding (rounded to 32
         # pixels), not the whole canvas, as the worker runs it (`content_box`); the cached maps
         # are then placed on the full canvas grid (padding cells are masked).
         box_h, box_w = content_box(metadata, placement)
         with torch.inference_mode():
-            g16, g32 = trunk(canvas[None, :, :box_h, :box_w])
+            g16, g32 = trunk(canvas[None, :, :box_h, :box_w].abs())
             if args.vflip:  # the mirror's content sits at the bottom of the canvas
-                g16f, g32f = trunk(torch.flip(canvas, dims=[1])[None, :, CANVAS[0] - box_h:, :box_w])
+                g16f, g32f = trunk(torch.flip(canvas, dims=[1])[None, :, CANVAS[0] - box_h:,
+                                                                 :box_w].abs())
         f16 = torch.zeros(len(views), g16.shape[1], CANVAS[0] // 16, CANVAS[1] // 16)
         f32 = torch.zeros(len(views), g32.shape[1], CANVAS[0] // 32, CANVAS[1] // 32)
         f16[:1, :, : box_h // 16, : box_w // 16] = g16[:1]
@@ -815,7 +814,9 @@ class CellHeadModel(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f16, f32 = self.trunk(x)
+        # |x| is the image; the breast cells are where x > 0 (a bundle with
+        # `input.cell_mask_detector` gets the breast its cells leave out negated)
+        f16, f32 = self.trunk(x.abs())
         logits = self.head(cell_features(f16, f32, self.level))
         inside = F.avg_pool2d((x > 0).float(), self.stride) >= 0.5
         pooled = logits
@@ -883,10 +884,9 @@ def final(args: argparse.Namespace) -> int:
                          "it was trained on")
     if len({meta.get("pectoral_detector", 1) for meta in metas.values()}) > 1:
         raise SystemExit("the feature folders were extracted with different pectoral detectors")
-    if any(not canvas_cells(meta) for meta in metas.values()):
-        raise SystemExit("features extracted with --cell-mask-detector: the bundle's network "
-                         "takes the breast cells from its canvas, so it would not pool the "
-                         "cells it was trained on")
+    if len({cells_detector(meta) for meta in metas.values()}) > 1:
+        raise SystemExit("the feature folders take their breast cells from different "
+                         "detectors (--cell-mask-detector)")
     best, heat, selection_aucs, selection_hits = select_recipe(
         levels, records, args.folds, SEED + 1000, SPACES[args.space])
     key, l2, pooling, contra = best
@@ -1075,6 +1075,8 @@ def extract_command(folder: str, meta: dict[str, Any]) -> str:
     pectoral = " --no-pectoral" if meta.get("pectoral") is False else ""
     if meta.get("pectoral_detector", 1) != 1:
         pectoral += f" --pectoral-detector {meta['pectoral_detector']}"
+    if cells_detector(meta) != meta.get("pectoral_detector", 1):
+        pectoral += f" --cell-mask-detector {cells_detector(meta)}"
     return (f"python -m tools.model.cells extract --mias ../shared/data/mias --out {folder} "
             f"--arch {meta.get('arch', 'efficientnet-lite0')}{mirrors}{pectoral} --threads 2")
 
@@ -1123,7 +1125,8 @@ def bundle_metadata(args: argparse.Namespace, meta: dict[str, Any], nested_resul
         "format": "pt2",
         "name": args.name,
         "version": args.version,
-        "input": input_metadata(pectoral_detector=int(meta.get("pectoral_detector", 1))),
+        "input": input_metadata(pectoral_detector=int(meta.get("pectoral_detector", 1)),
+                                cell_mask_detector=cells_detector(meta)),
         "output": {
             "contract": "forward(x: float32 (B,1,H,W)) -> (probability (B,), heatmap (B,1,H,W))",
             "heatmap_size": list(CANVAS),
@@ -1355,10 +1358,10 @@ def main(argv: list[str] | None = None) -> int:
                           "shipped bundles'), 2 (then the straight-line search where 1 finds "
                           "none); a bundle made from the features declares it")
     ext.add_argument("--cell-mask-detector", type=int, choices=(1, 2), default=None,
-                     help="a diagnostic: the cells counted as breast (pooling, training, "
-                          "heatmap peak) are those this pectoral detector leaves, on the "
-                          "canvas of --pectoral-detector; such features cannot make a bundle "
-                          "(its network takes the breast from the canvas)")
+                     help="the cells counted as breast (pooling, training, heatmap peak) "
+                          "are those this pectoral detector leaves, on the canvas of "
+                          "--pectoral-detector (the pixels it leaves out negated); a bundle "
+                          "made from the features declares it (input.cell_mask_detector)")
     ext.add_argument("--trunk", type=Path, default=None,
                      help="a fine-tuned trunk (`topfit --final`'s trunk.pt) instead of ImageNet's")
     nst = sub.add_parser("nested")

@@ -41,7 +41,7 @@ from tools.model.cells import (
     CellHeadModel,
     Features,
     LiteTrunk,
-    canvas_cells,
+    cells_detector,
     extract_command,
     film_index,
     finish_bundle,
@@ -234,9 +234,9 @@ def build(args: argparse.Namespace) -> int:
             base["input"].get("pectoral_detector", 1)):
         raise SystemExit(f"{args.features} was extracted with another pectoral detector than "
                          f"the base bundle declares")
-    if not canvas_cells(feature_info):
-        raise SystemExit(f"{args.features} was extracted with --cell-mask-detector: a bundle's "
-                         f"network takes its breast cells from the canvas")
+    if cells_detector(feature_info) != cells_detector(base["input"]):
+        raise SystemExit(f"{args.features} takes its breast cells from another detector than "
+                         f"the base bundle declares (--cell-mask-detector)")
     recipe = shipped_recipe(base)
     films = np.arange(len(records))
     maps, mask, label = level_maps(feats, recipe["level"])
