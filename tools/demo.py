@@ -52,6 +52,7 @@ def _print_scores(scores: dict, operating_point: float | None) -> None:
         for text in caveats:
             print(f"  {text}")
         print("  (in OHIF: those views' SEG series read \"<view> outside domain: ...\" in the list)")
+        print("  (for no result at all on such images: scoring.outside_domain: skip in node.yaml)")
 
 
 def run_demo(work_dir: Path, keep: bool) -> int:
