@@ -40,8 +40,7 @@ def offline_problems(settings: Settings, environ: Mapping[str, str] | None = Non
         except ModelError as error:
             problems.append(f"{key}: {error}")
     problems += pipeline_problems(settings)
-    if settings.scoring.outside_domain == "skip":
-        problems += _undeclared_domains(settings)
+    problems += _undeclared_domains(settings)
     problems += _directory_problems("spool.dir", settings.spool.dir)
     problems += _file_problems("audit.path", settings.audit_path)
     problems += tls_problems(settings)
@@ -67,21 +66,23 @@ def _bundles(settings: Settings) -> list[tuple[str, Path]]:
 
 
 def _undeclared_domains(settings: Settings) -> list[str]:
-    """`scoring.outside_domain: skip` with a live bundle that declares no (valid) `domain`:
-    nothing could be found outside it, so every image would be scored after all."""
+    """A pipeline with `outside_domain: skip` (its own, else `scoring.outside_domain`) whose live
+    bundle declares no (valid) `domain`: nothing could be found outside it, so every image
+    would be scored after all."""
     from pipelines.quality import Domain
 
     problems = []
-    for key, bundle_dir in _bundles(settings):
-        if "shadow_model" in key:  # a shadow scores what the live bundle scores
+    for index, pipeline in enumerate(settings.pipeline_list):
+        if pipeline.outside_domain != "skip":
             continue
+        key = "model.bundle_dir" if not settings.pipelines else f"pipelines[{index}].model.bundle_dir"
         try:
-            metadata = json.loads((bundle_dir / "metadata.json").read_text())
+            metadata = json.loads((pipeline.model.bundle_dir / "metadata.json").read_text())
         except (OSError, ValueError):
             continue  # check_bundle_files has said so
         if Domain.from_metadata(metadata if isinstance(metadata, dict) else None) is None:
-            problems.append(f"{key}: scoring.outside_domain is skip, but the bundle's "
-                            "metadata.json declares no domain: every image would be scored")
+            problems.append(f"{key}: outside_domain is skip, but the bundle's metadata.json "
+                            "declares no domain: every image would be scored")
     return problems
 
 

@@ -421,6 +421,8 @@ class PipelineSection(_Frozen):
     shadow_model: ModelSection | None = None
     # Names from `destinations` / `dicomweb_destinations`; None: every destination.
     destinations: tuple[str, ...] | None = None
+    # `scoring.outside_domain` for this pipeline's bundle; None: the top-level one.
+    outside_domain: Literal["score", "skip"] | None = None
 
 
 class Pipeline(_Frozen):
@@ -435,6 +437,7 @@ class Pipeline(_Frozen):
     shadow_model: ModelSection | None
     destinations: tuple[str, ...] | None
     queue: str  # the Celery queue its runs are published to
+    outside_domain: Literal["score", "skip"]
 
     @property
     def implicit(self) -> bool:
@@ -507,12 +510,14 @@ class Settings(_Frozen):
                              allowed_callers=tuple(self.allowed_callers), sop_classes=None,
                              completion=self.completion, model=self.model,
                              shadow_model=self.shadow_model, destinations=None,
-                             queue=self.broker.queue)]
+                             queue=self.broker.queue,
+                             outside_domain=self.scoring.outside_domain)]
         return [Pipeline(name=p.name, ae_title=p.ae_title,
                          allowed_callers=tuple(p.allowed_callers), sop_classes=p.sop_classes,
                          completion=p.completion or self.completion, model=p.model,
                          shadow_model=p.shadow_model, destinations=p.destinations,
-                         queue=f"{self.broker.queue}.{p.name}")
+                         queue=f"{self.broker.queue}.{p.name}",
+                         outside_domain=p.outside_domain or self.scoring.outside_domain)
                 for p in self.pipelines]
 
     def pipeline(self, name: str | None) -> Pipeline | None:
@@ -525,9 +530,9 @@ class Settings(_Frozen):
         return next((p for p in self.pipeline_list if p.ae_title == called), None)
 
     def for_pipeline(self, name: str | None) -> Settings:
-        """The settings a worker of one pipeline runs with: its model, shadow, completion rule
-        and destinations in the top-level places, so the scoring code needs no pipeline logic.
-        KeyError for an unknown name."""
+        """The settings a worker of one pipeline runs with: its model, shadow, completion rule,
+        outside-domain policy and destinations in the top-level places, so the scoring code
+        needs no pipeline logic. KeyError for an unknown name."""
         pipeline = self.pipeline(name)
         if pipeline is None:
             raise KeyError(name)
@@ -538,6 +543,7 @@ class Settings(_Frozen):
             "model": pipeline.model,
             "shadow_model": pipeline.shadow_model,
             "completion": pipeline.completion,
+            "scoring": self.scoring.model_copy(update={"outside_domain": pipeline.outside_domain}),
             "destinations": [d for d in self.destinations if wanted is None or d.name in wanted],
             "dicomweb_destinations": [d for d in self.dicomweb_destinations
                                       if wanted is None or d.name in wanted],

@@ -240,8 +240,8 @@ def test_skipping_outside_the_domain_needs_a_bundle_that_declares_one(
     path = _runnable(tmp_path / "b" / "node.yaml", model={"bundle_dir": str(bare)}, **skip)
     code, lines, _ = _check(path, capsys)
     assert code == 2
-    assert lines == [f"{path}: model.bundle_dir: scoring.outside_domain is skip, but the "
-                     "bundle's metadata.json declares no domain: every image would be scored"]
+    assert lines == [f"{path}: model.bundle_dir: outside_domain is skip, but the bundle's "
+                     "metadata.json declares no domain: every image would be scored"]
     code, lines, _ = _check(_runnable(tmp_path / "c" / "node.yaml",
                                       model={"bundle_dir": str(bare)}), capsys)
     assert code == 0 and lines == []  # scoring.outside_domain: score, the default

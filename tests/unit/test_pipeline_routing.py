@@ -97,6 +97,38 @@ def test_each_pipeline_gets_its_model_completion_and_destinations(tmp_path: Path
         settings.for_pipeline("default")  # named pipelines replace the implicit one
 
 
+def test_each_pipeline_may_have_its_own_outside_domain_policy(tmp_path: Path) -> None:
+    """`pipelines[].outside_domain` overrides `scoring.outside_domain` for that pipeline's
+    worker; the others keep the top-level one; `config check` names a skipping pipeline whose
+    bundle declares no domain."""
+    from tools.stack.node_stack import DEFAULT_BUNDLE
+
+    settings = _settings(tmp_path, outside_domain="skip")
+    screen, research = settings.pipeline_list
+    assert (screen.outside_domain, research.outside_domain) == ("skip", "score")
+    assert settings.for_pipeline("screen").scoring.outside_domain == "skip"
+    assert settings.for_pipeline("research").scoring.outside_domain == "score"
+    everywhere = make_settings(tmp_path, allowed_callers=[], destinations=_destinations(),
+                               pipelines=_pipelines(tmp_path), scoring={"outside_domain": "skip"})
+    assert {p.outside_domain for p in everywhere.pipeline_list} == {"skip"}
+
+    bare = tmp_path / "bare-bundle"
+    renamed_bundle(bare, "mias-bare", "0.0.1")
+    metadata = json.loads((bare / "metadata.json").read_text())
+    del metadata["domain"]
+    (bare / "metadata.json").write_text(json.dumps(metadata))
+    pipelines = _pipelines(tmp_path, outside_domain="skip")
+    pipelines[0]["model"] = {"bundle_dir": str(bare)}
+    pipelines[1]["model"] = {"bundle_dir": str(bare)}  # scores: no problem
+    checked = make_settings(tmp_path, destinations=_destinations(), pipelines=pipelines)
+    assert offline_problems(checked, ENV) == [
+        "pipelines[0].model.bundle_dir: outside_domain is skip, but the bundle's metadata.json "
+        "declares no domain: every image would be scored"]
+    pipelines[0]["model"] = {"bundle_dir": str(DEFAULT_BUNDLE)}
+    assert offline_problems(make_settings(tmp_path, destinations=_destinations(),
+                                          pipelines=pipelines), ENV) == []
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
