@@ -186,7 +186,12 @@ def domain_flags(header: Dataset, domain: Domain | None) -> tuple[str, ...]:
     return tuple(OUTSIDE_DOMAIN + reason for reason in reasons)
 
 
+def domain_reasons(flags: Iterable[str]) -> tuple[str, ...]:
+    """The reasons of `outside_domain:` flags: ("pixel_spacing", "view")."""
+    return tuple(f.removeprefix(OUTSIDE_DOMAIN) for f in flags)
+
+
 def outside_reason(flags: Iterable[str]) -> str:
     """A view's `outside_domain:` flags as one skip reason (`scoring.outside_domain: skip`):
     `outside_domain:pixel_spacing,view`."""
-    return OUTSIDE_DOMAIN + ",".join(f.removeprefix(OUTSIDE_DOMAIN) for f in flags)
+    return OUTSIDE_DOMAIN + ",".join(domain_reasons(flags))

@@ -65,6 +65,7 @@ from pipelines.quality import (
     DEFAULT_LOW_CONTRAST_FRACTION,
     Domain,
     domain_flags,
+    domain_reasons,
     entry_flags,
     merge_flags,
     outside_reason,
@@ -180,7 +181,7 @@ def write_outputs(
                                   series_uid=str(dataset.SeriesInstanceUID)))
 
     headers = [v.header for v in views]
-    reasons = {uid: [f.split(":", 1)[1] for f in flags]
+    reasons = {uid: list(domain_reasons(flags))
                for uid, flags in (outside_domain or {}).items()}
     # One definition of the findings for every object that shows them (pipelines/findings.py).
     findings = [find_findings(heatmap, identity.operating_point) for heatmap in heatmaps]
@@ -576,7 +577,7 @@ def _outside_domain(run_id: str, views: list[LoadedView], metadata: object, skip
         if flags[view.entry.sop_uid]:
             log.warning("input_outside_domain", run_id=run_id, sop_uid=view.entry.sop_uid,
                         view=view.entry.view_key,
-                        reasons=[f.split(":", 1)[1] for f in flags[view.entry.sop_uid]],
+                        reasons=list(domain_reasons(flags[view.entry.sop_uid])),
                         scored=not skip)
     return {uid: found for uid, found in flags.items() if found}
 
@@ -587,8 +588,7 @@ def _withhold(views: list[LoadedView], skipped: list[Skipped],
     """`scoring.outside_domain: skip`: the views inside the domain; the skipped instances with
     those outside it added (reason `outside_domain:<reasons>`); view key -> reasons of those."""
     out = [v for v in views if v.entry.sop_uid in outside]
-    withheld = {v.entry.view_key: tuple(f.split(":", 1)[1] for f in outside[v.entry.sop_uid])
-                for v in out}
+    withheld = {v.entry.view_key: domain_reasons(outside[v.entry.sop_uid]) for v in out}
     return ([v for v in views if v.entry.sop_uid not in outside],
             skipped + [Skipped(v.entry.sop_uid, outside_reason(outside[v.entry.sop_uid]))
                        for v in out], withheld)
