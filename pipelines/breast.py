@@ -26,6 +26,7 @@ same function to training images.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -289,20 +290,32 @@ def breast_mask(image: np.ndarray, view: str | None = None,
     `view`: "MLO" (pectoral removed when one is found), "CC" (not looked for) or None
     (unknown: looked for, removed only when the triangle test passes). `pectoral_detector`:
     1 or 2 (`find_pectoral`), as the bundle declares it (`pipelines.preprocess.pectoral_detector`)."""
+    return breast_masks(image, view, (pectoral_detector,), border_fraction)[0]
+
+
+def breast_masks(image: np.ndarray, view: str | None, pectoral_detectors: Sequence[int],
+                 border_fraction: float = BORDER_FRACTION) -> list[np.ndarray]:
+    """`breast_mask` for each pectoral detector, the breast segmented once."""
     array = np.asarray(image)  # any dtype: only the reduced copy is float32
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {array.shape}")
     smooth, factor = _smoothed(array)
-    breast = tissue_mask(smooth)
-    if (view or "").upper() != "CC":
-        breast = _largest_component(breast & ~pectoral_mask(smooth, breast, pectoral_detector))
-    full = _expand(breast, factor, array.shape)
+    tissue = tissue_mask(smooth)
     border = max(1, int(round(border_fraction * min(array.shape))))
-    full[:border, :] = False
-    full[-border:, :] = False
-    full[:, :border] = False
-    full[:, -border:] = False
-    return full
+    masks = []
+    for detector in pectoral_detectors:
+        breast = tissue
+        if (view or "").upper() != "CC":
+            breast = _largest_component(tissue & ~pectoral_mask(smooth, tissue, detector))
+        full = _expand(breast, factor, array.shape)
+        if full is tissue:  # not reduced, no pectoral cut: the tissue mask itself
+            full = full.copy()
+        full[:border, :] = False
+        full[-border:, :] = False
+        full[:, :border] = False
+        full[:, -border:] = False
+        masks.append(full)
+    return masks
 
 
 def mask_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -204,7 +204,7 @@ def mask_in_placement(mask: np.ndarray, placement: Placement) -> torch.Tensor:
 
 
 def windowed_breast(image: np.ndarray, metadata: dict[str, Any], view: str | None = None,
-                    pixel_spacing_mm: float | None = None
+                    pixel_spacing_mm: float | None = None, mask: np.ndarray | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, Placement, np.ndarray]:
     """The breast's crop at the bundle's pixel size, windowed to [0, 1] by its own percentiles
     (0 outside the breast), the breast on that grid, its `Placement` on the canvas, and the breast
@@ -212,7 +212,8 @@ def windowed_breast(image: np.ndarray, metadata: dict[str, Any], view: str | Non
 
     `pixel_spacing_mm`: the image's pixel size (PixelSpacing, else ImagerPixelSpacing); None
     (unknown) is taken as the spacing the bundle was trained on (`input.assumed_pixel_spacing_mm`,
-    the worker flags such an image `outside_domain:pixel_spacing_missing`)."""
+    the worker flags such an image `outside_domain:pixel_spacing_missing`). `mask`: the image's
+    breast mask when already made (with the bundle's pectoral detector), else made here."""
     from pipelines.breast import breast_mask
 
     spec = metadata["input"]
@@ -223,7 +224,8 @@ def windowed_breast(image: np.ndarray, metadata: dict[str, Any], view: str | Non
     array = np.asarray(image)  # converted to float32 only on the crop, not the whole image
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {array.shape}")
-    mask = breast_mask(array, view, pectoral_detector=pectoral_detector(metadata))
+    if mask is None:
+        mask = breast_mask(array, view, pectoral_detector=pectoral_detector(metadata))
     margin = int(round(float(spec.get("crop_margin_mm", 2.0)) / source))
     top, bottom, left, right = _bounding_box(mask, margin)
     scale = min(source / target, height / (bottom - top), width / (right - left))
@@ -279,17 +281,21 @@ def canvas_input(image: np.ndarray, metadata: dict[str, Any], view: str | None =
     no bundle shipped so far does. A bundle with another `cell_mask_detector` gets the pixels
     that detector's mask leaves out negated, and that mask as the breast on the source grid
     (no heatmap outside it); no bundle shipped so far does."""
-    from pipelines.breast import breast_mask
+    from pipelines.breast import breast_masks
 
     height, width = input_size(metadata)
-    scaled, inside, placement, mask = windowed_breast(image, metadata, view, pixel_spacing_mm)
+    detector, cells = pectoral_detector(metadata), cell_mask_detector(metadata)
+    # a bundle whose cells come from another detector: both masks from one segmentation
+    own, other = (breast_masks(np.asarray(image), view, (detector, cells)) if cells != detector
+                  else (None, None))
+    scaled, inside, placement, mask = windowed_breast(image, metadata, view, pixel_spacing_mm,
+                                                      own)
     reference = metadata["input"]["intensity"].get("reference_quantiles")
     if reference is not None and bool(inside.any()):
         scaled = scaled.clone()
         scaled[inside] = match_quantiles(scaled[inside], reference)
-    detector = cell_mask_detector(metadata)
-    if detector != pectoral_detector(metadata):
-        mask = breast_mask(np.asarray(image), view, pectoral_detector=detector)
+    if other is not None:
+        mask = other
         scaled = torch.where(inside & ~mask_in_placement(mask, placement), -scaled, scaled)
     canvas = torch.zeros(1, height, width, dtype=torch.float32)
     canvas[0, :placement.height, :placement.width] = scaled

@@ -257,6 +257,13 @@ def test_another_detectors_mask_lands_on_the_canvas_grid() -> None:
     again = mask_in_placement(mask, placement)
     assert again.shape == (placement.height, placement.width)
     assert torch.equal(again, inside)
+    from pipelines.breast import breast_masks
+
+    for view in ("MLO", "CC"):  # one segmentation, each detector's mask as breast_mask makes it
+        both = breast_masks(image, view, (1, 2))
+        assert all(np.array_equal(m, breast_mask(image, view, pectoral_detector=d))
+                   for m, d in zip(both, (1, 2), strict=True))
+        assert both[0] is not both[1]
     wider = mask_in_placement(breast_mask(image, "CC"), placement)  # the wedge kept
     assert not bool((inside & ~wider).any()) and int(wider.sum()) > int(inside.sum())
 
