@@ -105,6 +105,7 @@ def test_report_files_are_written(report: tuple[Path, dict[str, Any]]) -> None:
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
     assert "normal vs abnormal AUC" in markdown and "![ROC](roc.png)" in markdown
+    assert "## Subgroups" in markdown and "By severity, abnormal images:" in markdown
     assert "<table>" in (out / "report.html").read_text()
 
 

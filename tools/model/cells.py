@@ -950,7 +950,7 @@ def final(args: argparse.Namespace) -> int:
                            f"{CONTRA_WEIGHT} x the mean image logit of the training films "
                            "(missing_other_logit; never measured: every MIAS film has its pair)",
         }
-    finish_bundle(out, metadata, rows_out, args.notes, args.threads)
+    finish_bundle(out, metadata, rows_out, args.notes, args.threads, list(stored.values()))
     print(f"bundle written to {out} ({time.time() - started:.0f}s)", file=sys.stderr)
     return 0
 
@@ -982,15 +982,17 @@ def save_network(out: Path, net: nn.Module, torchscript: bool = True) -> str | N
 
 
 def finish_bundle(out: Path, metadata: dict[str, Any], rows: list[dict[str, Any]],
-                  notes_path: str | None, threads: int) -> None:
+                  notes_path: str | None, threads: int, records: list[Record]) -> None:
     """What every bundle build ends with, once the model files and predictions.jsonl (`rows`)
-    are written: Platt calibration and operating points from the out-of-fold scores,
+    are written: Platt calibration and operating points from the out-of-fold scores, the
+    out-of-fold metrics within subgroups of `records` (breast density, finding class),
     metadata.json, the calibration plot, the worker's load check, the inference time, the card
     (with `notes_path`'s text), and the load check again."""
     from pipelines.model import load_bundle
     from tools.model import export as ex
 
     ex.calibrate_metadata(metadata, out / "predictions.jsonl")
+    ex.add_subgroups(metadata, out / "predictions.jsonl", records)
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     ex.save_calibration_plot(out / "calibration.png", rows, metadata)
     load_bundle(out, "cpu")

@@ -57,6 +57,11 @@ class Record:
     mask: Path | None = None
     pixel_spacing_mm: float | None = None
     flip_rows: bool = False  # added field: stored image is upside down (lateral side down on CC)
+    # for subgroup metrics only (never a model input): breast density as the dataset codes it
+    # (mini-MIAS background tissue: F fatty, G fatty-glandular, D dense-glandular) and the
+    # classes of the image's findings (mini-MIAS: CALC, CIRC, SPIC, MISC, ARCH, ASYM)
+    density: str | None = None
+    findings: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- manifest I/O
@@ -87,6 +92,8 @@ def _record_from_json(obj: dict[str, Any], base: Path, line: int) -> Record:
             pixel_spacing_mm=None if obj.get("pixel_spacing_mm") is None
             else float(obj["pixel_spacing_mm"]),
             flip_rows=bool(obj.get("flip_rows", False)),
+            density=None if obj.get("density") is None else str(obj["density"]),
+            findings=tuple(str(f) for f in obj.get("findings") or ()),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"manifest line {line}: {error!r}") from None
@@ -135,6 +142,10 @@ def record_to_json(record: Record, base: Path | None = None) -> dict[str, Any]:
     }
     if record.flip_rows:
         obj["flip_rows"] = True
+    if record.density is not None:
+        obj["density"] = record.density
+    if record.findings:
+        obj["findings"] = list(record.findings)
     return obj
 
 
@@ -237,9 +248,12 @@ def _parse_mias_info(path: Path) -> dict[str, dict[str, Any]]:
         parts = line.split()
         if len(parts) < 3 or not parts[0].startswith("mdb"):
             continue
-        case = cases.setdefault(parts[0], {"label": 0, "malignant": 0, "lesions": []})
+        case = cases.setdefault(parts[0], {"label": 0, "malignant": 0, "lesions": [],
+                                           "density": parts[1], "findings": []})
         if parts[2] != "NORM":
             case["label"] = 1
+            if parts[2] not in case["findings"]:
+                case["findings"].append(parts[2])
             if len(parts) > 3 and parts[3] == "M":
                 case["malignant"] = 1
             if len(parts) >= 7:
@@ -270,6 +284,7 @@ def mias_records(mias_dir: str | Path) -> list[Record]:
             laterality="R" if number % 2 == 1 else "L", view="MLO", label=case["label"],
             malignant=case["malignant"], chest_wall="right" if right else "left",
             lesions=tuple(case["lesions"]), mask=None, pixel_spacing_mm=MIAS_SPACING_MM,
+            density=case["density"], findings=tuple(case["findings"]),
         ))
     return records
 

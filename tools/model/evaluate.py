@@ -313,6 +313,87 @@ def compute_metrics(outcomes: Sequence[Outcome], operating_points: dict[str, flo
         "rule": "heatmap peak (model-grid cell centre) inside an annotated lesion circle; "
                 "a circle smaller than one cell counts as one cell",
     }
+    result["subgroups"] = subgroup_metrics(outcomes, operating_points, seed)
+    return result
+
+
+# ----------------------------------------------------------------------------- subgroups
+
+DENSITY_NAMES = {"F": "fatty", "G": "fatty-glandular", "D": "dense-glandular"}
+FINDING_NAMES = {"CALC": "calcification", "CIRC": "circumscribed mass",
+                 "SPIC": "spiculated mass", "MISC": "other ill-defined mass",
+                 "ARCH": "architectural distortion", "ASYM": "asymmetry"}
+
+
+def _ordered(values: set[str], known: dict[str, str]) -> list[str]:
+    """Codes in `known`'s order, then any others alphabetically."""
+    return [k for k in known if k in values] + sorted(values - set(known))
+
+
+def _rate(hits: np.ndarray, groups: np.ndarray, seed: int) -> dict[str, Any]:
+    low, high = metrics.bootstrap_rate_ci(hits, groups, n=BOOTSTRAP_ROUNDS, seed=seed)
+    return {"count": int(hits.sum()), "of": int(hits.size),
+            "rate": float(hits.mean()) if hits.size else float("nan"), "ci95": [low, high]}
+
+
+def _positives_block(chosen: Sequence[Outcome], operating_points: dict[str, float],
+                     seed: int) -> dict[str, Any]:
+    """Abnormal images of one subgroup: how many each operating point calls positive (the
+    sensitivity), and how many of them the heatmap peak hits."""
+    scores = np.array([o.score for o in chosen], dtype=np.float64)
+    groups = np.array([o.record.group for o in chosen])
+    judged = [o.hit for o in chosen if o.hit is not None]
+    return {
+        "images": len(chosen), "women": len(set(groups.tolist())),
+        "malignant": sum(1 for o in chosen if o.record.malignant == 1),
+        "sensitivity": {name: _rate(scores >= threshold, groups, seed)
+                        for name, threshold in operating_points.items()},
+        "hits": sum(1 for h in judged if h), "images_judged": len(judged),
+    }
+
+
+def subgroup_metrics(outcomes: Sequence[Outcome], operating_points: dict[str, float],
+                     seed: int = 0) -> dict[str, Any]:
+    """How the model does within subgroups of the images, at the bundle's operating points.
+
+    - `density` (images whose record gives one: mini-MIAS's background tissue): per value, the
+      normal vs abnormal AUC, the specificity (normal images below the point) and the
+      sensitivity, each with a bootstrap CI over the subgroup's women;
+    - `finding` (abnormal images, by the class of their findings; an image with findings of two
+      classes counts in both) and `severity` (benign / malignant abnormal images): the
+      sensitivity at each point and the heatmap's lesion hits.
+    Subgroups are small (tens of images): read the CIs, not the point values. Nothing here is
+    chosen or tuned; the operating points are the bundle's."""
+    result: dict[str, Any] = {"density": [], "finding": [], "severity": []}
+    densities = {o.record.density for o in outcomes if o.record.density is not None}
+    for code in _ordered(densities, DENSITY_NAMES):
+        chosen = [o for o in outcomes if o.record.density == code]
+        labels = np.array([o.record.label for o in chosen], dtype=int)
+        scores = np.array([o.score for o in chosen], dtype=np.float64)
+        groups = np.array([o.record.group for o in chosen])
+        normal = labels == 0
+        row: dict[str, Any] = {
+            "code": code, "name": DENSITY_NAMES.get(code, code), "images": len(chosen),
+            "women": len(set(groups.tolist())), "normal": int(normal.sum()),
+            "abnormal": int((~normal).sum()),
+            "normal_vs_abnormal": _auc_block(labels, scores, groups, seed),
+            "specificity": {name: _rate(scores[normal] < threshold, groups[normal], seed)
+                            for name, threshold in operating_points.items()},
+            "sensitivity": {name: _rate(scores[~normal] >= threshold, groups[~normal], seed)
+                            for name, threshold in operating_points.items()},
+        }
+        result["density"].append(row)
+    abnormal = [o for o in outcomes if o.record.label == 1]
+    classes = {f for o in abnormal for f in o.record.findings}
+    for code in _ordered(classes, FINDING_NAMES):
+        chosen = [o for o in abnormal if code in o.record.findings]
+        result["finding"].append({"code": code, "name": FINDING_NAMES.get(code, code),
+                                  **_positives_block(chosen, operating_points, seed)})
+    for name, malignant in (("benign", 0), ("malignant", 1)):
+        chosen = [o for o in abnormal if o.record.malignant == malignant]
+        if chosen:
+            result["severity"].append({"code": name, "name": name,
+                                       **_positives_block(chosen, operating_points, seed)})
     return result
 
 
@@ -488,6 +569,48 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _rate_text(block: dict[str, Any]) -> str:
+    low, high = block["ci95"]
+    return (f"{_fmt(block['rate'])} ({block['count']}/{block['of']}; "
+            f"{_fmt(low, 2)}–{_fmt(high, 2)})")
+
+
+def subgroup_markdown(subgroups: dict[str, Any], points: Sequence[str]) -> list[str]:
+    """Markdown tables of `subgroup_metrics` at the operating points `points` (names)."""
+    lines: list[str] = []
+    if subgroups.get("density"):
+        lines += ["By breast density (rates with their 95 % CI, bootstrap over women):", "",
+                  "| density | images (normal / abnormal) | AUC (95 % CI) | "
+                  + " | ".join(f"specificity at {p} | sensitivity at {p}" for p in points) + " |",
+                  "|---|---|---|" + "---|---|" * len(points)]
+        for row in subgroups["density"]:
+            auc = row["normal_vs_abnormal"]
+            lines.append(
+                f"| {row['name']} ({row['code']}) | {row['images']} ({row['normal']} / "
+                f"{row['abnormal']}) | {_fmt(auc['auc'])} ({_fmt(auc['ci95'][0])}–"
+                f"{_fmt(auc['ci95'][1])}) | "
+                + " | ".join(f"{_rate_text(row['specificity'][p])} | "
+                             f"{_rate_text(row['sensitivity'][p])}" for p in points) + " |")
+        lines.append("")
+    for key, title in (("severity", "By severity"), ("finding", "By finding class (an image "
+                                                                 "with two classes counts in both)")):
+        if not subgroups.get(key):
+            continue
+        lines += [f"{title}, abnormal images:", "",
+                  "| finding | images (malignant) | "
+                  + " | ".join(f"sensitivity at {p}" for p in points)
+                  + " | lesion hits (of images with a centre) |",
+                  "|---|---|" + "---|" * len(points) + "---|"]
+        for row in subgroups[key]:
+            name = row["name"] if row["code"] == row["name"] else f"{row['name']} ({row['code']})"
+            hits = (f"{row['hits']}/{row['images_judged']}" if row["images_judged"] else "n/a")
+            lines.append(f"| {name} | {row['images']} ({row['malignant']}) | "
+                         + " | ".join(_rate_text(row["sensitivity"][p]) for p in points)
+                         + f" | {hits} |")
+        lines.append("")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     m = report["metrics"]
     block = m["normal_vs_abnormal"]
@@ -546,6 +669,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Hit rate {_fmt(loc['hit_rate'])} ({loc['hits']}/{loc['images_judged']} abnormal images "
         f"with an annotated lesion centre; {loc['images_with_lesion_centre']} have one). "
         f"Rule: {loc['rule']}.",
+        "", "## Subgroups", "",
+        *(subgroup_markdown(m["subgroups"], list(m["operating_points"]))
+          if any(m.get("subgroups", {}).values()) else
+          ["No subgroup information (breast density, finding class) in the data.", ""]),
+        "Subgroups are small: read the intervals, not the point values.",
         "", "## Gallery", "",
         f"At the `{report['gallery']['operating_point']}` operating point; "
         f"{report['gallery']['heatmaps']}. Cyan circles: annotated lesions; green +: heatmap peak.",

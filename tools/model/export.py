@@ -4,6 +4,7 @@
     python -m tools.model.export models/mias-baseline --reference-only   # add reference_scores
     python -m tools.model.export models/mias-baseline --calibrate        # add calibration
     python -m tools.model.export models/mias-baseline --to-pt2           # model.ts -> model.pt2
+    python -m tools.model.export models/mias-baseline --subgroups ../shared/data/mias  # by density
 
 Writes model.pt2 (a `torch.export` ExportedProgram with a dynamic batch dimension, saved with
 torch.export.save; forward(x (B,1,H,W)) -> (probability (B,), heatmap (B,1,H,W))),
@@ -27,6 +28,7 @@ import math
 import shlex
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -319,6 +321,22 @@ the MIAS images that scored 0.4", not a 40 % risk for a screened woman.
 """
 
 
+def _subgroup_text(metadata: dict[str, Any]) -> str:
+    groups = metadata["metrics"].get(SUBGROUPS_KEY)
+    if not groups:
+        return ""
+    from tools.model.evaluate import subgroup_markdown
+
+    point = "balanced" if "balanced" in metadata["operating_points"] else next(
+        iter(metadata["operating_points"]))
+    lines = subgroup_markdown(groups, [point])
+    intro = textwrap.fill(
+        f"Scores: {groups['scores']}. At the **{point}** point (the one the node reports); the "
+        "evaluate command below gives every operating point. Subgroups hold tens of images: "
+        "read the intervals, not the point values.", width=96, break_on_hyphens=False)
+    return "\n### Within subgroups\n" + intro + "\n\n" + "\n".join(lines)
+
+
 def _domain_text(metadata: dict[str, Any]) -> str:
     d = metadata.get(DOMAIN_KEY)
     if not d:
@@ -442,6 +460,7 @@ the final model is trained on all images, so its scores may sit slightly differe
 |---|---|---|---|
 {rows}
 The node reports "suspicious" at or above the **balanced** threshold.
+{_subgroup_text(metadata)}
 {_calibration_text(metadata)}
 {_domain_text(metadata)}
 {notes}
@@ -650,6 +669,52 @@ def calibrate_metadata(metadata: dict[str, Any], predictions_path: Path) -> dict
     return metadata
 
 
+SUBGROUPS_KEY = "subgroups"  # under metadata.json's `metrics`
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return round(value, 4) if isinstance(value, float) and math.isfinite(value) else (
+        None if isinstance(value, float) else value)
+
+
+def subgroups_of_predictions(metadata: dict[str, Any], predictions_path: Path,
+                             records: list[Any]) -> dict[str, Any]:
+    """`tools.model.evaluate.subgroup_metrics` of the bundle's out-of-fold predictions (every
+    line's record in `records`), on its calibrated scale and at its operating points, with the
+    bootstrap seeded by the training seed (as the card's evaluate command); floats rounded."""
+    from tools.model.evaluate import outcomes_from_predictions, subgroup_metrics
+    from tools.model.evaluate import read_predictions as read_by_id
+
+    by_id = read_by_id(predictions_path)
+    outcomes = outcomes_from_predictions([r for r in records if r.id in by_id], by_id)
+    if len(outcomes) != len(by_id):
+        raise ValueError(f"{predictions_path}: {len(by_id) - len(outcomes)} prediction(s) "
+                         "without a record in the data")
+    calibration = Calibration.from_metadata(metadata)
+    if calibration is not None:
+        for outcome, value in zip(outcomes, calibration.scores(
+                [o.score for o in outcomes]).tolist(), strict=True):
+            outcome.score = float(value)
+    points = {str(k): float(v) for k, v in metadata["operating_points"].items()}
+    seed = int(metadata.get("training", {}).get("seed", 0))
+    groups = subgroup_metrics(outcomes, points, seed)
+    return {"scores": "out-of-fold predictions (predictions.jsonl), calibrated; the bundle's "
+                      "operating points; CIs: bootstrap over women, 2000 rounds, seed "
+                      f"{seed}", **_rounded(groups)}
+
+
+def add_subgroups(metadata: dict[str, Any], predictions_path: Path, records: list[Any]
+                  ) -> dict[str, Any]:
+    """`metrics.subgroups` from the out-of-fold predictions; nothing the worker reads."""
+    metadata.setdefault("metrics", {})[SUBGROUPS_KEY] = subgroups_of_predictions(
+        metadata, predictions_path, records)
+    return metadata
+
+
 def save_calibration_plot(path: Path, rows: list[dict[str, Any]], metadata: dict[str, Any]
                           ) -> None:
     """The reliability diagram of the out-of-fold scores, raw and calibrated
@@ -778,6 +843,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to-pt2", action="store_true",
                         help="export the bundle's model.ts as model.pt2 (torch.export), keeping "
                              "model.ts beside it")
+    parser.add_argument("--subgroups", type=Path, metavar="MIAS_DIR",
+                        help="add metrics.subgroups to the bundle's metadata.json and card: "
+                             "its out-of-fold predictions (predictions.jsonl) by breast density, "
+                             "finding class and severity, read from this mini-MIAS folder's "
+                             "Info.txt (nothing the worker reads changes)")
     parser.add_argument("--name", default="mias-baseline")
     parser.add_argument("--version", help="bundle version (default 0.2.0; with --calibrate or "
                                           "--to-pt2: the bundle's own unless given)")
@@ -789,6 +859,20 @@ def main(argv: list[str] | None = None) -> int:
         reference = add_reference(args.trained)[REFERENCE_KEY]
         print(f"bundle {args.trained}: reference of {reference['n']} out-of-fold scores, bins "
               f"{reference['bins']}", file=sys.stderr)
+        return 0
+    if args.subgroups is not None:
+        from tools.model.dataset import mias_records
+
+        notes = args.notes.read_text(encoding="utf-8") if args.notes else None
+        path = args.trained / "metadata.json"
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+        add_subgroups(metadata, args.trained / "predictions.jsonl", mias_records(args.subgroups))
+        _write_bundle_texts(args.trained, metadata, notes)
+        record_upgrade(args.trained, args.version, argv, notes)
+        density = metadata["metrics"][SUBGROUPS_KEY]["density"]
+        print(f"bundle {args.trained}: subgroups added ("
+              + ", ".join(f"{d['code']}: {d['images']} images" for d in density) + ")",
+              file=sys.stderr)
         return 0
     if args.calibrate or args.to_pt2:
         notes = args.notes.read_text(encoding="utf-8") if args.notes else None

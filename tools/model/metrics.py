@@ -88,6 +88,18 @@ def bootstrap_auc_difference(labels: Any, scores_b: Any, scores_a: Any, groups: 
     return auc(y, b) - auc(y, a), low, high
 
 
+def bootstrap_rate_ci(outcomes: Any, groups: Any, n: int = 2000, seed: int = 0,
+                      alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile CI of a proportion (the mean of 0/1 `outcomes`, e.g. whether each normal
+    image is below a threshold: the specificity), resampling groups (women) with replacement;
+    (nan, nan) without outcomes."""
+    values = np.asarray(outcomes, dtype=np.float64).ravel()
+    if values.size == 0:
+        return float("nan"), float("nan")
+    return _percentiles([float(values[idx].mean())
+                         for idx in _group_resamples(groups, values.size, n, seed)], alpha)
+
+
 def roc_curve(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds), thresholds descending from +inf (nothing positive) to the lowest
     score (everything positive); point i counts score >= thresholds[i] as positive."""

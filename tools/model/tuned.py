@@ -279,7 +279,8 @@ def build(args: argparse.Namespace) -> int:
         own = pool_scores(model.logits(maps), mask, recipe["pooling"])
         metadata[CONTRALATERAL_KEY]["weight"] = CONTRA_WEIGHT
         metadata[CONTRALATERAL_KEY]["missing_other_logit"] = round(float(np.mean(own)), 6)
-    finish_bundle(out, metadata, rows, args.notes, args.threads)
+    finish_bundle(out, metadata, rows, args.notes, args.threads,
+                  mias_records(Path(args.mias)))
     summary = metadata["metrics"]
     print(f"bundle written to {out} ({time.time() - started:.0f}s): AUC "
           f"{summary['normal_vs_abnormal_auc']} {summary['normal_vs_abnormal_auc_ci95']}, hits "
