@@ -16,6 +16,7 @@ from tools.model.cells import (
     choose_heat,
     fit_cells,
     fit_loc,
+    hard_negative_cells,
     heatmap_logits,
     peak_hits,
 )
@@ -233,3 +234,37 @@ def test_the_heat_scale_gives_the_heat_head_the_score_heads_spread() -> None:
     heat[:, :, 5] = 1e3  # off the breast: not counted
     scale = heat_scale_of(score, mask, heat, mask)
     assert np.std(heat[mask] * scale) == pytest.approx(np.std(score[mask]))
+
+
+def test_hard_negatives_are_each_films_highest_scoring_background_cells() -> None:
+    maps, mask, label, info = _films(6, 3)
+    label[0][0, 0] = -1  # a ring cell: neither lesion nor background
+    mask[1][:, :] = False
+    mask[1][2, 2] = True  # film 1: one breast cell
+    info[2] = {**info[2], "has_lesions": False}  # abnormal without a circle: left out
+    model = fit_cells(maps, mask, label, np.arange(6), info, 0.01, 0, negatives=4)
+    extra = hard_negative_cells(model, maps, mask, label, np.arange(6), info, 3)
+    expected = []
+    for i in (0, 1, 3, 4, 5):
+        logits = model.logits(maps[i][None])[0]
+        cells = np.argwhere(mask[i] & (label[i] == 0))
+        order = np.argsort(-logits[cells[:, 0], cells[:, 1]], kind="stable")[:3]
+        expected += [maps[i][:, r, c] for r, c in cells[order]]
+    assert extra.shape == (3 + 1 + 3 + 3 + 3, 4)  # film 1 has one background cell
+    np.testing.assert_array_equal(extra, np.stack(expected))
+
+
+def test_hard_negatives_teach_the_head_that_dense_tissue_is_not_a_lesion() -> None:
+    """Films with dense cells (channel 0) on normal and abnormal films alike and a lesion cue
+    (channels 0 and 1) on the lesion: random background cells rarely include the dense ones,
+    so the plain head leans on channel 0; a second fit with each film's highest-scoring
+    background cells (the dense ones) leans more on the lesion's own cue, and its peaks land
+    on the lesion at least as often."""
+    maps, mask, label, info = _films(120, 0)
+    test_maps, test_mask, _, test_info = _films(60, 1)
+    plain = fit_cells(maps, mask, label, np.arange(120), info, 0.01, 0, negatives=4)
+    hard = fit_cells(maps, mask, label, np.arange(120), info, 0.01, 0, negatives=4, hard=2)
+    assert hard.w[1] / hard.w[0] > 1.1 * (plain.w[1] / plain.w[0]) > 0
+    plain_hits, _, _ = peak_hits(plain.logits(test_maps), test_mask, test_info, 16)
+    hard_hits, _, _ = peak_hits(hard.logits(test_maps), test_mask, test_info, 16)
+    assert hard_hits >= plain_hits

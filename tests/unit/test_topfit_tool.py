@@ -422,3 +422,41 @@ def test_compare_sets_two_nested_runs_side_by_side(cache: Path, tmp_path: Path,
                                                   "ids": ids[::-1]}))
     with pytest.raises(SystemExit, match="different films"):
         cells.main(["compare", "--base", base, "--other", str(tmp_path / "d.json")])
+
+
+def test_compare_by_density_reads_each_runs_own_balanced_point(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`cells compare --mias`: each run's specificity among the normal films of each density,
+    at the point Youden's J picks on that run's own out-of-fold scores."""
+    from tools.model import cells
+    from tools.model.dataset import Record
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 0, 0, 1, 1])
+    density = ["F", "F", "D", "D", "F", "D", "G", "D", "G", "F"]
+    ids = [f"m{i}" for i in range(10)]
+    records = [Record(i, Path(i), f"w{n // 2}", "L", "MLO", int(y), 0, "left", density=d)
+               for n, (i, y, d) in enumerate(zip(ids, labels, density, strict=True))]
+    # base: the dense normals (2, 3, 7) score like the abnormal films; other: they do not
+    base_scores = [0.1, 0.2, 0.8, 0.9, 0.85, 0.95, 0.15, 0.88, 0.9, 0.7]
+    other_scores = [0.1, 0.2, 0.3, 0.25, 0.85, 0.95, 0.15, 0.35, 0.9, 0.7]
+    base = {"ids": ids, "spaces": {"contralateral": [{"repeat": 0, "oof": base_scores}]}}
+    other = {"ids": ids, "spaces": {"contralateral": [{"repeat": 0, "oof": other_scores}]}}
+    cells.compare_by_density(base, other, "contralateral", labels, records)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 0 |")]
+    # other: every abnormal film above every normal one, so its balanced point is perfect
+    assert rows[1] == ("| 0 | other | 1.000 / 1.000 | 1.000 (2/2) | 1.000 (1/1) | "
+                       "1.000 (3/3) |")
+    threshold = metrics_points(labels, base_scores)
+    below = np.array(base_scores) < threshold
+    dense_normals = [i for i in range(10) if density[i] == "D" and labels[i] == 0]
+    expected = sum(below[i] for i in dense_normals)
+    assert rows[0].endswith(f"| {expected / 3:.3f} ({expected}/3) |")
+    assert expected < 3  # base calls some dense normals suspicious
+    assert "other: mean specificity over the repeats fatty 1.000" in out
+
+
+def metrics_points(labels: np.ndarray, scores: list[float]) -> float:
+    from tools.model.metrics import operating_points
+
+    return operating_points(labels, np.array(scores))["balanced"]["threshold"]

@@ -352,9 +352,42 @@ def training_cells(maps: np.ndarray, mask: np.ndarray, label: np.ndarray, idx: n
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def hard_negative_cells(model: CellModel, maps: np.ndarray, mask: np.ndarray, label: np.ndarray,
+                        idx: np.ndarray, info: list[dict[str, Any]], per_film: int) -> np.ndarray:
+    """Each training film's `per_film` background cells (breast, not lesion, not the ring round
+    a lesion) that `model` scores highest, as feature rows: the cells a max-pooled score of a
+    normal film comes from, so the cells where it raises false alarms (dense tissue, the
+    muscle's edge). Films `training_cells` leaves out (abnormal without a circle) stay out."""
+    rows = []
+    for i in idx:
+        if info[i]["label"] == 1 and not info[i]["has_lesions"]:
+            continue
+        background = mask[i] & (label[i] == 0)
+        cells = np.argwhere(background)
+        if not len(cells):
+            continue
+        logits = model.logits(maps[i][None])[0][cells[:, 0], cells[:, 1]]
+        top = cells[np.argsort(-logits, kind="stable")[:per_film]]
+        rows.append(maps[i][:, top[:, 0], top[:, 1]].T)
+    return np.concatenate(rows) if rows else np.zeros((0, maps.shape[1]), np.float32)
+
+
 def fit_cells(maps: np.ndarray, mask: np.ndarray, label: np.ndarray, idx: np.ndarray,
-              info: list[dict[str, Any]], l2: float, seed: int, negatives: int = 48) -> CellModel:
+              info: list[dict[str, Any]], l2: float, seed: int, negatives: int = 48,
+              hard: int = 0) -> CellModel:
+    """The cell head: lesion cells against `negatives` random background cells per film
+    (class-balanced logistic regression); with `hard` > 0, fitted again with each film's `hard`
+    highest-scoring background cells under the first fit added as negatives (one round of hard
+    negative mining; a cell drawn both ways counts twice)."""
     x, y = training_cells(maps, mask, label, idx, info, negatives, np.random.default_rng(seed))
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    w, b = fit_logistic((x - mean) / std, y, l2)
+    model = CellModel(mean, std, w, b)
+    if hard <= 0:
+        return model
+    extra = hard_negative_cells(model, maps, mask, label, idx, info, hard)
+    x = np.concatenate([x, extra])
+    y = np.concatenate([y, np.zeros(len(extra), np.float32)])
     mean, std = x.mean(0), x.std(0) + 1e-3
     w, b = fit_logistic((x - mean) / std, y, l2)
     return CellModel(mean, std, w, b)
@@ -583,7 +616,8 @@ def load_levels(folders: list[str]) -> tuple[dict[str, Level], list[Record], dic
 
 def evaluate_recipes(levels: dict[str, Level], train_films: np.ndarray, test_films: np.ndarray,
                      seed: int, l2s: tuple[float, ...] = GRID_L2,
-                     hits: dict[Any, Any] | None = None) -> dict[tuple[Any, ...], np.ndarray]:
+                     hits: dict[Any, Any] | None = None, hard: int = 0
+                     ) -> dict[tuple[Any, ...], np.ndarray]:
     """Scores of `test_films` under every recipe, each head fitted on `train_films` (films and,
     in a set with mirrors, their mirrors); with `hits`, the lesion hits of each head's heatmap
     peak on the test films too, under every `PEAKS` mode, keyed (features:level, L2, peak)."""
@@ -593,7 +627,7 @@ def evaluate_recipes(levels: dict[str, Level], train_films: np.ndarray, test_fil
         test_rows = np.unique(lv.pairs[test_films].ravel())
         sub_info = [lv.info[i] for i in test_rows]
         for l2 in l2s:
-            model = fit_cells(lv.maps, lv.mask, lv.label, rows, lv.info, l2, seed)
+            model = fit_cells(lv.maps, lv.mask, lv.label, rows, lv.info, l2, seed, hard=hard)
             logits = model.logits(lv.maps[test_rows])
             if hits is not None:
                 heat_hits(hits, (key, l2), "bce", logits, lv, test_rows, sub_info)
@@ -680,13 +714,15 @@ def nested(args: argparse.Namespace) -> int:
                 it = train[np.array(sorted(inner_test))]
                 itr = np.setdiff1d(train, it)
                 fold_hits: dict[Any, Any] = {}
-                for key, values in evaluate_recipes(levels, itr, it, seed, hits=fold_hits).items():
+                for key, values in evaluate_recipes(levels, itr, it, seed, hits=fold_hits,
+                                                    hard=args.hard_negatives).items():
                     inner_scores.setdefault(key, np.full(len(records), np.nan))[it] = values
                 for key, found in fold_hits.items():
                     inner_hits[key] = inner_hits.get(key, 0) + found[0]
             inner_auc = {key: auc(labels[train], v[train]) for key, v in inner_scores.items()}
             outer_hits: dict[Any, Any] = {}
-            outer = evaluate_recipes(levels, train, test, seed, hits=outer_hits)
+            outer = evaluate_recipes(levels, train, test, seed, hits=outer_hits,
+                                     hard=args.hard_negatives)
             for key, values in outer.items():
                 recipe_oof.setdefault(key, np.full(len(records), np.nan))[test] = values
             for key, found in outer_hits.items():
@@ -747,7 +783,7 @@ def nested(args: argparse.Namespace) -> int:
     (out / "nested.json").write_text(json.dumps({
         "features": args.features.split(","), "feature_sets": metas, "spaces": results,
         "inner": all_inner,
-        "folds": args.folds, "inner_folds": args.inner,
+        "folds": args.folds, "inner_folds": args.inner, "hard_negatives": args.hard_negatives,
         "grid": {"level": sorted(levels), "l2": GRID_L2, "pooling": GRID_POOL,
                  "contra": GRID_CONTRA, "peak": PEAKS, "heat_l2": HEAT_L2},
         "ids": [r.id for r in records],
@@ -878,6 +914,10 @@ def final(args: argparse.Namespace) -> int:
     levels, records, metas = load_levels(feature_folders(nested_result))
     if nested_result["ids"] != [r.id for r in records]:
         raise SystemExit("nested.json was run on other films")
+    if nested_result.get("hard_negatives", 0):
+        raise SystemExit("nested.json was run with --hard-negatives, a diagnostic: the recipe "
+                         "selection, the shipped head and the fine-tuned trunk's heads "
+                         "(topfit, tuned) fit without them, so no bundle is made from it")
     if any(meta.get("pectoral") is False for meta in metas.values()):
         raise SystemExit("features extracted with --no-pectoral: the worker cuts the pectoral "
                          "muscle where it finds it, so a bundle from them would not see what "
@@ -1338,7 +1378,45 @@ def compare(args: argparse.Namespace) -> int:
     mean_a, mean_b = np.mean(aucs, axis=0)
     print(f"\nmean AUC {mean_a:.4f} / {mean_b:.4f} (difference {mean_b - mean_a:+.4f}); lesion "
           f"hits {totals[0, 0]} / {totals[1, 0]} of {totals[0, 1]}")
+    if args.mias:
+        compare_by_density(base, other, args.space, labels, mias_records(args.mias))
     return 0
+
+
+def compare_by_density(base: dict[str, Any], other: dict[str, Any], space: str,
+                       labels: np.ndarray, records: list[Record]) -> None:
+    """Each run's specificity within each breast density (mini-MIAS background tissue), repeat
+    by repeat, at the run's own balanced point (Youden's J on that repeat's out-of-fold scores,
+    the rule a bundle's point is chosen by); a markdown table on stdout."""
+    from tools.model.evaluate import DENSITY_NAMES
+    from tools.model.metrics import operating_points
+
+    density_of = {r.id: r.density for r in records}
+    density = np.array([density_of[i] for i in base["ids"]])
+    codes = [c for c in DENSITY_NAMES if (density == c).any()]
+    print("\n| repeat | run | balanced point: sensitivity / specificity | "
+          + " | ".join(f"specificity {DENSITY_NAMES[c]} normals" for c in codes) + " |")
+    print("|---|---|---|" + "---|" * len(codes))
+    means: dict[str, list[list[float]]] = {"base": [], "other": []}
+    for a, b in zip(base["spaces"][space], other["spaces"][space], strict=True):
+        for name, run in (("base", a), ("other", b)):
+            scores = np.array(run["oof"], dtype=np.float64)
+            point = operating_points(labels, scores)["balanced"]
+            below = scores < point["threshold"]
+            specs = []
+            for code in codes:
+                normals = (labels == 0) & (density == code)
+                specs.append(float(below[normals].mean()))
+            means[name].append(specs)
+            print(f"| {run['repeat']} | {name} | {point['sensitivity']:.3f} / "
+                  f"{point['specificity']:.3f} | "
+                  + " | ".join(f"{v:.3f} ({int(round(v * n))}/{n})" for v, n in zip(
+                      specs, [int(((labels == 0) & (density == c)).sum()) for c in codes],
+                      strict=True)) + " |")
+    for name, rows in means.items():
+        print(f"{name}: mean specificity over the repeats "
+              + ", ".join(f"{DENSITY_NAMES[c]} {v:.3f}" for c, v in zip(
+                  codes, np.mean(rows, axis=0), strict=True)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1373,6 +1451,10 @@ def main(argv: list[str] | None = None) -> int:
     nst.add_argument("--folds", type=int, default=5)
     nst.add_argument("--inner", type=int, default=4)
     nst.add_argument("--threads", type=int, default=2)
+    nst.add_argument("--hard-negatives", type=int, default=0, metavar="K",
+                     help="fit every score head a second time with each training film's K "
+                          "highest-scoring background cells added as negatives (default 0: "
+                          "random background cells only, as every bundle so far)")
     fin = sub.add_parser("final")
     fin.add_argument("--nested", required=True, help="nested.json of the nested run")
     fin.add_argument("--out", required=True)
@@ -1393,6 +1475,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--base", required=True, help="nested.json of the reference run")
     cmp.add_argument("--other", required=True, help="nested.json of the run compared with it")
     cmp.add_argument("--space", default="contralateral", choices=sorted(SPACES))
+    cmp.add_argument("--mias", default=None,
+                     help="mini-MIAS folder: also each run's specificity by breast density at "
+                          "its own balanced point")
     args = parser.parse_args(argv)
     return {"extract": extract, "nested": nested, "final": final, "report": report,
             "compare": compare}[args.command](args)
