@@ -93,6 +93,21 @@ def test_finding_and_severity_rows_count_each_class_and_the_hits() -> None:
     assert malignant["sensitivity"]["high_sensitivity"]["count"] == 3
 
 
+def test_the_exam_verdict_is_the_highest_score_of_each_womans_images() -> None:
+    exams = evaluate.exam_metrics(_outcomes(), POINTS, seed=3)
+    # women (pairs of images): normal 0.3, 0.6, 0.7; abnormal 0.9, 0.8, 0.6
+    assert (exams["women"], exams["normal"], exams["abnormal"], exams["images_per_woman"]) == (
+        6, 3, 3, 2.0)
+    assert (exams["specificity"]["balanced"]["count"], exams["specificity"]["balanced"]["of"]) == (
+        1, 3)
+    assert exams["specificity"]["high_sensitivity"]["count"] == 0
+    assert exams["sensitivity"]["balanced"]["count"] == 3
+    assert exams["normal_vs_abnormal"]["auc"] == pytest.approx(7.5 / 9)  # one tie at 0.6
+    lines = evaluate.subgroup_markdown({"exams": exams}, ["balanced"])
+    assert any(line.startswith("| exam (woman) | 0.833 (") and "| 0.333 (1/3;" in line
+               for line in lines)
+
+
 def test_data_without_density_or_classes_gives_empty_tables() -> None:
     outcomes = [evaluate.Outcome(_record(i, "F", i % 2), 0.1 * i) for i in range(6)]
     for outcome in outcomes:
@@ -134,12 +149,12 @@ def test_the_card_shows_the_subgroups_at_the_balanced_point() -> None:
     groups = evaluate.subgroup_metrics(_outcomes(), POINTS, seed=3)
     metadata["metrics"][SUBGROUPS_KEY] = {"scores": "made-up outcomes", **groups}
     card = model_card(metadata, "")
-    assert "### Within subgroups" in card and "Scores: made-up outcomes" in card
+    assert "### Per exam and within subgroups" in card and "Scores: made-up outcomes" in card
     assert "| fatty (F) | 6 (4 / 2) | 0.875" in card
     assert "| calcification (CALC) | 2 (2) | 0.500 (1/2;" in card
     assert "sensitivity at high_sensitivity" not in card  # the reported point only
     del metadata["metrics"][SUBGROUPS_KEY]
-    assert "Within subgroups" not in model_card(metadata, "")
+    assert "within subgroups" not in model_card(metadata, "")
 
 
 @pytest.mark.skipif(not MIAS.is_dir(), reason="../shared/data/mias not present")
@@ -159,4 +174,5 @@ def test_the_shipped_bundles_subgroups_are_its_own_out_of_fold_predictions() -> 
     point = metadata["metrics"]["at_operating_points"]["balanced"]
     assert sum(row["specificity"]["balanced"]["count"] for row in shipped["density"]) == point["tn"]
     assert sum(row["sensitivity"]["balanced"]["count"] for row in shipped["density"]) == point["tp"]
-    assert (BUNDLE / "README.md").read_text().count("### Within subgroups") == 1
+    assert shipped["exams"]["women"] == metadata["training"]["groups"]
+    assert (BUNDLE / "README.md").read_text().count("### Per exam and within subgroups") == 1

@@ -29,6 +29,7 @@ import html
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +314,7 @@ def compute_metrics(outcomes: Sequence[Outcome], operating_points: dict[str, flo
         "rule": "heatmap peak (model-grid cell centre) inside an annotated lesion circle; "
                 "a circle smaller than one cell counts as one cell",
     }
+    result["exams"] = exam_metrics(outcomes, operating_points, seed)
     result["subgroups"] = subgroup_metrics(outcomes, operating_points, seed)
     return result
 
@@ -349,6 +351,32 @@ def _positives_block(chosen: Sequence[Outcome], operating_points: dict[str, floa
         "sensitivity": {name: _rate(scores >= threshold, groups, seed)
                         for name, threshold in operating_points.items()},
         "hits": sum(1 for h in judged if h), "images_judged": len(judged),
+    }
+
+
+def exam_metrics(outcomes: Sequence[Outcome], operating_points: dict[str, float],
+                 seed: int = 0) -> dict[str, Any]:
+    """The node's exam verdict on these images: per woman (`group`), the max of her images'
+    scores against whether any of them is abnormal; the AUC and, at each point, the specificity
+    (normal women none of whose images reaches it) and sensitivity, with CIs over women. On a
+    dataset with one view per breast (mini-MIAS: two MLO films per woman) an exam has two
+    images; a screening exam has four views, so the same image-level point flags more normal
+    screening exams than this says."""
+    by_woman: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_woman.setdefault(outcome.record.group, []).append(outcome)
+    women = np.array(sorted(by_woman))
+    labels = np.array([max(o.record.label for o in by_woman[w]) for w in women], dtype=int)
+    scores = np.array([max(o.score for o in by_woman[w]) for w in women], dtype=np.float64)
+    normal = labels == 0
+    return {
+        "women": len(women), "normal": int(normal.sum()), "abnormal": int((~normal).sum()),
+        "images_per_woman": round(len(outcomes) / max(1, len(women)), 2),
+        "normal_vs_abnormal": _auc_block(labels, scores, women, seed),
+        "specificity": {name: _rate(scores[normal] < threshold, women[normal], seed)
+                        for name, threshold in operating_points.items()},
+        "sensitivity": {name: _rate(scores[~normal] >= threshold, women[~normal], seed)
+                        for name, threshold in operating_points.items()},
     }
 
 
@@ -578,6 +606,21 @@ def _rate_text(block: dict[str, Any]) -> str:
 def subgroup_markdown(subgroups: dict[str, Any], points: Sequence[str]) -> list[str]:
     """Markdown tables of `subgroup_metrics` at the operating points `points` (names)."""
     lines: list[str] = []
+    exams = subgroups.get("exams")
+    if exams:
+        auc = exams["normal_vs_abnormal"]
+        lines += [*textwrap.wrap(
+                      f"Per exam (the node's exam verdict: the highest score of a woman's "
+                      f"{exams['images_per_woman']:g} images on average; {exams['normal']} "
+                      f"normal and {exams['abnormal']} abnormal women):", width=96), "",
+                  "| level | AUC (95 % CI) | "
+                  + " | ".join(f"specificity at {p} | sensitivity at {p}" for p in points) + " |",
+                  "|---|---|" + "---|---|" * len(points),
+                  f"| exam (woman) | {_fmt(auc['auc'])} ({_fmt(auc['ci95'][0])}–"
+                  f"{_fmt(auc['ci95'][1])}) | "
+                  + " | ".join(f"{_rate_text(exams['specificity'][p])} | "
+                               f"{_rate_text(exams['sensitivity'][p])}" for p in points) + " |",
+                  ""]
     if subgroups.get("density"):
         lines += ["By breast density (rates with their 95 % CI, bootstrap over women):", "",
                   "| density | images (normal / abnormal) | AUC (95 % CI) | "
@@ -670,7 +713,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"with an annotated lesion centre; {loc['images_with_lesion_centre']} have one). "
         f"Rule: {loc['rule']}.",
         "", "## Subgroups", "",
-        *(subgroup_markdown(m["subgroups"], list(m["operating_points"]))
+        *(subgroup_markdown({**m["subgroups"], "exams": m["exams"]}, list(m["operating_points"]))
           if any(m.get("subgroups", {}).values()) else
           ["No subgroup information (breast density, finding class) in the data.", ""]),
         "Subgroups are small: read the intervals, not the point values.",

@@ -334,7 +334,7 @@ def _subgroup_text(metadata: dict[str, Any]) -> str:
         f"Scores: {groups['scores']}. At the **{point}** point (the one the node reports); the "
         "evaluate command below gives every operating point. Subgroups hold tens of images: "
         "read the intervals, not the point values.", width=96, break_on_hyphens=False)
-    return "\n### Within subgroups\n" + intro + "\n\n" + "\n".join(lines)
+    return "\n### Per exam and within subgroups\n" + intro + "\n\n" + "\n".join(lines)
 
 
 def _domain_text(metadata: dict[str, Any]) -> str:
@@ -686,7 +686,7 @@ def subgroups_of_predictions(metadata: dict[str, Any], predictions_path: Path,
     """`tools.model.evaluate.subgroup_metrics` of the bundle's out-of-fold predictions (every
     line's record in `records`), on its calibrated scale and at its operating points, with the
     bootstrap seeded by the training seed (as the card's evaluate command); floats rounded."""
-    from tools.model.evaluate import outcomes_from_predictions, subgroup_metrics
+    from tools.model.evaluate import exam_metrics, outcomes_from_predictions, subgroup_metrics
     from tools.model.evaluate import read_predictions as read_by_id
 
     by_id = read_by_id(predictions_path)
@@ -701,7 +701,8 @@ def subgroups_of_predictions(metadata: dict[str, Any], predictions_path: Path,
             outcome.score = float(value)
     points = {str(k): float(v) for k, v in metadata["operating_points"].items()}
     seed = int(metadata.get("training", {}).get("seed", 0))
-    groups = subgroup_metrics(outcomes, points, seed)
+    groups = {"exams": exam_metrics(outcomes, points, seed),
+              **subgroup_metrics(outcomes, points, seed)}
     return {"scores": "out-of-fold predictions (predictions.jsonl), calibrated; the bundle's "
                       "operating points; CIs: bootstrap over women, 2000 rounds, seed "
                       f"{seed}", **_rounded(groups)}
