@@ -121,9 +121,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     check = subprocess.run(
         [sys.executable, "-c",
          "import sys; from pipelines.model import load_bundle; from node.errors import ModelError\n"
-         "try:\n  load_bundle(sys.argv[1], sys.argv[2])\n"
+         "try:\n  load_bundle(sys.argv[1], sys.argv[2], sys.argv[3])\n"
          "except ModelError as e:\n  print(e, file=sys.stderr); sys.exit(2)",
-         str(settings.model.bundle_dir), settings.model.device],
+         str(settings.model.bundle_dir), settings.model.device, settings.model.operating_point],
         capture_output=True, text=True, check=False,
     )
     if check.returncode != 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from node.bundle import check_bundle_files
 from node.errors import ConfigError, ModelError
-from node.settings import Settings, redact_secrets
+from node.settings import ModelSection, Settings, redact_secrets
 from node.tls import client_context, server_context
 from node.vocabulary import storage_sop_classes_named
 
@@ -41,28 +41,50 @@ def offline_problems(settings: Settings, environ: Mapping[str, str] | None = Non
             problems.append(f"{key}: {error}")
     problems += pipeline_problems(settings)
     problems += _undeclared_domains(settings)
+    problems += _unknown_operating_points(settings)
     problems += _directory_problems("spool.dir", settings.spool.dir)
     problems += _file_problems("audit.path", settings.audit_path)
     problems += tls_problems(settings)
     return [redact_secrets(line) for line in problems]
 
 
-def _bundles(settings: Settings) -> list[tuple[str, Path]]:
-    """Every model bundle the config names, with its key: the live and shadow bundle of each
-    pipeline (without `pipelines`: `model` and `shadow_model`). A shadow promoted to `model`
-    is checked like any live bundle."""
+def _models(settings: Settings) -> list[tuple[str, ModelSection]]:
+    """Every model section the config has, with its key: the live and shadow model of each
+    pipeline (without `pipelines`: `model` and `shadow_model`)."""
     if not settings.pipelines:
-        found = [("model.bundle_dir", settings.model.bundle_dir)]
+        found = [("model", settings.model)]
         if settings.shadow_model is not None:
-            found.append(("shadow_model.bundle_dir", settings.shadow_model.bundle_dir))
+            found.append(("shadow_model", settings.shadow_model))
         return found
     found = []
     for index, pipeline in enumerate(settings.pipelines):
-        found.append((f"pipelines[{index}].model.bundle_dir", pipeline.model.bundle_dir))
+        found.append((f"pipelines[{index}].model", pipeline.model))
         if pipeline.shadow_model is not None:
-            found.append((f"pipelines[{index}].shadow_model.bundle_dir",
-                          pipeline.shadow_model.bundle_dir))
+            found.append((f"pipelines[{index}].shadow_model", pipeline.shadow_model))
     return found
+
+
+def _bundles(settings: Settings) -> list[tuple[str, Path]]:
+    """Every model bundle the config names, with its key. A shadow promoted to `model` is
+    checked like any live bundle."""
+    return [(f"{key}.bundle_dir", model.bundle_dir) for key, model in _models(settings)]
+
+
+def _unknown_operating_points(settings: Settings) -> list[str]:
+    """A model whose `operating_point` its bundle does not declare (metadata.json
+    `operating_points`): its worker would refuse to start."""
+    problems = []
+    for key, model in _models(settings):
+        try:
+            metadata = json.loads((model.bundle_dir / "metadata.json").read_text())
+        except (OSError, ValueError):
+            continue  # check_bundle_files has said so
+        points = metadata.get("operating_points") if isinstance(metadata, dict) else None
+        if not isinstance(points, dict) or model.operating_point not in points:
+            declared = ", ".join(sorted(points)) if isinstance(points, dict) else "none"
+            problems.append(f"{key}.operating_point: {model.operating_point!r} is not one of "
+                            f"the bundle's operating points ({declared})")
+    return problems
 
 
 def _undeclared_domains(settings: Settings) -> list[str]:

@@ -209,8 +209,14 @@ class BrokerSection(_Frozen):
 
 
 class ModelSection(_Frozen):
+    """A model bundle and how it is run. `operating_point`: which of the bundle's operating
+    points (metadata.json `operating_points`, e.g. `balanced`, `high_sensitivity`) makes a
+    view, breast or exam "suspicious" and draws the region marks; the worker refuses to start
+    with a name the bundle does not declare."""
+
     bundle_dir: Path = Path("models/mias-baseline")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    operating_point: str = Field(default="balanced", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class SeriesOutput(_Frozen):

@@ -72,7 +72,8 @@ def _shadow() -> Shadow | None:
     if not _Process.shadow_loaded:
         shadow_model = _settings().shadow_model
         if shadow_model is not None:
-            _Process.shadow = load_shadow(shadow_model.bundle_dir, shadow_model.device)
+            _Process.shadow = load_shadow(shadow_model.bundle_dir, shadow_model.device,
+                                          shadow_model.operating_point)
         _Process.shadow_loaded = True
     return _Process.shadow
 
@@ -83,7 +84,8 @@ def _runner() -> ModelRunner:
         from pipelines.model import load_bundle
 
         settings = _settings()
-        runner = load_bundle(settings.model.bundle_dir, settings.model.device)
+        runner = load_bundle(settings.model.bundle_dir, settings.model.device,
+                             settings.model.operating_point)
         log.info("model_loaded", model=runner.identity.name, version=runner.identity.version,
                  pipeline=_Process.pipeline or "default",
                  device=str(runner.device), pid=os.getpid())

@@ -230,23 +230,41 @@ def apply_contralateral(probabilities: torch.Tensor, heatmaps: torch.Tensor,
     return adjusted, torch.sigmoid(_logit(heatmaps) - offsets.view(shape))
 
 
+def operating_point(metadata: dict[str, Any], name: str = DEFAULT_OPERATING_POINT) -> float:
+    """The threshold of the bundle's operating point `name` (`model.operating_point` in the
+    node's configuration); ModelError naming the points it declares when it has no such one."""
+    points = metadata.get("operating_points")
+    try:
+        if not isinstance(points, dict):
+            raise TypeError("operating_points is not an object")
+        value = float(points[name])
+    except (KeyError, TypeError, ValueError):
+        declared = sorted(points) if isinstance(points, dict) else []
+        raise ModelError(f"operating point {name!r} is not one the bundle declares "
+                         f"(metadata.json operating_points: {', '.join(declared) or 'none'})"
+                         ) from None
+    if not 0.0 <= value <= 1.0:
+        raise ModelError(f"operating point {name!r} is {value}, outside [0, 1]")
+    return value
+
+
 class ModelRunner:
     """A loaded bundle. Not thread-safe; one per worker process."""
 
     def __init__(self, bundle_dir: Path, metadata: dict[str, Any],
-                 module: torch.nn.Module, device: torch.device) -> None:
+                 module: torch.nn.Module, device: torch.device,
+                 operating_point_name: str = DEFAULT_OPERATING_POINT) -> None:
         self.bundle_dir = bundle_dir
         self.metadata = metadata
         self.module = module
         self.device = device
         self.calibration = Calibration.from_metadata(metadata)
         self.preprocess = build_preprocess(metadata)
-        points = metadata["operating_points"]
         self.identity = ModelIdentity(
             name=str(metadata["name"]),
             version=str(metadata["version"]),
-            operating_point=float(points[DEFAULT_OPERATING_POINT]),
-            operating_point_name=DEFAULT_OPERATING_POINT,
+            operating_point=operating_point(metadata, operating_point_name),
+            operating_point_name=operating_point_name,
             description=str(metadata.get("output", {}).get("score", "")),
         )
         self.last_timings_s: dict[str, float] = {}
@@ -354,10 +372,16 @@ class ModelRunner:
         return predictions
 
 
-def load_bundle(bundle_dir: str | Path, device: str = "auto") -> ModelRunner:
-    """Load and check a bundle; ModelError names the file and what is wrong."""
+def load_bundle(bundle_dir: str | Path, device: str = "auto",
+                operating_point_name: str = DEFAULT_OPERATING_POINT) -> ModelRunner:
+    """Load and check a bundle, its verdicts at its operating point `operating_point_name`;
+    ModelError names the file and what is wrong."""
     bundle_dir = Path(bundle_dir)
     metadata = read_metadata(bundle_dir)
+    try:
+        operating_point(metadata, operating_point_name)
+    except ModelError as error:
+        raise ModelError(f"{bundle_dir / METADATA_FILE}: {error}") from None
     check_bundle_files(bundle_dir)
     path = model_path(bundle_dir, metadata)
     torch_device = resolve_device(device)
@@ -370,7 +394,7 @@ def load_bundle(bundle_dir: str | Path, device: str = "auto") -> ModelRunner:
                     model_version=str(metadata["version"]), format="torchscript",
                     hint="re-export with tools/model/export.py (--to-pt2) for a model.pt2")
         module = _load_torchscript(path, torch_device)
-    runner = ModelRunner(bundle_dir, metadata, module, torch_device)
+    runner = ModelRunner(bundle_dir, metadata, module, torch_device, operating_point_name)
     _dry_run(runner, path)
     return runner
 

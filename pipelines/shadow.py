@@ -61,12 +61,14 @@ class Shadow:
                             duration_s=round(time.perf_counter() - started, 3))
 
 
-def load_shadow(bundle_dir: Path, device: str) -> Shadow:
-    """Load the shadow bundle; a bundle that cannot be loaded is a Shadow with its error."""
+def load_shadow(bundle_dir: Path, device: str, operating_point_name: str = "balanced"
+                ) -> Shadow:
+    """Load the shadow bundle (its verdicts at its operating point `operating_point_name`); a
+    bundle that cannot be loaded is a Shadow with its error."""
     from pipelines.model import load_bundle
 
     try:
-        runner = load_bundle(bundle_dir, device)
+        runner = load_bundle(bundle_dir, device, operating_point_name)
     except Exception as error:
         log.warning("shadow_model_not_loaded", reason=_describe(error))
         return Shadow(predictor=None, error=f"shadow model not loaded: {_describe(error)}")

@@ -245,3 +245,20 @@ def test_skipping_outside_the_domain_needs_a_bundle_that_declares_one(
     code, lines, _ = _check(_runnable(tmp_path / "c" / "node.yaml",
                                       model={"bundle_dir": str(bare)}), capsys)
     assert code == 0 and lines == []  # scoring.outside_domain: score, the default
+
+
+def test_the_operating_point_must_be_one_the_bundle_declares(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`model.operating_point` names one of the bundle's operating points (the shipped one has
+    balanced and high_sensitivity); another name is a problem naming the key and the points."""
+    code, lines, _ = _check(_runnable(tmp_path / "a" / "node.yaml",
+                                      model={"bundle_dir": str(BUNDLE),
+                                             "operating_point": "high_sensitivity"}), capsys)
+    assert code == 0 and lines == []
+    path = _runnable(tmp_path / "b" / "node.yaml",
+                     model={"bundle_dir": str(BUNDLE), "operating_point": "strict"})
+    code, lines, _ = _check(path, capsys)
+    assert code == 2
+    assert lines == [f"{path}: model.operating_point: 'strict' is not one of the bundle's "
+                     "operating points (balanced, high_sensitivity)"]

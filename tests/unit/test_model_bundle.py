@@ -340,3 +340,15 @@ def test_heatmap_stays_on_the_breast(runner) -> None:
         assert float(heatmap[:border].max()) == float(heatmap[-border:].max()) == 0.0
         assert float(heatmap[:, :border].max()) == float(heatmap[:, -border:].max()) == 0.0
         assert heatmap.max() > 0.0
+
+
+def test_the_runner_takes_any_operating_point_the_bundle_declares() -> None:
+    metadata = json.loads((BUNDLE / "metadata.json").read_text())
+    sensitive = load_bundle(BUNDLE, "cpu", "high_sensitivity").identity
+    assert sensitive.operating_point_name == "high_sensitivity"
+    assert sensitive.operating_point == metadata["operating_points"]["high_sensitivity"]
+    assert sensitive.operating_point < metadata["operating_points"]["balanced"]
+    with pytest.raises(ModelError, match=r"operating point 'strict' is not one the bundle "
+                                         r"declares \(metadata.json operating_points: "
+                                         r"balanced, high_sensitivity\)"):
+        load_bundle(BUNDLE, "cpu", "strict")

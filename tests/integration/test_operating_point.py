@@ -1,0 +1,91 @@
+"""`model.operating_point` on real parts: Redis, Orthanc as the PACS, `mammo-node serve`, a Celery
+worker with the shipped bundle at its `high_sensitivity` point instead of the default `balanced`.
+
+The run's record, both SRs and the verdicts are taken at that point; a worker configured with a
+point the bundle does not declare refuses to start with one line naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from pydicom import dcmread
+
+from pipelines.sr import read_sr_scores
+from tests.support.dciodvfy import run_dciodvfy
+from tests.support.sr_content import text_values
+from tools.stack.make_study import make_study
+from tools.stack.node_stack import DEFAULT_BUNDLE, NodeStack
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.requires_bin("storescu", "Orthanc", "redis-server", "dciodvfy"),
+]
+
+CAD_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.50"  # Mammography CAD SR
+POINTS = json.loads((DEFAULT_BUNDLE / "metadata.json").read_text())["operating_points"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeStack]:
+    node_stack = NodeStack(tmp_path_factory.mktemp("point"), quiet_period_s=2,
+                           config_overrides={"model": {"bundle_dir": str(DEFAULT_BUNDLE),
+                                                       "operating_point": "high_sensitivity"}})
+    try:
+        node_stack.start()
+        yield node_stack
+    finally:
+        node_stack.stop()
+
+
+def test_the_verdicts_are_taken_at_the_configured_point(stack: NodeStack, tmp_path: Path
+                                                        ) -> None:
+    point = POINTS["high_sensitivity"]
+    paths = make_study(tmp_path / "study", rows=1280, cols=1040, seed=41)
+    study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    result = stack.storescu(paths)
+    assert result.returncode == 0, result.stderr
+    record = stack.wait_for_record(study_uid)
+    assert record["state"] == "done" and record.get("error") is None, record.get("error")
+    scores = record["scores"]
+    assert scores["operating_point"] == point
+    assert scores["suspicious"] == (scores["exam"] >= point)
+
+    [sr_id] = stack.wait_for_results(study_uid, seg_count=4)["sr"]
+    sr_path = tmp_path / "sr.dcm"
+    sr_path.write_bytes(stack.orthanc.get_instance_file(sr_id))
+    texts = read_sr_scores(dcmread(io.BytesIO(sr_path.read_bytes())))["texts"]
+    verdict = "suspicious" if scores["exam"] >= point else "not suspicious"
+    assert any(text.startswith(f"Exam abnormality score {scores['exam']:.3f}: {verdict} at "
+                               f"operating point {point:g} (high_sensitivity)") for text in texts)
+    [cad_id] = stack.orthanc.find_instances(study_uid=study_uid, sop_class_uid=CAD_SR_CLASS)
+    cad_path = tmp_path / "cad-sr.dcm"
+    cad_path.write_bytes(stack.orthanc.get_instance_file(cad_id))
+    assert any(f"at the high_sensitivity operating point {point:g}" in text
+               for text in text_values(dcmread(cad_path)))
+    for path in (sr_path, cad_path):
+        errors, _ = run_dciodvfy(path)
+        assert errors == [], errors
+
+
+def test_a_worker_refuses_a_point_its_bundle_does_not_declare(stack: NodeStack, tmp_path: Path
+                                                              ) -> None:
+    config = yaml.safe_load(stack.config_path.read_text())
+    config["model"]["operating_point"] = "strict"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "node.cli", "worker", "--config", str(bad)],
+                            capture_output=True, text=True, check=False, timeout=120,
+                            env=stack.env())
+    assert result.returncode == 2
+    assert "model bundle rejected" in result.stderr
+    assert "operating point 'strict' is not one the bundle declares" in result.stderr
+    assert "balanced, high_sensitivity" in result.stderr
