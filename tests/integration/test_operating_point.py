@@ -88,4 +88,4 @@ def test_a_worker_refuses_a_point_its_bundle_does_not_declare(stack: NodeStack, 
     assert result.returncode == 2
     assert "model bundle rejected" in result.stderr
     assert "operating point 'strict' is not one the bundle declares" in result.stderr
-    assert "balanced, high_sensitivity" in result.stderr
+    assert "balanced, exam_specificity_90, high_sensitivity" in result.stderr

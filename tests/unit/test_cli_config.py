@@ -251,7 +251,8 @@ def test_the_operating_point_must_be_one_the_bundle_declares(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`model.operating_point` names one of the bundle's operating points (the shipped one has
-    balanced and high_sensitivity); another name is a problem naming the key and the points."""
+    balanced, high_sensitivity and exam_specificity_90); another name is a problem naming the
+    key and the points."""
     code, lines, _ = _check(_runnable(tmp_path / "a" / "node.yaml",
                                       model={"bundle_dir": str(BUNDLE),
                                              "operating_point": "high_sensitivity"}), capsys)
@@ -261,4 +262,4 @@ def test_the_operating_point_must_be_one_the_bundle_declares(
     code, lines, _ = _check(path, capsys)
     assert code == 2
     assert lines == [f"{path}: model.operating_point: 'strict' is not one of the bundle's "
-                     "operating points (balanced, high_sensitivity)"]
+                     "operating points (balanced, exam_specificity_90, high_sensitivity)"]

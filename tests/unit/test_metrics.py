@@ -120,3 +120,23 @@ def test_the_paired_auc_difference_resamples_women_once_for_both_scorings() -> N
     assert (flipped, flow, fhigh) == pytest.approx((-diff, -high, -low))
     with pytest.raises(ValueError):
         bootstrap_auc_difference(labels, noisy, noisy[:-2], groups)
+
+
+def test_the_exam_point_keeps_the_share_of_normal_women_unflagged() -> None:
+    """Per woman the highest score and whether any image is abnormal; the point is the lowest
+    exam score that keeps at least the given share of normal women below it."""
+    labels = [0, 0, 0, 0, 0, 1, 0, 1, 0, 0]
+    scores = [0.1, 0.3, 0.2, 0.6, 0.4, 0.9, 0.5, 0.2, 0.35, 0.15]
+    groups = ["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"]
+    from tools.model import metrics
+
+    exam_labels, exam_max = metrics.exam_scores(labels, scores, groups)
+    assert exam_labels.tolist() == [0, 0, 1, 1, 0]
+    assert exam_max.tolist() == [0.3, 0.6, 0.9, 0.5, 0.35]
+    # normal exams 0.3, 0.6, 0.35: keeping 2 of 3 below needs a threshold above 0.35, and the
+    # lowest observed exam score above it is 0.5 (the abnormal woman d, caught)
+    point = metrics.exam_operating_point(labels, scores, groups, min_specificity=0.6)
+    assert point == pytest.approx({"threshold": 0.5, "exam_sensitivity": 1.0,
+                                   "exam_specificity": 2 / 3})
+    strict = metrics.exam_operating_point(labels, scores, groups, min_specificity=1.0)
+    assert strict == {"threshold": 0.9, "exam_sensitivity": 0.5, "exam_specificity": 1.0}

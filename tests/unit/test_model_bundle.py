@@ -54,12 +54,13 @@ def test_committed_bundle_is_a_trained_model_with_measured_metrics(runner) -> No
         assert training["command"].startswith("python -m tools.model.train ")
         assert training["export_command"].startswith("python -m tools.model.export ")
         assert training["arch_config"]["size"] == metadata["input"]["height"]
-    assert set(metadata["operating_points"]) == {"balanced", "high_sensitivity"}
+    assert set(metadata["operating_points"]) == {"balanced", "high_sensitivity",
+                                                 "exam_specificity_90"}
 
 
 def test_shipped_metrics_are_recomputed_from_the_shipped_out_of_fold_predictions(runner) -> None:
     """The card's numbers are not typed in: they follow from predictions.jsonl, woman-grouped folds."""
-    from tools.model.metrics import auc, operating_points
+    from tools.model.metrics import auc, exam_operating_point, exam_scores, operating_points
 
     metadata = runner.metadata
     rows = [json.loads(line) for line in (BUNDLE / "predictions.jsonl").read_text().splitlines()]
@@ -74,9 +75,19 @@ def test_shipped_metrics_are_recomputed_from_the_shipped_out_of_fold_predictions
     assert all(len(folds) == 1 for folds in folds_of_woman.values()), "a woman split across folds"
     # The operating points are on the scale the worker reports: the calibrated one.
     calibration = runner.calibration
-    chosen = operating_points(labels, scores if calibration is None else calibration.scores(scores))
+    calibrated = scores if calibration is None else calibration.scores(scores)
+    chosen = operating_points(labels, calibrated)
+    groups = [r["group"] for r in rows]
+    chosen["exam_specificity_90"] = exam_operating_point(labels, calibrated, groups, 0.9)
     for name, threshold in metadata["operating_points"].items():
         assert threshold == pytest.approx(chosen[name]["threshold"], abs=1e-3)
+    # per exam (a woman's films, the highest score): what the card's table says
+    exam_labels, exam_max = exam_scores(labels, calibrated, groups)
+    for detail in metadata["operating_points_detail"].values():
+        flagged = exam_max >= detail["threshold"]
+        assert detail["exam_specificity"] == pytest.approx((~flagged[exam_labels == 0]).mean())
+        assert detail["exam_sensitivity"] == pytest.approx(flagged[exam_labels == 1].mean())
+    assert metadata["operating_points_detail"]["exam_specificity_90"]["exam_specificity"] >= 0.9
     hits = [r["hit"] for r in rows if r["hit"] is not None]
     assert [sum(hits), len(hits)] == list(metadata["metrics"]["lesion_hits"])
 
@@ -350,5 +361,5 @@ def test_the_runner_takes_any_operating_point_the_bundle_declares() -> None:
     assert sensitive.operating_point < metadata["operating_points"]["balanced"]
     with pytest.raises(ModelError, match=r"operating point 'strict' is not one the bundle "
                                          r"declares \(metadata.json operating_points: "
-                                         r"balanced, high_sensitivity\)"):
+                                         r"balanced, exam_specificity_90, high_sensitivity\)"):
         load_bundle(BUNDLE, "cpu", "strict")

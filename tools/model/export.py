@@ -407,10 +407,25 @@ def model_card(metadata: dict[str, Any], notes: str) -> str:
     hit_rate = (f"{m['lesion_hits'][0] / m['lesion_hits'][1]:.3f}" if m['lesion_hits'][1]
                 else "n/a")
     inference = t.get("inference", {})
+    per_exam = all("exam_specificity" in v for v in p.values())
     rows = "".join(
-        f"| {name} | {v['threshold']:.4f} | {v['sensitivity']:.3f} | {v['specificity']:.3f} |\n"
-        for name, v in p.items()
+        f"| {name} | {v['threshold']:.4f} | {v['sensitivity']:.3f} | {v['specificity']:.3f} |"
+        + (f" {v['exam_sensitivity']:.3f} | {v['exam_specificity']:.3f} |" if per_exam else "")
+        + "\n" for name, v in p.items()
     )
+    header = ("| name | threshold | sensitivity | specificity |"
+              + (" exam sensitivity | exam specificity |" if per_exam else "")
+              + "\n|---|---|---|---|" + ("---|---|" if per_exam else ""))
+    exam_note = ("\n" + textwrap.fill(
+        "Per exam: a woman's images together, suspicious when any of them reaches the point "
+        "(the node's exam verdict; mini-MIAS has two films per woman, a screening exam four "
+        f"views, so a screening exam is flagged more often). **{EXAM_POINT}**: the lowest "
+        "threshold that keeps the normal women's exams below it with an exam specificity of at "
+        f"least {EXAM_SPECIFICITY:.2f}, for a site that sets its recall rate by exam "
+        "(`model.operating_point` in the node's configuration picks the point); on "
+        f"{m.get(SUBGROUPS_KEY, {}).get('exams', {}).get('normal', 'the')} normal women one "
+        "woman moves it.", width=96, break_on_hyphens=False) + "\n"
+        if per_exam and EXAM_POINT in p else "")
     folds = ", ".join(f"{a:.3f}" for a in m["fold_aucs"]) or "n/a (single split)"
     retrain = t["command"] + " && " + t["export_command"]
     return f"""# Model card: {metadata['name']} {metadata['version']}
@@ -456,10 +471,10 @@ CIs: {m['ci_method']}.
 Operating points (chosen on the out-of-fold / validation predictions, never on a test fold;
 the final model is trained on all images, so its scores may sit slightly differently):
 
-| name | threshold | sensitivity | specificity |
-|---|---|---|---|
-{rows}
-The node reports "suspicious" at or above the **balanced** threshold.
+{header}
+{rows}{exam_note}
+The node reports "suspicious" at or above the **balanced** threshold unless its configuration
+names another point (`model.operating_point`).
 {_subgroup_text(metadata)}
 {_calibration_text(metadata)}
 {_domain_text(metadata)}
@@ -611,6 +626,27 @@ CALIBRATION_FORMULAS = {
 }
 
 
+EXAM_POINT = "exam_specificity_90"
+EXAM_SPECIFICITY = 0.9
+
+
+def add_exam_points(points: dict[str, dict[str, float]], labels: np.ndarray, scores: np.ndarray,
+                    groups: list[Any]) -> dict[str, dict[str, float]]:
+    """`EXAM_POINT` into `points`: the lowest threshold at which at least 90 % of the normal
+    women (exams) have no image at or above it (`exam_operating_point`), with its per-image
+    sensitivity and specificity; and every point's per-exam sensitivity and specificity."""
+    exam = model_metrics.exam_operating_point(labels, scores, groups, EXAM_SPECIFICITY)
+    image = model_metrics.threshold_metrics(labels, scores, exam["threshold"])
+    points[EXAM_POINT] = {"threshold": exam["threshold"], "sensitivity": image["sensitivity"],
+                          "specificity": image["specificity"]}
+    exam_labels, exam_max = model_metrics.exam_scores(labels, scores, groups)
+    for point in points.values():
+        verdict = model_metrics.threshold_metrics(exam_labels, exam_max, point["threshold"])
+        point["exam_sensitivity"] = verdict["sensitivity"]
+        point["exam_specificity"] = verdict["specificity"]
+    return points
+
+
 def calibrate_metadata(metadata: dict[str, Any], predictions_path: Path) -> dict[str, Any]:
     """Fit the calibration on the out-of-fold predictions and put the bundle on its scale: the
     method with the lower cross-fitted log loss (`compare_calibrations`), refitted on every
@@ -627,6 +663,11 @@ def calibrate_metadata(metadata: dict[str, Any], predictions_path: Path) -> dict
     calibrated = calibration.scores(raw)
     points = model_metrics.operating_points(labels, calibrated)
     raw_points = model_metrics.operating_points(labels, raw)
+    groups = [r.get("group") for r in rows]
+    if all(groups):  # each image's woman: the exam verdict's point and every point per exam
+        add_exam_points(points, labels, calibrated, groups)
+        for name, value in add_exam_points({}, labels, raw, groups).items():
+            raw_points[name] = value
     prevalence = float(labels.mean())
     metadata[CALIBRATION_KEY] = {
         "method": method,
@@ -741,6 +782,8 @@ def add_calibration(bundle: Path, notes: str | None = None) -> dict[str, Any]:
     if "mias" in str(metadata.get("training", {}).get("data", "")).lower():
         metadata.setdefault(DOMAIN_KEY, MIAS_DOMAIN)
     calibrate_metadata(metadata, bundle / "predictions.jsonl")
+    # the subgroups were taken at the old operating points: `--subgroups` computes them again
+    metadata.get("metrics", {}).pop(SUBGROUPS_KEY, None)
     _write_bundle_texts(bundle, metadata, notes)
     if (bundle / "calibration.png").is_file():  # the reliability diagram, on the new map
         save_calibration_plot(bundle / "calibration.png",
@@ -861,21 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bundle {args.trained}: reference of {reference['n']} out-of-fold scores, bins "
               f"{reference['bins']}", file=sys.stderr)
         return 0
-    if args.subgroups is not None:
-        from tools.model.dataset import mias_records
-
-        notes = args.notes.read_text(encoding="utf-8") if args.notes else None
-        path = args.trained / "metadata.json"
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-        add_subgroups(metadata, args.trained / "predictions.jsonl", mias_records(args.subgroups))
-        _write_bundle_texts(args.trained, metadata, notes)
-        record_upgrade(args.trained, args.version, argv, notes)
-        density = metadata["metrics"][SUBGROUPS_KEY]["density"]
-        print(f"bundle {args.trained}: subgroups added ("
-              + ", ".join(f"{d['code']}: {d['images']} images" for d in density) + ")",
-              file=sys.stderr)
-        return 0
-    if args.calibrate or args.to_pt2:
+    if args.calibrate or args.to_pt2 or args.subgroups is not None:
         notes = args.notes.read_text(encoding="utf-8") if args.notes else None
         if args.to_pt2:
             _, largest = convert_to_pt2(args.trained, notes)
@@ -886,6 +915,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bundle {args.trained}: {calibration['method']} slope "
                   f"{calibration['slope']:.4f}, intercept {calibration['intercept']:.4f}; ECE "
                   f"{calibration['ece_10_bins']}; compared {calibration['methods_compared']}",
+                  file=sys.stderr)
+        if args.subgroups is not None:  # after a calibration: at its operating points
+            from tools.model.dataset import mias_records
+
+            metadata = json.loads((args.trained / "metadata.json").read_text(encoding="utf-8"))
+            add_subgroups(metadata, args.trained / "predictions.jsonl",
+                          mias_records(args.subgroups))
+            _write_bundle_texts(args.trained, metadata, notes)
+            density = metadata["metrics"][SUBGROUPS_KEY]["density"]
+            print(f"bundle {args.trained}: subgroups added ("
+                  + ", ".join(f"{d['code']}: {d['images']} images" for d in density) + ")",
                   file=sys.stderr)
         record_upgrade(args.trained, args.version, argv, notes)
         return 0

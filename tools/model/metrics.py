@@ -161,6 +161,39 @@ def operating_points(labels: Any, scores: Any,
     }
 
 
+def exam_scores(labels: Any, scores: Any, groups: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (a woman: her exam), whether any image is abnormal and the highest score, as
+    the node reports an exam; groups in sorted order."""
+    y, s = _as_arrays(labels, scores)
+    g = np.asarray(groups).ravel()
+    if g.shape != y.shape:
+        raise ValueError("groups must have one entry per image")
+    unique, index = np.unique(g, return_inverse=True)
+    exam_labels = np.zeros(len(unique), dtype=int)
+    exam_max = np.full(len(unique), -np.inf)
+    np.maximum.at(exam_labels, index, y)
+    np.maximum.at(exam_max, index, s)
+    return exam_labels, exam_max
+
+
+def exam_operating_point(labels: Any, scores: Any, groups: Any,
+                         min_specificity: float = 0.9) -> dict[str, float]:
+    """The lowest threshold (an observed exam score) at which at least `min_specificity` of the
+    normal exams (groups with no abnormal image) have no image at or above it: the most
+    sensitive exam verdict that keeps that share of normal women unrecalled. Sensitivity and
+    specificity are per exam."""
+    exam_labels, exam_max = exam_scores(labels, scores, groups)
+    fpr, tpr, thresholds = roc_curve(exam_labels, exam_max)
+    finite = np.isfinite(thresholds)
+    fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
+    if len(thresholds) == 0:
+        raise ValueError("no scores")
+    keeping = np.flatnonzero(1.0 - fpr >= min_specificity - 1e-12)
+    i = int(keeping[-1]) if len(keeping) else 0  # thresholds descend: the last is the lowest
+    return {"threshold": float(thresholds[i]), "exam_sensitivity": float(tpr[i]),
+            "exam_specificity": float(1.0 - fpr[i])}
+
+
 def calibration_bins(labels: Any, scores: Any, bins: int = 10) -> list[dict[str, float | int]]:
     """Equal-width score bins over [0, 1] (the last bin closed): count, mean score and the
     fraction of positives per bin (nan mean/fraction for an empty bin)."""
