@@ -16,6 +16,7 @@ from pipelines import calibration as cal
 from pipelines.calibration import PLATT, PLATT_LOGIT, Calibration, fit_platt
 from tools.model import metrics
 from tools.model.export import (
+    add_exam_points,
     calibration_folds,
     compare_calibrations,
     read_predictions,
@@ -95,7 +96,7 @@ def test_a_fit_that_would_reverse_the_ranking_or_bad_metadata_is_refused() -> No
 
 def test_the_shipped_bundle_is_calibrated_and_its_verdicts_are_unchanged() -> None:
     """Operating points recomputed on the calibrated out-of-fold scores (tools/model/metrics.py's
-    rules) pick exactly the images the raw thresholds picked, at both operating points."""
+    rules) pick exactly the images the raw thresholds picked, at every operating point."""
     metadata = json.loads((BUNDLE / "metadata.json").read_text())
     calibration = Calibration.from_metadata(metadata)
     assert calibration is not None
@@ -107,12 +108,15 @@ def test_the_shipped_bundle_is_calibrated_and_its_verdicts_are_unchanged() -> No
     method, compared = compare_calibrations(labels, raw, calibration_folds(rows))
     assert calibration.method == method and metadata["calibration"]["methods_compared"] == compared
     assert calibration.slope == pytest.approx(fit_platt(labels, raw, method=method).slope)
-    points = metrics.operating_points(labels, calibrated)
+    groups = [r["group"] for r in rows]  # the exam point is chosen per woman
+    points = add_exam_points(metrics.operating_points(labels, calibrated), labels, calibrated,
+                             groups)
     assert metadata["operating_points"] == {k: v["threshold"] for k, v in points.items()}
-    raw_points = metrics.operating_points(labels, raw)
+    raw_points = add_exam_points(metrics.operating_points(labels, raw), labels, raw, groups)
     assert metadata["calibration"]["raw_operating_points"] == {
         k: v["threshold"] for k, v in raw_points.items()}
-    for name in ("balanced", "high_sensitivity"):
+    assert set(points) == {"balanced", "high_sensitivity", "exam_specificity_90"}
+    for name in points:
         before = raw >= raw_points[name]["threshold"]
         after = calibrated >= metadata["operating_points"][name]
         assert np.array_equal(before, after), name
