@@ -60,6 +60,11 @@ SCORE_BUCKETS = tuple(round(0.05 * step, 2) for step in range(1, 21))
 EXAM_SCORE = Histogram(
     "mammo_exam_score", "Exam scores by model version and source (calling AE, manufacturer)",
     ["model", "model_version", "calling_ae", "manufacturer"], buckets=SCORE_BUCKETS)
+EXAM_VERDICTS = Counter(
+    "mammo_exam_verdicts", "Scored exams by verdict (suspicious, not_suspicious) at the "
+    "configured operating point, by model version and source (calling AE, manufacturer): the "
+    "share called suspicious is the node's recall rate",
+    ["model", "model_version", "operating_point", "calling_ae", "manufacturer", "verdict"])
 INPUT_QUALITY_FLAGS = Counter(
     "mammo_input_quality_flags",
     "Input images of finished runs by quality flag (pipelines/quality.py: view_missing, "
@@ -148,7 +153,8 @@ def run_source(run_dir: Path, manifest: Sequence[InstanceEntry]) -> RunSource:
 
 
 def observe_run(record: RunRecord, source: RunSource) -> None:
-    """Count one finished run: its state, its stage times, its sends, its exam score."""
+    """Count one finished run: its state, its stage times, its sends, its exam score and
+    verdict."""
     error_kind = record.error.kind.value if record.error is not None else ""
     RUNS_FINISHED.labels(state=record.state, error_kind=error_kind).inc()
     for stage, seconds in (record.timings_s or {}).items():
@@ -163,6 +169,11 @@ def observe_run(record: RunRecord, source: RunSource) -> None:
         EXAM_SCORE.labels(model=record.model.name, model_version=record.model.version,
                           calling_ae=source.calling_ae,
                           manufacturer=source.manufacturer).observe(record.scores.exam)
+        EXAM_VERDICTS.labels(model=record.model.name, model_version=record.model.version,
+                             operating_point=clean_label(record.scores.operating_point_name),
+                             calling_ae=source.calling_ae, manufacturer=source.manufacturer,
+                             verdict="suspicious" if record.scores.suspicious
+                             else "not_suspicious").inc()
 
 
 def exported_names() -> frozenset[str]:
@@ -171,7 +182,7 @@ def exported_names() -> frozenset[str]:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     for metric in (ASSOCIATIONS, ASSOCIATIONS_ABORTED, INSTANCES_RECEIVED, RECEIVED_BYTES,
                    INSTANCES_REJECTED, STAGE_SECONDS, RUNS_FINISHED, SENDS, EXAM_SCORE,
-                   INPUT_QUALITY_FLAGS, MODEL_LOADED):
+                   EXAM_VERDICTS, INPUT_QUALITY_FLAGS, MODEL_LOADED):
         for family in metric.describe():
             names.update(family.name + suffix for suffix in suffixes[family.type])
     return frozenset(names)

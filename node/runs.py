@@ -269,6 +269,9 @@ class Scores(_Frozen):
     exam: float
     operating_point: float
     suspicious: bool
+    # which of the bundle's points `operating_point` is (`model.operating_point`); records
+    # written before the setting existed were taken at "balanced"
+    operating_point_name: str = "balanced"
 
 
 class OutputFile(_Frozen):

@@ -512,6 +512,7 @@ def _score_write_send(
         exam=round(result.exam_score, 6),
         operating_point=predictor.identity.operating_point,
         suspicious=result.exam_score >= predictor.identity.operating_point,
+        operating_point_name=predictor.identity.operating_point_name,
     )
     progress.missing_views = result.missing_views
     audit.record("study_scored", run_id=info.run_id, study_uid=info.study_uid,

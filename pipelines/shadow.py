@@ -52,6 +52,7 @@ class Shadow:
                 exam=round(result.exam_score, 6),
                 operating_point=identity.operating_point,
                 suspicious=result.exam_score >= identity.operating_point,
+                operating_point_name=identity.operating_point_name,
             )
         except Exception as error:  # the shadow must never fail the live run
             log.warning("shadow_scoring_failed", reason=type(error).__name__)

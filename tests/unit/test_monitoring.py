@@ -210,11 +210,21 @@ def test_a_finished_run_is_counted_with_its_stages_sends_and_score() -> None:
                     "manufacturer": "Unit Vendor"}
     before_failed = _value("mammo_runs_finished_total", {"state": "failed", "error_kind": "send"})
     before_score = _value("mammo_exam_score_count", score_labels)
+    before_verdicts = _value("mammo_exam_verdicts_total", {
+        **score_labels, "operating_point": "balanced", "verdict": "suspicious"})
     metrics.observe_run(record, source)
     assert _value("mammo_runs_finished_total",
                   {"state": "failed", "error_kind": "send"}) == before_failed + 1
     assert _value("mammo_exam_score_count", score_labels) == before_score + 1
     assert _value("mammo_exam_score_bucket", {**score_labels, "le": "0.7"}) >= 1
+    # the verdict at the configured point (the record says which: "balanced" by default)
+    verdict_labels = {**score_labels, "operating_point": "balanced", "verdict": "suspicious"}
+    assert _value("mammo_exam_verdicts_total", verdict_labels) == before_verdicts + 1
+    below = record.model_copy(update={"scores": record.scores.model_copy(update={
+        "exam": 0.2, "suspicious": False, "operating_point_name": "high_sensitivity"})})
+    metrics.observe_run(below, source)
+    assert _value("mammo_exam_verdicts_total", {**score_labels, "verdict": "not_suspicious",
+                                                "operating_point": "high_sensitivity"}) >= 1
     assert _value("mammo_sends_total", {"destination": "unit-pacs", "outcome": "failed"}) >= 1
     assert _value("mammo_stage_duration_seconds_count", {"stage": "inference"}) >= 1
     assert REGISTRY.get_sample_value("mammo_stage_duration_seconds_count",
@@ -230,6 +240,7 @@ def test_label_values_from_received_data_are_cleaned_and_capped() -> None:
 def test_exported_names_cover_counters_histograms_and_state() -> None:
     names = metrics.exported_names()
     assert {"mammo_instances_received_total", "mammo_exam_score_bucket", "mammo_exam_score_sum",
+            "mammo_exam_verdicts_total",
             "mammo_runs", "mammo_worker_last_seen_age_seconds",
             "mammo_stage_duration_seconds_count"} <= names
 

@@ -76,8 +76,10 @@ def test_run_and_record_written_by_the_previous_version_load_and_keep_their_keys
     write_run_info(tmp_path, info)
     write_record(tmp_path, record)
     assert json.loads((tmp_path / RUN_NAME).read_text()) == OLD_RUN_JSON
-    assert json.loads((tmp_path / RECORD_NAME).read_text()) == {**OLD_RECORD_JSON,
-                                                                "error_kind": "send"}
+    # before `model.operating_point` every verdict was taken at the bundle's balanced point
+    assert json.loads((tmp_path / RECORD_NAME).read_text()) == {
+        **OLD_RECORD_JSON, "error_kind": "send",
+        "scores": {**OLD_RECORD_JSON["scores"], "operating_point_name": "balanced"}}
 
 
 def test_records_round_trip(tmp_path: Path) -> None:
