@@ -119,6 +119,12 @@ def test_prometheus_scrapes_node_and_worker_through_a_study(
     assert labels["job"] == "mammo-worker"
     assert (labels["model"], labels["model_version"]) == (BUNDLE["name"], BUNDLE["version"])
     assert (labels["calling_ae"], labels["manufacturer"]) == ("STORESCU", "mammo-node synthetic")
+    # the exam's verdict at the configured point (the default: balanced), as the record says it
+    verdict = "suspicious" if record["scores"]["suspicious"] else "not_suspicious"
+    verdicts = prometheus.wait_for(
+        f'mammo_exam_verdicts_total{{operating_point="balanced",verdict="{verdict}"}}',
+        lambda r: _value(r) >= 1)
+    assert verdicts[0]["metric"]["calling_ae"] == "STORESCU"
     assert _value(prometheus.query('mammo_runs_finished_total{state="done"}')) >= 1
     assert _value(prometheus.query('mammo_stage_duration_seconds_count{stage="inference"}')) >= 1
     assert _value(prometheus.query(
