@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import shutil
 import sys
 import tempfile
@@ -29,7 +30,21 @@ from tools.stack.viewer import ViewerServer, ohif_installed
 DEMO_STUDY = {"rows": 2048, "cols": 1664, "seed": 7, "lesions": ["L-MLO"]}
 
 
-def _print_scores(scores: dict, operating_point: float | None) -> None:
+def _exam_context(bundle_dir: Path, point_name: str) -> str | None:
+    """What a suspicious exam verdict at `point_name` means for this bundle, from its card's
+    per-exam table: how many normal women's exams that point flagged in its cross-validation."""
+    try:
+        metadata = json.loads((bundle_dir / "metadata.json").read_text(encoding="utf-8"))
+        normal = metadata["metrics"]["subgroups"]["exams"]["specificity"][point_name]
+        flagged, women = int(normal["of"]) - int(normal["count"]), int(normal["of"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (f"  (in the model's cross-validation this point flagged {flagged} of {women} normal "
+            "women's exams: see the model card's per-exam table)")
+
+
+def _print_scores(scores: dict, operating_point: float | None,
+                  point_name: str = "balanced", context: str | None = None) -> None:
     print("\nScores read back from the SR stored in Orthanc")
     print(f"  {'level':<8} {'item':<8} {'probability':>11}")
     for key, value in sorted(scores.get("views", {}).items()):
@@ -41,7 +56,9 @@ def _print_scores(scores: dict, operating_point: float | None) -> None:
         print(f"  {'exam':<8} {'':<8} {exam:>11.3f}")
     if operating_point is not None:
         verdict = scores.get("qualitative", {}).get("exam") or "?"
-        print(f"  exam at the balanced operating point ({operating_point:.3f}): {verdict}")
+        print(f"  exam at the {point_name} operating point ({operating_point:.3f}): {verdict}")
+        if context:
+            print(context)
     if scores.get("missing_views"):
         print(f"  views missing: {', '.join(scores['missing_views'])}")
     for mark in scores.get("findings", []):  # regions at or above the operating point
@@ -86,7 +103,9 @@ def run_demo(work_dir: Path, keep: bool) -> int:
               "after the PACS sent the study")
         record = stack.wait_for_record(study_uid, timeout_s=30)
         sr = dcmread(io.BytesIO(stack.orthanc.get_instance_file(ids["sr"][0])))
-        _print_scores(read_sr_scores(sr), record.get("scores", {}).get("operating_point"))
+        point_name = record.get("scores", {}).get("operating_point_name", "balanced")
+        _print_scores(read_sr_scores(sr), record.get("scores", {}).get("operating_point"),
+                      point_name, _exam_context(stack.bundle_dir, point_name))
         print("\nWhere the results landed (Orthanc instance IDs)")
         print(f"  SR : {', '.join(ids['sr'])}")
         for seg_id in ids["seg"]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tools.stack.node_stack import DEFAULT_BUNDLE
 from tools.stack.viewer import ohif_installed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,12 @@ def test_demo_keeps_the_study_browsable_in_ohif_then_stops_everything_on_ctrl_c(
         for level in ("view     R-CC", "view     L-MLO", "breast   R", "breast   L", "exam"):
             assert level in out
         assert out.count("SEG: ") == 4 and out.count("SR : ") == 1
+        # what the verdict's point means, from the bundle's per-exam table
+        assert "exam at the balanced operating point (" in out
+        exams = json.loads((DEFAULT_BUNDLE / "metadata.json").read_text())[
+            "metrics"]["subgroups"]["exams"]["specificity"]["balanced"]
+        assert (f"in the model's cross-validation this point flagged "
+                f"{exams['of'] - exams['count']} of {exams['of']} normal women's") in out
         assert "the PACS sends it to the node" in out  # the hospital flow, not storescu
         # the demo's digital CC and MLO views are outside the bundle's declared domain (film MLO),
         # and the SR says so for each of them
