@@ -70,6 +70,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _load(args.config)
     configure_logging(args.log_level)
+    stop = threading.Event()
+    # The handler only sets an event: shutting pynetdicom down from a signal handler deadlocks.
+    # Installed before the listener opens: a SIGTERM that arrives while the node starts (the
+    # port already answering) still stops it cleanly once it has started.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         _check_tls_files(settings)
         if pipeline_problems(settings):
@@ -83,10 +89,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("node_start_failed", reason=error.strerror or str(error),
                   port=settings.node.port)
         return 1
-    stop = threading.Event()
-    # The handler only sets an event: shutting pynetdicom down from a signal handler deadlocks.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
     service.stop()

@@ -401,6 +401,27 @@ def serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]
             process.wait(10)
 
 
+def test_a_sigterm_while_serve_starts_stops_it_cleanly(tmp_path: Path) -> None:
+    """SIGTERM delivered while the node is starting (here: as its listener starts, the moment a
+    supervisor or a script that saw the port answer may send it) ends `serve` cleanly with status
+    0 and the listener closed, not killed by the signal's default action."""
+    config = write_config(tmp_path / "node.yaml", listener=True)
+    port = int(yaml.safe_load(config.read_text())["node"]["port"])
+    code = ("import os, signal, sys\n"
+            "from node import cli, service\n"
+            "real = service.NodeService.start\n"
+            "def start(self):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    real(self)\n"
+            "service.NodeService.start = start\n"
+            "sys.exit(cli.main(['serve', '--config', sys.argv[1]]))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(config)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert echoscu(port).returncode != 0  # nothing listens any more
+
+
 def _exchange(port: int, data: bytes, contexts: list[tuple[int, str, list[str]]] | None = None,
               request: bytes | None = None) -> None:
     sock = connect(port)
