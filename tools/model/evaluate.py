@@ -362,12 +362,10 @@ def exam_metrics(outcomes: Sequence[Outcome], operating_points: dict[str, float]
     dataset with one view per breast (mini-MIAS: two MLO films per woman) an exam has two
     images; a screening exam has four views, so the same image-level point flags more normal
     screening exams than this says."""
-    by_woman: dict[str, list[Outcome]] = {}
-    for outcome in outcomes:
-        by_woman.setdefault(outcome.record.group, []).append(outcome)
-    women = np.array(sorted(by_woman))
-    labels = np.array([max(o.record.label for o in by_woman[w]) for w in women], dtype=int)
-    scores = np.array([max(o.score for o in by_woman[w]) for w in women], dtype=np.float64)
+    groups = [o.record.group for o in outcomes]
+    women = np.unique(groups)  # the order of `metrics.exam_scores`
+    labels, scores = metrics.exam_scores([o.record.label for o in outcomes],
+                                         [o.score for o in outcomes], groups)
     normal = labels == 0
     return {
         "women": len(women), "normal": int(normal.sum()), "abnormal": int((~normal).sum()),
