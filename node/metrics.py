@@ -73,6 +73,12 @@ INPUT_QUALITY_FLAGS = Counter(
 MODEL_LOADED = Gauge(
     "mammo_worker_model_loaded", "Worker processes of this worker with the model loaded",
     ["model", "model_version"], multiprocess_mode="livesum")
+NORMAL_EXAM_FLAG_RATE = Gauge(
+    "mammo_model_normal_exam_flag_rate",
+    "Share of normal women's exams the loaded bundle's cross-validation flagged at the "
+    "configured operating point (1 - its exam specificity, metadata.json "
+    "operating_points_detail): what the recall rate of a screening population should be near",
+    ["model", "model_version", "operating_point"], multiprocess_mode="livemax")
 
 # --- state read at scrape time (serve) --------------------------------------------------------
 # name -> (help, labels); filled by node/monitoring.py:NodeStateCollector.
@@ -182,7 +188,7 @@ def exported_names() -> frozenset[str]:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     for metric in (ASSOCIATIONS, ASSOCIATIONS_ABORTED, INSTANCES_RECEIVED, RECEIVED_BYTES,
                    INSTANCES_REJECTED, STAGE_SECONDS, RUNS_FINISHED, SENDS, EXAM_SCORE,
-                   EXAM_VERDICTS, INPUT_QUALITY_FLAGS, MODEL_LOADED):
+                   EXAM_VERDICTS, INPUT_QUALITY_FLAGS, MODEL_LOADED, NORMAL_EXAM_FLAG_RATE):
         for family in metric.describe():
             names.update(family.name + suffix for suffix in suffixes[family.type])
     return frozenset(names)

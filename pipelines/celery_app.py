@@ -102,6 +102,13 @@ def _load_model_in_child(**_: Any) -> None:
     _leases()  # before any task: threads of a threads pool then share one client
     # Summed over the pool by the worker's endpoint and heartbeat (node/monitoring.py).
     metrics.MODEL_LOADED.labels(model=identity.name, model_version=identity.version).set(1)
+    from pipelines.model import normal_exam_flag_rate
+
+    expected = normal_exam_flag_rate(_runner().metadata, identity.operating_point_name)
+    if expected is not None:  # the recall-rate alerts compare each source's share against it
+        metrics.NORMAL_EXAM_FLAG_RATE.labels(
+            model=identity.name, model_version=identity.version,
+            operating_point=identity.operating_point_name).set(expected)
 
 
 def load_in_this_process() -> None:

@@ -125,6 +125,18 @@ def test_prometheus_scrapes_node_and_worker_through_a_study(
         f'mammo_exam_verdicts_total{{operating_point="balanced",verdict="{verdict}"}}',
         lambda r: _value(r) >= 1)
     assert verdicts[0]["metric"]["calling_ae"] == "STORESCU"
+    # what the bundle's cross-validation flagged among normal exams at that point, and the
+    # recording rules of the recall-rate alerts built on both: this source's expected count
+    # (0 here: increase() needs a second sample of a counter, and this source sent one exam)
+    expected = 1 - BUNDLE["operating_points_detail"]["balanced"]["exam_specificity"]
+    [rate] = prometheus.wait_for(
+        'mammo_model_normal_exam_flag_rate{operating_point="balanced"}')
+    assert rate["metric"]["job"] == "mammo-worker"
+    assert abs(float(rate["value"][1]) - expected) < 1e-9
+    [source] = prometheus.wait_for(
+        'source:mammo_exams_flagged_expected:increase1d{calling_ae="STORESCU"}')
+    assert source["metric"]["operating_point"] == "balanced" and float(source["value"][1]) >= 0
+    assert prometheus.wait_for('source:mammo_exams_flagged_excess:zscore1d{calling_ae="STORESCU"}')
     assert _value(prometheus.query('mammo_runs_finished_total{state="done"}')) >= 1
     assert _value(prometheus.query('mammo_stage_duration_seconds_count{stage="inference"}')) >= 1
     assert _value(prometheus.query(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from node.errors import ModelError
-from pipelines.model import heatmap_to_image_grid, load_bundle
+from pipelines.model import heatmap_to_image_grid, load_bundle, normal_exam_flag_rate
 from pipelines.preprocess import build_preprocess, canvas_input, uses_canvas
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -363,3 +363,18 @@ def test_the_runner_takes_any_operating_point_the_bundle_declares() -> None:
                                          r"declares \(metadata.json operating_points: "
                                          r"balanced, exam_specificity_90, high_sensitivity\)"):
         load_bundle(BUNDLE, "cpu", "strict")
+
+
+def test_each_point_says_how_many_normal_exams_it_flagged() -> None:
+    """The figure the workers export for the recall-rate alerts: the card's per-exam table."""
+    metadata = json.loads((BUNDLE / "metadata.json").read_text())
+    exams = metadata["metrics"]["subgroups"]["exams"]["specificity"]
+    for name in metadata["operating_points"]:
+        rate = normal_exam_flag_rate(metadata, name)
+        flagged = exams[name]["of"] - exams[name]["count"]
+        assert rate == pytest.approx(flagged / exams[name]["of"])
+    assert normal_exam_flag_rate(metadata, "strict") is None
+    assert normal_exam_flag_rate({"operating_points": {"balanced": 0.5}}) is None
+    broken = {"operating_points_detail": {"balanced": {"exam_specificity": 1.5}}}
+    assert normal_exam_flag_rate(broken) is None
+

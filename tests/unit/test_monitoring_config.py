@@ -2,7 +2,7 @@
 
 `promtool` (Debian's `prometheus` package) judges the rules: `check rules`, then `test rules`
 with synthetic series for the alerts whose logic is not obvious (drift PSI, input-quality flags,
-silent worker, no worker, disk watermark). A real Prometheus loads the same file in
+silent worker, no worker, disk watermark, recall rate per source). A real Prometheus loads the same file in
 tests/integration/test_monitoring_stack.py.
 """
 
@@ -22,14 +22,23 @@ from node.metrics import exported_names
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "config" / "monitoring" / "alerts.yml"
 DASHBOARD = ROOT / "config" / "monitoring" / "grafana-dashboard.json"
-METRIC_NAME = re.compile(r"\bmammo_[a-z0-9_]+\b")
+METRIC_NAME = re.compile(r"(?<![\w:])mammo_[a-z0-9_]+\b")  # not inside a recorded name
+RECORDED_NAME = re.compile(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b")  # level:metric:operations
 
 pytestmark = pytest.mark.requires_bin("promtool")
 
 
-def _alert_exprs() -> dict[str, str]:
+def _rules() -> list[dict[str, Any]]:
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
-    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def _alert_exprs() -> dict[str, str]:
+    return {rule["alert"]: rule["expr"] for rule in _rules() if "alert" in rule}
+
+
+def _recorded() -> dict[str, str]:
+    return {rule["record"]: rule["expr"] for rule in _rules() if "record" in rule}
 
 
 def _panel_exprs() -> list[tuple[str, str]]:
@@ -48,10 +57,16 @@ def test_promtool_accepts_the_rules() -> None:
 def test_rules_and_panels_name_only_exported_metrics() -> None:
     known = exported_names()
     sources = [(f"alert {name}", expr) for name, expr in _alert_exprs().items()]
+    sources += [(f"record {name}", expr) for name, expr in _recorded().items()]
     sources += [(f"panel {title!r}", expr) for title, expr in _panel_exprs()]
     unknown = {(where, name) for where, expr in sources for name in METRIC_NAME.findall(expr)
                if name not in known}
     assert not unknown
+    recorded = set(_recorded())
+    assert all(RECORDED_NAME.fullmatch(name) for name in recorded)
+    unrecorded = {(where, name) for where, expr in sources
+                  for name in RECORDED_NAME.findall(expr) if name not in recorded}
+    assert not unrecorded
     assert all(METRIC_NAME.search(expr) for title, expr in _panel_exprs()), "a panel without a node metric"
 
 
@@ -100,6 +115,12 @@ def test_the_alerts_fire_for_the_right_series(tmp_path: Path) -> None:
     worker = {"worker": "host:42", "model": "m", "model_version": "1"}
     worker_job = {"job": "mammo-worker", "instance": "w:9465"}
     node_job = {"job": "mammo-node", "instance": "n:9464"}
+    point = {"model": "m", "model_version": "1", "operating_point": "balanced"}
+    recall_high = {**point, "calling_ae": "MG_HIGH", "manufacturer": "V"}
+    recall_usual = {**recall_high, "calling_ae": "MG_USUAL"}
+    recall_none = {**recall_high, "calling_ae": "MG_NONE"}
+    recall_few = {**recall_high, "calling_ae": "MG_FEW"}
+    recall_unknown = {**recall_high, "model_version": "0"}
     tests = {
         "rule_files": [str(rules_path)],
         "evaluation_interval": "5m",
@@ -152,6 +173,43 @@ def test_the_alerts_fire_for_the_right_series(tmp_path: Path) -> None:
                     {"eval_time": "5m", "alertname": "MammoSpoolBelowWatermark", "exp_alerts": []},
                     {"eval_time": "15m", "alertname": "MammoSpoolBelowWatermark",
                      "exp_alerts": [_expected(rules, "MammoSpoolBelowWatermark", node_job)]},
+                ],
+            },
+            {   # recall rate per source over a day, against the bundle's 0.396 of normal exams
+                # flagged: 100 exams a day each (0.7 per 10 minutes)
+                "interval": "10m",
+                "input_series": [
+                    _series("mammo_model_normal_exam_flag_rate", {**point, **worker_job},
+                            "0.396x200"),
+                    # 80 % flagged: far above
+                    _series("mammo_exam_verdicts_total", {**recall_high, **worker_job,
+                                                          "verdict": "suspicious"}, "0+0.56x200"),
+                    _series("mammo_exam_verdicts_total", {**recall_high, **worker_job,
+                                                          "verdict": "not_suspicious"},
+                            "0+0.14x200"),
+                    # 42 % flagged: within the noise
+                    _series("mammo_exam_verdicts_total", {**recall_usual, **worker_job,
+                                                          "verdict": "suspicious"}, "0+0.294x200"),
+                    _series("mammo_exam_verdicts_total", {**recall_usual, **worker_job,
+                                                          "verdict": "not_suspicious"},
+                            "0+0.406x200"),
+                    # nothing flagged at all (the suspicious series never appears): far below
+                    _series("mammo_exam_verdicts_total", {**recall_none, **worker_job,
+                                                          "verdict": "not_suspicious"}, "0+0.7x200"),
+                    # every exam flagged, but 20 a day: too few to judge
+                    _series("mammo_exam_verdicts_total", {**recall_few, **worker_job,
+                                                          "verdict": "suspicious"}, "0+0.14x200"),
+                    # a bundle that gives no exam figure: never judged
+                    _series("mammo_exam_verdicts_total", {**recall_unknown, **worker_job,
+                                                          "verdict": "not_suspicious"}, "0+0.7x200"),
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "8h", "alertname": "MammoRecallRateHigh", "exp_alerts": []},
+                    {"eval_time": "8h", "alertname": "MammoRecallRateLow", "exp_alerts": []},
+                    {"eval_time": "30h", "alertname": "MammoRecallRateHigh",
+                     "exp_alerts": [_expected(rules, "MammoRecallRateHigh", recall_high)]},
+                    {"eval_time": "30h", "alertname": "MammoRecallRateLow",
+                     "exp_alerts": [_expected(rules, "MammoRecallRateLow", recall_none)]},
                 ],
             },
         ],
