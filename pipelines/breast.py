@@ -26,7 +26,7 @@ same function to training images.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -207,14 +207,29 @@ def find_pectoral(smooth: np.ndarray, breast: np.ndarray, detector: int = 1
     scanned film may be padded) and meet it within 8-85 % of the height, and the fall across it
     must be clear (a tenth of the breast's intensity range). The muscle is then every breast
     pixel left of the line."""
-    if detector not in PECTORAL_DETECTORS:
-        raise ValueError(f"pectoral detector {detector!r}: one of {PECTORAL_DETECTORS}")
+    return find_pectorals(smooth, breast, (detector,))[0]
+
+
+def find_pectorals(smooth: np.ndarray, breast: np.ndarray, detectors: Sequence[int]
+                   ) -> list[tuple[np.ndarray, str]]:
+    """`find_pectoral` for each of `detectors`, the row-by-row search (detector 1's, and
+    detector 2's first) run once."""
+    for detector in detectors:
+        if detector not in PECTORAL_DETECTORS:
+            raise ValueError(f"pectoral detector {detector!r}: one of {PECTORAL_DETECTORS}")
     if breast.sum() < 100:
-        return np.zeros_like(breast), "no breast"
-    triangle, outcome = _find_pectoral_rows(smooth, breast)
-    if outcome == "cut" or detector == 1:
-        return triangle, outcome
-    return find_pectoral_line(smooth, breast)
+        return [(np.zeros_like(breast), "no breast") for _ in detectors]
+    rows = _find_pectoral_rows(smooth, breast)
+    line: tuple[np.ndarray, str] | None = None
+    found = []
+    for detector in detectors:
+        if rows[1] == "cut" or detector == 1:
+            found.append(rows)
+            continue
+        if line is None:
+            line = find_pectoral_line(smooth, breast)
+        found.append(line)
+    return found
 
 
 def _find_pectoral_rows(smooth: np.ndarray, breast: np.ndarray) -> tuple[np.ndarray, str]:
@@ -269,15 +284,10 @@ def _find_pectoral_rows(smooth: np.ndarray, breast: np.ndarray) -> tuple[np.ndar
     return triangle, "cut"
 
 
-def pectoral_mask(smooth: np.ndarray, breast: np.ndarray, detector: int = 1) -> np.ndarray:
-    """`find_pectoral`'s triangle (all False when none fits)."""
-    return find_pectoral(smooth, breast, detector)[0]
-
-
 def pectoral_outcome(image: np.ndarray, detector: int = 1) -> str:
     """How `breast_mask(image, "MLO", pectoral_detector=detector)`'s pectoral search ended on an
     image (chest wall left): "cut", `LINE_CUT` or the failed test (for measuring the detector;
-    the mask is `breast_mask`'s)."""
+    the mask is `breast_mask`'s; `segment_breast` gives both, for several detectors at once)."""
     smooth, _ = _smoothed(np.asarray(image))
     return find_pectoral(smooth, tissue_mask(smooth), detector)[1]
 
@@ -296,26 +306,47 @@ def breast_mask(image: np.ndarray, view: str | None = None,
 def breast_masks(image: np.ndarray, view: str | None, pectoral_detectors: Sequence[int],
                  border_fraction: float = BORDER_FRACTION) -> list[np.ndarray]:
     """`breast_mask` for each pectoral detector, the breast segmented once."""
+    if (view or "").upper() == "CC":  # no muscle looked for: the whole breast, once per detector
+        whole = _segment(image, (), border_fraction)[0]
+        return [whole() for _ in pectoral_detectors]
+    return _segment(image, pectoral_detectors, border_fraction)[1]
+
+
+def segment_breast(image: np.ndarray, pectoral_detectors: Sequence[int],
+                   border_fraction: float = BORDER_FRACTION
+                   ) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """For measuring the pectoral detectors, the image segmented once: the whole breast (a CC
+    view's mask, no muscle looked for), each detector's MLO mask (`breast_mask`'s) and how each
+    detector's search ended (`pectoral_outcome`'s)."""
+    whole, masks, outcomes = _segment(image, pectoral_detectors, border_fraction)
+    return whole(), masks, outcomes
+
+
+def _segment(image: np.ndarray, pectoral_detectors: Sequence[int], border_fraction: float
+             ) -> tuple[Callable[[], np.ndarray], list[np.ndarray], list[str]]:
+    """The whole breast's mask (made when called: the worker's MLO views never need it) and, per
+    pectoral detector, the mask without the muscle and the search's outcome; on the image's
+    grid with the border cleared."""
     array = np.asarray(image)  # any dtype: only the reduced copy is float32
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {array.shape}")
     smooth, factor = _smoothed(array)
     tissue = tissue_mask(smooth)
     border = max(1, int(round(border_fraction * min(array.shape))))
-    masks = []
-    for detector in pectoral_detectors:
-        breast = tissue
-        if (view or "").upper() != "CC":
-            breast = _largest_component(tissue & ~pectoral_mask(smooth, tissue, detector))
-        full = _expand(breast, factor, array.shape)
-        if full is tissue:  # not reduced, no pectoral cut: the tissue mask itself
-            full = full.copy()
-        full[:border, :] = False
-        full[-border:, :] = False
-        full[:, :border] = False
-        full[:, -border:] = False
-        masks.append(full)
-    return masks
+
+    def full(breast: np.ndarray) -> np.ndarray:
+        expanded = _expand(breast, factor, array.shape)
+        if expanded is tissue:  # not reduced, no pectoral cut: the tissue mask itself
+            expanded = expanded.copy()
+        expanded[:border, :] = False
+        expanded[-border:, :] = False
+        expanded[:, :border] = False
+        expanded[:, -border:] = False
+        return expanded
+
+    found = find_pectorals(smooth, tissue, pectoral_detectors) if pectoral_detectors else []
+    masks = [full(_largest_component(tissue & ~triangle)) for triangle, _ in found]
+    return (lambda: full(tissue)), masks, [outcome for _, outcome in found]
 
 
 def mask_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
