@@ -17,7 +17,10 @@ Lines hold scores, times, run ids, AE titles and manufacturer names: no PHI.
 **The statistics** (`compare`): the population stability index over the reference's decile bins
 and the two-sample Kolmogorov-Smirnov statistic, the usual PSI reading (below 0.1 stable,
 0.1-0.25 moderate shift, above 0.25 significant) giving the verdict. `DriftCollector` exports
-them at each scrape of `serve` (`node/metrics.py:DRIFT_GAUGES`).
+them at each scrape of `serve` (`node/metrics.py:DRIFT_GAUGES`). Beside them, for each
+operating point the bundle declares, the share of the window's exams at or above it against the
+share of normal exams it flagged in the bundle's cross-validation (`normal_exam_flag_rate`): the
+recall each point would give on the source's own exams (`mammo-node drift`'s second table).
 
 numpy only; nothing here imports torch or pipelines/.
 """
@@ -31,7 +34,7 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ MAX_REFERENCE_SCORES = 10_000  # more out-of-fold scores are kept as this many o
 PSI_FLOOR = 1e-4  # an empty bin counts as this fraction (PSI is infinite otherwise)
 PSI_MODERATE, PSI_SIGNIFICANT = 0.1, 0.25
 DEFAULT_MIN_EXAMS = 50  # fewer exams in a window: too few to judge (the alert rule uses 50 too)
+POINTS_KEY = "operating_points"  # in a stored reference: the bundle's points (`reference_for_store`)
 
 
 # --- the statistics ------------------------------------------------------------------------------
@@ -73,6 +77,37 @@ def reference_from_scores(scores: Iterable[float], source: str) -> dict[str, Any
         "fractions": [round(float(f), 6) for f in bin_fractions(values, edges)],
         "scores": [round(float(s), 6) for s in kept],
     }
+
+
+def normal_exam_flag_rate(metadata: Mapping[str, Any], name: str) -> float | None:
+    """The share of normal women's exams a bundle's cross-validation flagged at its operating
+    point `name` (1 - `operating_points_detail[name].exam_specificity` of its metadata.json), or
+    None when the bundle does not say (bundles before 0.6.1 give only per-image figures)."""
+    detail = metadata.get("operating_points_detail")
+    try:
+        specificity = float(detail[name]["exam_specificity"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return 1.0 - specificity if 0.0 <= specificity <= 1.0 else None
+
+
+def reference_for_store(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the store keeps of a bundle (its metadata.json): `reference_scores`, with the
+    operating points it declares and the share of normal exams each flagged (`POINTS_KEY`:
+    name -> threshold, normal_exam_flag_rate); None without a reference."""
+    reference = metadata.get(REFERENCE_KEY)
+    if not isinstance(reference, Mapping):
+        return None
+    points: dict[str, dict[str, float | None]] = {}
+    declared = metadata.get("operating_points")
+    for name, threshold in (declared.items() if isinstance(declared, Mapping) else ()):
+        try:
+            value = float(threshold)
+        except (TypeError, ValueError):
+            continue
+        points[str(name)] = {"threshold": value,
+                             "normal_exam_flag_rate": normal_exam_flag_rate(metadata, str(name))}
+    return {**reference, POINTS_KEY: points}
 
 
 def bin_fractions(scores: Sequence[float] | FloatArray, edges: Sequence[float] | FloatArray
@@ -122,6 +157,9 @@ class Reference:
     fractions: FloatArray
     scores: FloatArray
     n: int
+    # operating point name -> (threshold, share of normal exams it flagged or None); empty for a
+    # reference stored before the points were kept
+    points: Mapping[str, tuple[float, float | None]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: object) -> Reference | None:
@@ -139,7 +177,30 @@ class Reference:
             return None
         if np.any(np.diff(edges) <= 0):
             return None
-        return cls(edges, fractions, np.sort(scores), n)
+        return cls(edges, fractions, np.sort(scores), n, _points(data.get(POINTS_KEY)))
+
+
+def _points(data: object) -> dict[str, tuple[float, float | None]]:
+    points: dict[str, tuple[float, float | None]] = {}
+    for name, point in (data.items() if isinstance(data, Mapping) else ()):
+        try:
+            threshold = float(point["threshold"])
+            rate = point.get("normal_exam_flag_rate")
+            points[str(name)] = (threshold, None if rate is None else float(rate))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return points
+
+
+@dataclass(frozen=True)
+class PointShare:
+    """One operating point of the bundle on a source's window."""
+
+    name: str
+    threshold: float
+    exams_at_or_above: int
+    share: float
+    normal_exam_flag_rate: float | None
 
 
 @dataclass(frozen=True)
@@ -150,13 +211,15 @@ class Comparison:
     mean_image_score: float
     psi: float
     ks: float
+    points: tuple[PointShare, ...] = ()
 
     def verdict(self, min_exams: int = DEFAULT_MIN_EXAMS) -> str:
         return verdict(self.psi, self.exams, min_exams)
 
 
 def compare(reference: Reference, exams: Sequence[ExamEntry]) -> Comparison:
-    """The window's image scores against the reference (PSI over its bins, KS over its scores)."""
+    """The window's image scores against the reference (PSI over its bins, KS over its scores),
+    and its exam scores against each of the bundle's operating points."""
     images = np.asarray([s for e in exams for s in e.images], dtype=np.float64)
     exam_scores = np.asarray([e.exam for e in exams], dtype=np.float64)
     return Comparison(
@@ -167,6 +230,12 @@ def compare(reference: Reference, exams: Sequence[ExamEntry]) -> Comparison:
         psi=round(psi(reference.fractions, bin_fractions(images, reference.edges)), 6)
         if images.size else 0.0,
         ks=round(ks_statistic(reference.scores, images), 6) if images.size else 0.0,
+        points=tuple(
+            PointShare(name, threshold, int((exam_scores >= threshold).sum()),
+                       round(float((exam_scores >= threshold).mean()), 6), rate)
+            for name, (threshold, rate) in sorted(reference.points.items(),
+                                                  key=lambda item: item[1][0]))
+        if exam_scores.size else (),
     )
 
 

@@ -2,7 +2,9 @@
 
 Reads the rolling store (node/drift.py) and writes `drift.json` (machine-readable), `report.md`
 (one row per source: exams and images in the window, mean exam and image score, PSI, KS and the
-verdict by the usual PSI reading) and `drift.png` (each source's image-score histogram over the
+verdict by the usual PSI reading; then, per source and operating point the bundle declares, the
+share of the window's exams at or above the point beside the share of normal exams it flagged in
+the bundle's cross-validation) and `drift.png` (each source's image-score histogram over the
 reference's bins beside the reference's). matplotlib is imported inside `write_plot` only.
 """
 
@@ -72,8 +74,38 @@ def markdown(rows: Sequence[dict[str, Any]], window: int, min_exams: int) -> str
             f"{r['verdict']} |")
     if not rows:
         lines.append("| (no scored exam in the store yet) | | | | | | | | | |")
+    lines += _point_lines(rows)
     lines += ["", "![image-score histograms against the reference](drift.png)", ""]
     return "\n".join(lines)
+
+
+def _point_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The second table: what each operating point would flag of each source's window."""
+    shown = [(r, p) for r in rows for p in r.get("points") or ()]
+    if not shown:
+        return []
+    lines = [
+        "",
+        "## Exams each operating point flags, per source",
+        "",
+        "The share of the window's exams whose exam score is at or above each operating point the "
+        "bundle declares (the verdict `suspicious` at that point), beside the share of normal "
+        "women's exams that point flagged in the bundle's cross-validation (its model card's "
+        "per-exam table). In screening almost every exam is normal, so a source's share should "
+        "sit near the bundle's; choosing `model.operating_point`, a site reads here the recall "
+        "each point would give on its own exams.",
+        "",
+        "| model | calling AE | manufacturer | exams | operating point | threshold | "
+        "exams at or above | share | bundle's normal exams flagged |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r, p in shown:
+        expected = p["normal_exam_flag_rate"]
+        lines.append(
+            f"| {r['model']} {r['model_version']} | {r['calling_ae']} | {r['manufacturer']} | "
+            f"{r['exams']} | {p['name']} | {p['threshold']:.3f} | {p['exams_at_or_above']} | "
+            f"{p['share']:.3f} | {'–' if expected is None else f'{expected:.3f}'} |")
+    return lines
 
 
 def write_plot(path: Path, store: DriftStore,

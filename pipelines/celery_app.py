@@ -12,6 +12,7 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from node import metrics
+from node.drift import normal_exam_flag_rate
 from node.leases import Leases
 from node.logs import configure_logging, get_logger
 from node.monitoring import forget_process
@@ -102,8 +103,6 @@ def _load_model_in_child(**_: Any) -> None:
     _leases()  # before any task: threads of a threads pool then share one client
     # Summed over the pool by the worker's endpoint and heartbeat (node/monitoring.py).
     metrics.MODEL_LOADED.labels(model=identity.name, model_version=identity.version).set(1)
-    from pipelines.model import normal_exam_flag_rate
-
     expected = normal_exam_flag_rate(_runner().metadata, identity.operating_point_name)
     if expected is not None:  # the recall-rate alerts compare each source's share against it
         metrics.NORMAL_EXAM_FLAG_RATE.labels(

@@ -248,18 +248,6 @@ def operating_point(metadata: dict[str, Any], name: str = DEFAULT_OPERATING_POIN
     return value
 
 
-def normal_exam_flag_rate(metadata: dict[str, Any],
-                          name: str = DEFAULT_OPERATING_POINT) -> float | None:
-    """The share of normal women's exams the bundle's cross-validation flagged at its point
-    `name` (1 - `operating_points_detail[name].exam_specificity`), or None when the bundle does
-    not say (bundles before 0.6.1 give only per-image figures)."""
-    detail = metadata.get("operating_points_detail")
-    try:
-        specificity = float(detail[name]["exam_specificity"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
-        return None
-    return 1.0 - specificity if 0.0 <= specificity <= 1.0 else None
-
 
 class ModelRunner:
     """A loaded bundle. Not thread-safe; one per worker process."""

@@ -30,7 +30,7 @@ from pydicom import Dataset
 
 from node import metrics
 from node.audit import AuditLog, open_audit
-from node.drift import REFERENCE_KEY, DriftStore, ExamEntry, SourceKey
+from node.drift import DriftStore, ExamEntry, SourceKey, reference_for_store
 from node.errors import InputError
 from node.leases import Lease, LeaseLost, Leases, hold_claimed_run
 from node.logs import get_logger
@@ -612,17 +612,18 @@ def _describe_inputs(manifest: Sequence[InstanceEntry], views: list[LoadedView],
 def _record_drift(settings: Settings, record: RunRecord, source: metrics.RunSource,
                   predictor: Predictor) -> None:
     """A scored exam into its source's drift window (node/drift.py), with the bundle's reference
-    (`reference_scores` of its metadata). Monitoring: a failure is logged, never the run's."""
+    (`reference_scores` of its metadata, with its operating points). Monitoring: a failure is
+    logged, never the run's."""
     if record.scores is None or record.model is None:
         return
     metadata = getattr(predictor, "metadata", None)
-    reference = metadata.get(REFERENCE_KEY) if isinstance(metadata, Mapping) else None
+    reference = reference_for_store(metadata) if isinstance(metadata, Mapping) else None
     key = SourceKey(record.model.name, record.model.version, source.calling_ae,
                     source.manufacturer)
     entry = ExamEntry(at=time.time(), run_id=record.run_id, exam=record.scores.exam,
                       images=tuple(record.scores.views.values()))
     try:
         DriftStore(settings.spool.dir, settings.drift.window, settings.drift.max_sources).record(
-            key, entry, reference if isinstance(reference, Mapping) else None)
+            key, entry, reference)
     except OSError as error:
         log.warning("drift_not_recorded", run_id=record.run_id, reason=error.strerror)

@@ -108,4 +108,12 @@ def test_quality_flags_and_drift_gauges_through_a_real_stack(stack: NodeStack, t
     assert row["mean_exam_score"] == record["scores"]["exam"]
     assert row["psi"] == pytest.approx(psi, abs=1e-6)
     assert "| STORESCU | mammo-node synthetic | 1 | 4 |" in (out / "report.md").read_text()
+    # the worker kept the bundle's points with its reference: the exam against each of them,
+    # and the point the run's verdict was taken at agrees with the record
+    points = {p["name"]: p for p in row["points"]}
+    assert set(points) == set(BUNDLE["operating_points"])
+    balanced = points["balanced"]
+    assert balanced["exams_at_or_above"] == int(record["scores"]["suspicious"])
+    assert balanced["normal_exam_flag_rate"] == pytest.approx(
+        1 - BUNDLE["operating_points_detail"]["balanced"]["exam_specificity"])
     assert (out / "drift.png").stat().st_size > 1000

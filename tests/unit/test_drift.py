@@ -22,6 +22,7 @@ from node.drift import (
     compare,
     ks_statistic,
     psi,
+    reference_for_store,
     reference_from_scores,
     verdict,
 )
@@ -190,3 +191,39 @@ def test_drift_report_of_an_empty_store(tmp_path: Path) -> None:
     assert main(["drift", "--config", str(config), "--out", str(out)]) == 0
     assert json.loads((out / "drift.json").read_text())["sources"] == []
     assert (out / "drift.png").is_file()
+
+
+def test_the_report_says_what_each_operating_point_flags_of_a_source(tmp_path: Path) -> None:
+    """The store keeps the shipped bundle's points with the share of normal exams each flagged
+    (the card's per-exam table); the report counts each source's exams at or above each point."""
+    metadata = json.loads((ROOT / "models" / "mias-baseline" / "metadata.json").read_text())
+    stored = reference_for_store(metadata)
+    assert stored is not None
+    points = metadata["operating_points"]
+    config = write_config(tmp_path / "node.yaml", drift={"window": 100, "min_exams": 20})
+    store = DriftStore(tmp_path / "spool", window=100)
+    exams = [0.05 + 0.9 * i / 59 for i in range(60)]  # evenly spread exam scores
+    for index, exam in enumerate(exams):
+        store.record(KEY, _exam(index, (exam, exam / 2)), stored)
+    reference = store.reference("m", "1")
+    assert reference is not None and set(reference.points) == set(points)
+    out = tmp_path / "report"
+    main(["drift", "--config", str(config), "--out", str(out)])
+    [row] = json.loads((out / "drift.json").read_text())["sources"]
+    shares = {p["name"]: p for p in row["points"]}
+    assert list(shares) == sorted(points, key=points.get)  # lowest threshold first
+    for name, threshold in points.items():
+        flagged = sum(exam >= threshold for exam in exams)
+        specificity = metadata["operating_points_detail"][name]["exam_specificity"]
+        assert shares[name]["exams_at_or_above"] == flagged
+        assert shares[name]["share"] == pytest.approx(flagged / len(exams), abs=1e-6)
+        assert shares[name]["normal_exam_flag_rate"] == pytest.approx(1 - specificity)
+    table = (out / "report.md").read_text()
+    flagged = shares["balanced"]["exams_at_or_above"]
+    assert (f"| m 1 | MG_ONE | Vendor A | 60 | balanced | {points['balanced']:.3f} | {flagged} | "
+            f"{flagged / 60:.3f} | {shares['balanced']['normal_exam_flag_rate']:.3f} |") in table
+    # a reference stored before the points were kept, and a bundle without a reference
+    bare = Reference.from_json(metadata["reference_scores"])
+    assert bare is not None and not bare.points and not compare(bare, [_exam(0, (0.5,))]).points
+    assert reference_for_store({"operating_points": points}) is None
+

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from node.drift import normal_exam_flag_rate
 from node.errors import ModelError
-from pipelines.model import heatmap_to_image_grid, load_bundle, normal_exam_flag_rate
+from pipelines.model import heatmap_to_image_grid, load_bundle
 from pipelines.preprocess import build_preprocess, canvas_input, uses_canvas
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -374,7 +375,7 @@ def test_each_point_says_how_many_normal_exams_it_flagged() -> None:
         flagged = exams[name]["of"] - exams[name]["count"]
         assert rate == pytest.approx(flagged / exams[name]["of"])
     assert normal_exam_flag_rate(metadata, "strict") is None
-    assert normal_exam_flag_rate({"operating_points": {"balanced": 0.5}}) is None
+    assert normal_exam_flag_rate({"operating_points": {"balanced": 0.5}}, "balanced") is None
     broken = {"operating_points_detail": {"balanced": {"exam_specificity": 1.5}}}
-    assert normal_exam_flag_rate(broken) is None
+    assert normal_exam_flag_rate(broken, "balanced") is None
 
