@@ -91,7 +91,8 @@ def run_demo(work_dir: Path, keep: bool) -> int:
         paths = make_study(work_dir / "study", **DEMO_STUDY)
         study_uid = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         print(f"\nThe modality stores a synthetic 4-view screening study ({len(paths)} images, "
-              f"{DEMO_STUDY['rows']} x {DEMO_STUDY['cols']}) in the PACS; the PACS sends it to the node ...")
+              f"{DEMO_STUDY['rows']} x {DEMO_STUDY['cols']}) in the PACS; the PACS sends it to the node ...",
+              flush=True)
         sent_at = time.monotonic()
         try:
             stack.send_through_pacs(paths)
@@ -137,13 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the services up until Ctrl-C")
     args = parser.parse_args(argv)
     exit_on_termination_signals()  # `kill` unwinds like Ctrl-C: everything started is stopped
-    if args.dir:
-        return run_demo(args.dir, args.keep)
-    work_dir = Path(tempfile.mkdtemp(prefix="mammo-node-demo-"))
     try:
-        return run_demo(work_dir, args.keep)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if args.dir:
+            return run_demo(args.dir, args.keep)
+        work_dir = Path(tempfile.mkdtemp(prefix="mammo-node-demo-"))
+        try:
+            return run_demo(work_dir, args.keep)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    except KeyboardInterrupt:  # Ctrl-C before the study was through: stopped, no traceback
+        print("Interrupted: everything the demo started is stopped.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -125,12 +125,16 @@ def test_sigterm_of_the_demo_with_keep_stops_everything_it_started(tmp_path: Pat
 
 
 def test_ctrl_c_twice_on_the_demo_still_stops_everything_quietly(tmp_path: Path) -> None:
-    """The second Ctrl-C arrives while the demo stops its services: it is ignored, so the stop
-    runs to its end, with no traceback on the user's terminal."""
+    """The first Ctrl-C arrives while the study is on its way (sent by the PACS, scored by the
+    worker), the second while the demo stops its services: it is ignored, so the stop runs to
+    its end, with one line and no traceback on the user's terminal. (Ctrl-C once the study is
+    through, with --keep: tests/integration/test_demo.py; SIGTERM then: the test above.)"""
     out = _signal_and_check([sys.executable, "-m", "tools.demo", "--keep", "--dir", str(tmp_path / "d")],
-                            "--keep: services left running", signal.SIGINT, tmp_path,
+                            "The modality stores a synthetic", signal.SIGINT, tmp_path,
                             {"redis-server", "Orthanc"}, again_at="Stopping what the demo started")
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert "Interrupted: everything the demo started is stopped." in out
+    assert "--keep: services left running" not in out  # stopped mid-way, not at the end
 
 
 STACK_SCRIPT = """
