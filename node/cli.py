@@ -16,7 +16,12 @@ import threading
 from pathlib import Path
 
 from node.audit import open_audit
-from node.config_check import offline_problems, pipeline_problems, tls_problems
+from node.config_check import (
+    offline_problems,
+    operating_point_notes,
+    pipeline_problems,
+    tls_problems,
+)
 from node.errors import ConfigError, TransientError
 from node.logs import configure_logging, get_logger
 from node.runs import read_record, read_run_info, read_superseded
@@ -58,10 +63,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"{args.file}: ok ({len(settings.pipelines)} pipeline(s): "
               + ", ".join(f"{p.name} = ae_title {p.ae_title}" for p in settings.pipeline_list)
               + f"; {len(settings.all_destinations)} destination(s))")
-        return 0
-    print(f"{args.file}: ok (ae_title {settings.node.ae_title}, "
-          f"{len(settings.allowed_callers)} allowed caller(s), "
-          f"{len(settings.destinations)} destination(s))")
+    else:
+        print(f"{args.file}: ok (ae_title {settings.node.ae_title}, "
+              f"{len(settings.allowed_callers)} allowed caller(s), "
+              f"{len(settings.destinations)} destination(s))")
+    if not args.schema_only:
+        for note in operating_point_notes(settings):
+            print(f"{args.file}: {note}")
     return 0
 
 

@@ -87,6 +87,39 @@ def _unknown_operating_points(settings: Settings) -> list[str]:
     return problems
 
 
+def operating_point_notes(settings: Settings) -> list[str]:
+    """For each model the config names, what its operating point means in the bundle's own
+    cross-validation: how many normal women's exams it flagged (metadata.json
+    `metrics.subgroups.exams`, else `operating_points_detail`), the recall rate a screening
+    population should sit near (the recall-rate alerts compare each source against it). Nothing
+    for a bundle that gives no per-exam figure."""
+    from node.drift import normal_exam_flag_rate
+
+    notes = []
+    for key, model in _models(settings):
+        try:
+            metadata = json.loads((model.bundle_dir / "metadata.json").read_text())
+            threshold = float(metadata["operating_points"][model.operating_point])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # the problems above have said so
+        rate = normal_exam_flag_rate(metadata, model.operating_point)
+        if rate is None:
+            continue
+        counts, images = "", ""
+        try:
+            exams = metadata["metrics"]["subgroups"]["exams"]
+            normal = exams["specificity"][model.operating_point]
+            counts = f"{int(normal['of']) - int(normal['count'])} of {int(normal['of'])} "
+            images = f", {float(exams['images_per_woman']):g} images each"
+        except (KeyError, TypeError, ValueError):
+            pass
+        notes.append(f"{key}: {metadata.get('name')} {metadata.get('version')} at its "
+                     f"{model.operating_point} operating point ({threshold:.3f}) flagged "
+                     f"{counts}normal women's exams ({rate:.1%}{images}) in its cross-validation: "
+                     "about the recall rate to expect of a screening population")
+    return notes
+
+
 def _undeclared_domains(settings: Settings) -> list[str]:
     """A pipeline with `outside_domain: skip` (its own, else `scoring.outside_domain`) whose live
     bundle declares no (valid) `domain`: nothing could be found outside it, so every image

@@ -263,3 +263,26 @@ def test_the_operating_point_must_be_one_the_bundle_declares(
     assert code == 2
     assert lines == [f"{path}: model.operating_point: 'strict' is not one of the bundle's "
                      "operating points (balanced, exam_specificity_90, high_sensitivity)"]
+
+
+@pytest.mark.parametrize("point", ["balanced", "exam_specificity_90"])
+def test_an_ok_check_says_what_the_operating_point_flagged_in_the_bundles_validation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], point: str
+) -> None:
+    """The recall rate the site's choice of point should give, from the bundle's per-exam table
+    (the figure the workers export for the recall-rate alerts)."""
+    bundle = json.loads((BUNDLE / "metadata.json").read_text())
+    exams = bundle["metrics"]["subgroups"]["exams"]
+    normal = exams["specificity"][point]
+    flagged = normal["of"] - normal["count"]
+    path = _runnable(tmp_path / "node.yaml", model={"bundle_dir": str(BUNDLE),
+                                                    "operating_point": point})
+    code, lines, out = _check(path, capsys)
+    assert (code, lines) == (0, [])
+    [note] = [line for line in out.splitlines() if "operating point" in line]
+    assert note == (f"{path}: model: {bundle['name']} {bundle['version']} at its {point} operating "
+                    f"point ({bundle['operating_points'][point]:.3f}) flagged {flagged} of "
+                    f"{normal['of']} normal women's exams ({flagged / normal['of']:.1%}, "
+                    f"{exams['images_per_woman']:g} images each) in its cross-validation: about "
+                    "the recall rate to expect of a screening population")
+
