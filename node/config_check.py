@@ -93,7 +93,7 @@ def operating_point_notes(settings: Settings) -> list[str]:
     `metrics.subgroups.exams`, else `operating_points_detail`), the recall rate a screening
     population should sit near (the recall-rate alerts compare each source against it). Nothing
     for a bundle that gives no per-exam figure."""
-    from node.drift import normal_exam_flag_rate
+    from node.drift import normal_exam_flag_rate, normal_exams_flagged
 
     notes = []
     for key, model in _models(settings):
@@ -105,14 +105,13 @@ def operating_point_notes(settings: Settings) -> list[str]:
         rate = normal_exam_flag_rate(metadata, model.operating_point)
         if rate is None:
             continue
-        counts, images = "", ""
+        flagged = normal_exams_flagged(metadata, model.operating_point)
+        counts = f"{flagged[0]} of {flagged[1]} " if flagged else ""
         try:
-            exams = metadata["metrics"]["subgroups"]["exams"]
-            normal = exams["specificity"][model.operating_point]
-            counts = f"{int(normal['of']) - int(normal['count'])} of {int(normal['of'])} "
-            images = f", {float(exams['images_per_woman']):g} images each"
+            per_woman = float(metadata["metrics"]["subgroups"]["exams"]["images_per_woman"])
+            images = f", {per_woman:g} images each"
         except (KeyError, TypeError, ValueError):
-            pass
+            images = ""
         notes.append(f"{key}: {metadata.get('name')} {metadata.get('version')} at its "
                      f"{model.operating_point} operating point ({threshold:.3f}) flagged "
                      f"{counts}normal women's exams ({rate:.1%}{images}) in its cross-validation: "

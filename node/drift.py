@@ -91,6 +91,17 @@ def normal_exam_flag_rate(metadata: Mapping[str, Any], name: str) -> float | Non
     return 1.0 - specificity if 0.0 <= specificity <= 1.0 else None
 
 
+def normal_exams_flagged(metadata: Mapping[str, Any], name: str) -> tuple[int, int] | None:
+    """(flagged, normal women's exams) at a bundle's operating point `name`, from its card's
+    per-exam table (metadata.json `metrics.subgroups.exams.specificity`), or None when the
+    bundle has none."""
+    try:
+        normal = metadata["metrics"]["subgroups"]["exams"]["specificity"][name]
+        return int(normal["of"]) - int(normal["count"]), int(normal["of"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def reference_for_store(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
     """What the store keeps of a bundle (its metadata.json): `reference_scores`, with the
     operating points it declares and the share of normal exams each flagged (`POINTS_KEY`:

@@ -98,12 +98,13 @@ def _runner() -> ModelRunner:
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _load_model_in_child(**_: Any) -> None:
     configure_logging(os.environ.get("MAMMO_NODE_LOG_LEVEL", "INFO"))
-    identity = _runner().identity
+    runner = _runner()
+    identity = runner.identity
     _shadow()
     _leases()  # before any task: threads of a threads pool then share one client
     # Summed over the pool by the worker's endpoint and heartbeat (node/monitoring.py).
     metrics.MODEL_LOADED.labels(model=identity.name, model_version=identity.version).set(1)
-    expected = normal_exam_flag_rate(_runner().metadata, identity.operating_point_name)
+    expected = normal_exam_flag_rate(runner.metadata, identity.operating_point_name)
     if expected is not None:  # the recall-rate alerts compare each source's share against it
         metrics.NORMAL_EXAM_FLAG_RATE.labels(
             model=identity.name, model_version=identity.version,

@@ -248,7 +248,6 @@ def operating_point(metadata: dict[str, Any], name: str = DEFAULT_OPERATING_POIN
     return value
 
 
-
 class ModelRunner:
     """A loaded bundle. Not thread-safe; one per worker process."""
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from node.drift import normal_exams_flagged
 from pipelines.sr import read_sr_scores
 from tools.stack.make_study import make_study
 from tools.stack.node_stack import NodeStack
@@ -35,10 +36,12 @@ def _exam_context(bundle_dir: Path, point_name: str) -> str | None:
     per-exam table: how many normal women's exams that point flagged in its cross-validation."""
     try:
         metadata = json.loads((bundle_dir / "metadata.json").read_text(encoding="utf-8"))
-        normal = metadata["metrics"]["subgroups"]["exams"]["specificity"][point_name]
-        flagged, women = int(normal["of"]) - int(normal["count"]), int(normal["of"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
+    counts = normal_exams_flagged(metadata, point_name) if isinstance(metadata, dict) else None
+    if counts is None:
+        return None
+    flagged, women = counts
     return (f"  (in the model's cross-validation this point flagged {flagged} of {women} normal "
             "women's exams: see the model card's per-exam table)")
 
