@@ -115,15 +115,31 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
     if not assoc.is_established:
         return [SendOutcome(str(h.SOPInstanceUID), None) for _, h in headers]
     outcomes = []
+    lost = False
     try:
         for path, header in headers:
-            if not assoc.is_established:
+            if lost or not assoc.is_established:
                 outcomes.append(SendOutcome(str(header.SOPInstanceUID), None))
                 continue
-            status = assoc.send_c_store(path)
+            try:
+                status = assoc.send_c_store(path)
+            except RuntimeError:  # the association ended between the check above and the call
+                status = None
             code = int(status.Status) if status is not None and "Status" in status else None
             outcomes.append(SendOutcome(str(header.SOPInstanceUID), code))
+            # No status: the peer aborted or closed the connection, or never answered (pynetdicom
+            # then aborts), or answered nonsense. The association is done for this attempt: the
+            # next C-STORE on it would wait out the whole DIMSE timeout for an answer that cannot
+            # come (pynetdicom marks it ended a moment after this call returns). The objects not
+            # sent go again, with the retry, on a new association.
+            lost = code is None
     finally:
         if assoc.is_established:
-            assoc.release()
+            if lost:
+                assoc.abort()
+            else:
+                assoc.release()
+    if lost:
+        log.warning("send_association_lost", destination=destination.name,
+                    answered=sum(o.status is not None for o in outcomes), of=len(outcomes))
     return outcomes

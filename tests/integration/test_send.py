@@ -84,6 +84,42 @@ def test_unreachable_destination_fails_with_the_reason_after_the_last_attempt(
                       "status": None, "ok": False}]
 
 
+@pytest.mark.timeout(120)
+def test_a_pacs_that_aborts_mid_store_ends_the_attempt_without_waiting_out_the_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """dcmtk's `storescp --abort-during` sends A-ABORT in the middle of the first C-STORE. The
+    objects still to send go with the next attempt on a new association: on the aborted one
+    each C-STORE would wait out the destination's whole timeout (300 s here, past this test's
+    limit) for an answer that cannot come."""
+    port = free_port()
+    process = subprocess.Popen([find_binary("storescp"), "-aet", "ARCHIVE", "--abort-during",
+                                "+xa", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        files = make_study(tmp_path / "objs", rows=64, cols=48, seed=44)
+        settings = make_settings(
+            tmp_path, destinations=[{"name": "archive", "ae_title": "ARCHIVE",
+                                     "host": "127.0.0.1", "port": port, "timeout_s": 300}],
+            send={"attempts": 3, "backoff_s": 0.1, "backoff_max_s": 0.2})
+        deadline = time.monotonic() + 10
+        while subprocess.run([find_binary("echoscu"), "-aec", "ARCHIVE", "127.0.0.1", str(port)],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "storescp never answered C-ECHO"
+            time.sleep(0.1)
+        sends, failure = send_outputs(settings, files)
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert failure == "archive: 4 object(s) not stored after 3 attempts (status None)"
+    assert [s["status"] for s in sends] == [None] * 4
+    lines = capsys.readouterr()
+    lost = [line for line in (lines.out + lines.err).splitlines()
+            if "send_association_lost" in line]
+    assert len(lost) == 3  # once per attempt, none of the four answered
+    assert all(re.search(r'answered"?[=:] ?0\b', line) for line in lost)
+
+
 class _Fixed:
     """A transparent predictor: the scoring flow around the model is what is under test."""
 
