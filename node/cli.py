@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from node.audit import open_audit
@@ -22,7 +24,7 @@ from node.config_check import (
     pipeline_problems,
     tls_problems,
 )
-from node.errors import ConfigError, TransientError
+from node.errors import ConfigError, ModelError, TransientError
 from node.logs import configure_logging, get_logger
 from node.runs import read_record, read_run_info, read_superseded
 from node.settings import Settings, load_settings
@@ -126,48 +128,52 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     # The pipeline's model, shadow and destinations in the top-level places.
     settings = config.for_pipeline(pipeline.name)
-    # Load the bundle in a throwaway process first: a missing or mismatched bundle stops the
-    # worker here with one clear line, and no torch thread pool exists before Celery forks.
-    check = subprocess.run(
+    # A prefork worker loads the bundle in a throwaway process first: a missing or mismatched
+    # bundle stops the worker here with one clear line, and no torch thread pool exists before
+    # Celery forks. It runs while this process imports Celery and the pipelines. A threads pool
+    # loads the bundle in this process (below), and that load is the check.
+    check = None if threads > 1 else subprocess.Popen(
         [sys.executable, "-c",
          "import sys; from pipelines.model import load_bundle; from node.errors import ModelError\n"
          "try:\n  load_bundle(sys.argv[1], sys.argv[2], sys.argv[3])\n"
          "except ModelError as e:\n  print(e, file=sys.stderr); sys.exit(2)",
          str(settings.model.bundle_dir), settings.model.device, settings.model.operating_point],
-        capture_output=True, text=True, check=False,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    if check.returncode != 0:
-        reason = (check.stderr.strip().splitlines() or ["unknown error"])[-1]
+    try:
+        os.environ["MAMMO_NODE_CONFIG"] = str(Path(args.config).resolve())
+        os.environ["MAMMO_NODE_LOG_LEVEL"] = args.log_level
+        named = None if pipeline.implicit else pipeline.name
+        if named is None:
+            os.environ.pop("MAMMO_NODE_PIPELINE", None)
+        else:
+            os.environ["MAMMO_NODE_PIPELINE"] = named
+        # Before prometheus_client is imported: the pool children's metrics meet in this folder,
+        # the endpoint (when configured) serves their sum and the heartbeat says which model
+        # they loaded.
+        from node.monitoring import WorkerMonitor, prepare_worker_metrics_dir
+
+        metrics_dir = prepare_worker_metrics_dir()
+        from pipelines.celery_app import configure, load_in_this_process
+
+        app = configure(config, named)
+        reason = _bundle_rejection(check, load_in_this_process)
+    finally:
+        if check is not None and check.poll() is None:  # interrupted while it loads
+            check.kill()
+            check.wait()
+    if reason is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         log.error("model_bundle_rejected", bundle_dir=str(settings.model.bundle_dir), reason=reason)
         print(f"model bundle rejected: {reason}", file=sys.stderr)
         return 2
-    os.environ["MAMMO_NODE_CONFIG"] = str(Path(args.config).resolve())
-    os.environ["MAMMO_NODE_LOG_LEVEL"] = args.log_level
-    named = None if pipeline.implicit else pipeline.name
-    if named is None:
-        os.environ.pop("MAMMO_NODE_PIPELINE", None)
-    else:
-        os.environ["MAMMO_NODE_PIPELINE"] = named
-    # Before prometheus_client is imported: the pool children's metrics meet in this folder, the
-    # endpoint (when configured) serves their sum and the heartbeat says which model they loaded.
-    from node.monitoring import WorkerMonitor, prepare_worker_metrics_dir
-
-    monitor = WorkerMonitor(settings, prepare_worker_metrics_dir())
+    monitor = WorkerMonitor(settings, metrics_dir)
     try:
         monitor.start()
     except (ConfigError, OSError) as error:
         monitor.stop()
         print(str(error), file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
-    from pipelines.celery_app import configure
-
-    app = configure(config, named)
-    if threads > 1:
-        # A threads pool scores `threads` studies at once in this process through one model
-        # (pipelines/batching.py), loaded here: there is no pool child to load it.
-        from pipelines.celery_app import load_in_this_process
-
-        load_in_this_process()
     try:
         app.worker_main([
             "worker",
@@ -183,6 +189,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     finally:
         monitor.stop()
     return 0
+
+
+def _bundle_rejection(check: subprocess.Popen[str] | None,
+                      load_here: Callable[[], None]) -> str | None:
+    """Why the worker's bundle cannot be used (its ModelError's line), or None: from the
+    throwaway process `check`, or, without one (a threads pool), from loading it here."""
+    if check is None:
+        # A threads pool scores `threads` studies at once in this process through one model
+        # (pipelines/batching.py), loaded here: there is no pool child to load it.
+        try:
+            load_here()
+        except ModelError as error:
+            return str(error)
+        return None
+    _, stderr = check.communicate()
+    if check.returncode == 0:
+        return None
+    return (stderr.strip().splitlines() or ["unknown error"])[-1]
 
 
 def _worker_overrides(config: Settings, args: argparse.Namespace) -> Settings:

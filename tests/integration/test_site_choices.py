@@ -155,3 +155,10 @@ def test_a_worker_refuses_a_point_its_bundle_does_not_declare(stack: NodeStack, 
     assert "model bundle rejected" in result.stderr
     assert "operating point 'strict' is not one the bundle declares" in result.stderr
     assert "balanced, exam_specificity_90, high_sensitivity" in result.stderr
+    # A threads pool loads the bundle in the worker's own process: refused there the same way.
+    threads = subprocess.run([sys.executable, "-m", "node.cli", "worker", "--config", str(bad),
+                              "--threads", "2"],
+                             capture_output=True, text=True, check=False, timeout=120,
+                             env=stack.env())
+    assert threads.returncode == 2
+    assert threads.stderr.strip().splitlines()[-1] == result.stderr.strip().splitlines()[-1]
