@@ -89,9 +89,11 @@ def _wait_for(path: Path, marker: str, process: subprocess.Popen[bytes], timeout
 
 
 def _signal_and_check(command: list[str], marker: str, sig: signal.Signals, tmp_path: Path,
-                      expected_names: set[str], again_at: str | None = None) -> str:
+                      expected_names: set[str], again_at: str | None = None,
+                      returncode: int | None = None) -> str:
     """Start `command`, wait for `marker`, send `sig` (and, with `again_at`, the same signal
-    again once that text is printed), then check that everything it started is gone."""
+    again once that text is printed), then check that everything it started is gone (and, given
+    `returncode`, that it exited with it)."""
     output = tmp_path / "output.txt"
     with output.open("wb") as sink:
         process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
@@ -106,7 +108,9 @@ def _signal_and_check(command: list[str], marker: str, sig: signal.Signals, tmp_
     if again_at is not None:
         _wait_for(output, again_at, process, timeout_s=60)
         process.send_signal(sig)  # a second Ctrl-C while it stops
-    process.wait(timeout=120)
+    code = process.wait(timeout=120)
+    if returncode is not None:
+        assert code == returncode, output.read_text(errors="replace")[-3000:]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(_alive(p, s) for p, s in children.items()):
         time.sleep(0.5)
@@ -117,21 +121,27 @@ def _signal_and_check(command: list[str], marker: str, sig: signal.Signals, tmp_
     return output.read_text(errors="replace")
 
 
-def test_sigterm_of_the_demo_with_keep_stops_everything_it_started(tmp_path: Path) -> None:
+def test_sigterm_of_the_demo_stops_everything_it_started(tmp_path: Path) -> None:
+    """`kill` once its services are up (a service manager stopping it): SIGTERM unwinds as
+    Ctrl-C does, wherever the demo is (waiting with --keep included: the same SystemExit
+    through the same `finally`; Ctrl-C there: tests/integration/test_demo.py), and the demo
+    ends with 128 + 15, as a process killed by SIGTERM reports."""
     out = _signal_and_check([sys.executable, "-m", "tools.demo", "--keep", "--dir", str(tmp_path / "d")],
-                            "--keep: services left running", signal.SIGTERM, tmp_path,
-                            {"redis-server", "Orthanc"})
+                            "  ready in ", signal.SIGTERM, tmp_path, {"redis-server", "Orthanc"},
+                            returncode=128 + signal.SIGTERM)
     assert "Stopping what the demo started" in out
+    assert "Traceback" not in out
 
 
 def test_ctrl_c_twice_on_the_demo_still_stops_everything_quietly(tmp_path: Path) -> None:
     """The first Ctrl-C arrives while the study is on its way (sent by the PACS, scored by the
     worker), the second while the demo stops its services: it is ignored, so the stop runs to
-    its end, with one line and no traceback on the user's terminal. (Ctrl-C once the study is
-    through, with --keep: tests/integration/test_demo.py; SIGTERM then: the test above.)"""
+    its end, with one line and no traceback on the user's terminal, and the demo ends with 130.
+    (Ctrl-C once the study is through, with --keep: tests/integration/test_demo.py.)"""
     out = _signal_and_check([sys.executable, "-m", "tools.demo", "--keep", "--dir", str(tmp_path / "d")],
                             "The modality stores a synthetic", signal.SIGINT, tmp_path,
-                            {"redis-server", "Orthanc"}, again_at="Stopping what the demo started")
+                            {"redis-server", "Orthanc"}, again_at="Stopping what the demo started",
+                            returncode=130)
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
     assert "Interrupted: everything the demo started is stopped." in out
     assert "--keep: services left running" not in out  # stopped mid-way, not at the end
