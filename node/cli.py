@@ -13,9 +13,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from node.audit import open_audit
 from node.config_check import (
@@ -132,14 +134,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # bundle stops the worker here with one clear line, and no torch thread pool exists before
     # Celery forks. It runs while this process imports Celery and the pipelines. A threads pool
     # loads the bundle in this process (below), and that load is the check.
-    check = None if threads > 1 else subprocess.Popen(
+    # Its messages go to a file (a pipe left unread while this process imports would fill).
+    check_output = tempfile.TemporaryFile()  # noqa: SIM115 - closed after the check
+    check = subprocess.Popen(
         [sys.executable, "-c",
          "import sys; from pipelines.model import load_bundle; from node.errors import ModelError\n"
          "try:\n  load_bundle(sys.argv[1], sys.argv[2], sys.argv[3])\n"
          "except ModelError as e:\n  print(e, file=sys.stderr); sys.exit(2)",
          str(settings.model.bundle_dir), settings.model.device, settings.model.operating_point],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+        stdout=subprocess.DEVNULL, stderr=check_output,
+    ) if threads <= 1 else None
     try:
         os.environ["MAMMO_NODE_CONFIG"] = str(Path(args.config).resolve())
         os.environ["MAMMO_NODE_LOG_LEVEL"] = args.log_level
@@ -157,11 +161,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from pipelines.celery_app import configure, load_in_this_process
 
         app = configure(config, named)
-        reason = _bundle_rejection(check, load_in_this_process)
+        reason = _bundle_rejection(check, check_output, load_in_this_process)
     finally:
         if check is not None and check.poll() is None:  # interrupted while it loads
             check.kill()
             check.wait()
+        check_output.close()
     if reason is not None:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         log.error("model_bundle_rejected", bundle_dir=str(settings.model.bundle_dir), reason=reason)
@@ -191,7 +196,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bundle_rejection(check: subprocess.Popen[str] | None,
+def _bundle_rejection(check: subprocess.Popen[bytes] | None, output: IO[bytes],
                       load_here: Callable[[], None]) -> str | None:
     """Why the worker's bundle cannot be used (its ModelError's line), or None: from the
     throwaway process `check`, or, without one (a threads pool), from loading it here."""
@@ -203,10 +208,11 @@ def _bundle_rejection(check: subprocess.Popen[str] | None,
         except ModelError as error:
             return str(error)
         return None
-    _, stderr = check.communicate()
-    if check.returncode == 0:
+    if check.wait() == 0:
         return None
-    return (stderr.strip().splitlines() or ["unknown error"])[-1]
+    output.seek(0)
+    lines = output.read().decode("utf-8", "replace").strip().splitlines()
+    return (lines or ["unknown error"])[-1]
 
 
 def _worker_overrides(config: Settings, args: argparse.Namespace) -> Settings:
