@@ -292,6 +292,8 @@ class SendResult(_Frozen):
     sop_uid: str
     status: str | None  # "0x0000"; None when no response came
     ok: bool
+    # Why the destination would not take it (never offered; not retried), only when it would not.
+    refused: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class ShadowScores(_OmitNone):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -39,6 +40,9 @@ class SendOutcome:
 
     sop_uid: str
     status: int | None  # None: never answered (association failed or aborted)
+    # Why it was never offered, when the destination itself refuses it (no accepted presentation
+    # context for its SOP class and transfer syntax): sending it again cannot help.
+    refused: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -116,8 +120,16 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
         return [SendOutcome(str(h.SOPInstanceUID), None) for _, h in headers]
     outcomes = []
     lost = False
+    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
+                for c in assoc.accepted_contexts}
     try:
         for path, header in headers:
+            sop_class = str(header.SOPClassUID)
+            transfer_syntax = str(header.file_meta.TransferSyntaxUID)
+            if (sop_class, transfer_syntax) not in accepted:
+                outcomes.append(SendOutcome(str(header.SOPInstanceUID), None,
+                                            refused=_refusal(sop_class, transfer_syntax)))
+                continue
             if lost or not assoc.is_established:
                 outcomes.append(SendOutcome(str(header.SOPInstanceUID), None))
                 continue
@@ -142,4 +154,13 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
     if lost:
         log.warning("send_association_lost", destination=destination.name,
                     answered=sum(o.status is not None for o in outcomes), of=len(outcomes))
+    for reason in dict.fromkeys(o.refused for o in outcomes if o.refused):
+        log.warning("send_refused_by_destination", destination=destination.name, reason=reason,
+                    objects=sum(o.refused == reason for o in outcomes))
     return outcomes
+
+
+def _refusal(sop_class: str, transfer_syntax: str) -> str:
+    """The destination's refusal of an object's presentation context, in words (no PHI)."""
+    return (f"no presentation context accepted for {UID(sop_class).name} in "
+            f"{UID(transfer_syntax).name}")

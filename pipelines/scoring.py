@@ -286,7 +286,9 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
             for path, outcome in zip(pending, results, strict=True):
                 outcomes[path] = outcome
             pending = [p for p in pending if not outcomes[p].ok]
-            if not pending:
+            # Objects the destination refused (no presentation context for them) are offered
+            # again only beside objects worth another attempt: alone, they would be refused again.
+            if all(outcomes[p].refused for p in pending):
                 break
             if attempt < settings.send.attempts:
                 delay_s = min(settings.send.backoff_max_s, settings.send.backoff_s * 2 ** (attempt - 1))
@@ -297,12 +299,20 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
             outcome = outcomes[path]
             status = None if outcome.status is None else f"0x{outcome.status:04X}"
             sends.append({"destination": destination.name, "file": path.name,
-                          "sop_uid": outcome.sop_uid, "status": status, "ok": outcome.ok})
-        if pending:
-            statuses = sorted({str(s["status"]) for s in sends
-                               if s["destination"] == destination.name and not s["ok"]})
-            failures.append(f"{destination.name}: {len(pending)} object(s) not stored after "
+                          "sop_uid": outcome.sop_uid, "status": status, "ok": outcome.ok,
+                          **({"refused": outcome.refused} if outcome.refused else {})})
+        unstored = [p for p in pending if not outcomes[p].refused]
+        if unstored:
+            statuses = sorted({str(outcomes[p].status if outcomes[p].status is None
+                                   else f"0x{outcomes[p].status:04X}") for p in unstored})
+            failures.append(f"{destination.name}: {len(unstored)} object(s) not stored after "
                             f"{settings.send.attempts} attempts (status {', '.join(statuses)})")
+        refused = [outcomes[p] for p in pending if outcomes[p].refused]
+        for reason in dict.fromkeys(o.refused for o in refused):
+            count = sum(o.refused == reason for o in refused)
+            failures.append(f"{destination.name}: {count} object(s) refused by the destination "
+                            f"({reason}): have its PACS accept them, or leave them out with "
+                            "its `objects` setting")
     return sends, ("; ".join(failures) or None)
 
 
@@ -561,8 +571,10 @@ def _audit_sends(audit: AuditLog, info: RunInfo, sends: Sequence[SendResult]) ->
                                   "destination": destination, "objects": len(mine),
                                   "sop_uids": [s.sop_uid for s in mine]}
         if failed:
+            refused = sorted({s.refused for s in failed if s.refused})
             audit.record("results_send_failed", **fields, not_stored=len(failed),
-                         statuses=sorted({str(s.status) for s in failed}))
+                         statuses=sorted({str(s.status) for s in failed}),
+                         **({"refused": refused} if refused else {}))
         else:
             audit.record("results_sent", **fields)
 

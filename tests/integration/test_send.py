@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node.runs import RECORD_NAME, InstanceEntry, read_run_info, write_run_info
+from node.runs import RECORD_NAME, InstanceEntry, SendResult, read_run_info, write_run_info
 from node.settings import Settings
 from node.spool import Spool, hash_key
 from pipelines.model import ViewPrediction
@@ -82,6 +82,53 @@ def test_unreachable_destination_fails_with_the_reason_after_the_last_attempt(
     sop_uid = str(dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
     assert sends == [{"destination": "archive", "file": "R-CC.dcm", "sop_uid": sop_uid,
                       "status": None, "ok": False}]
+
+
+def test_an_object_the_pacs_refuses_fails_at_once_with_the_reason_and_the_rest_are_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dcmtk `storescp` that takes uncompressed transfer syntaxes only (its default) refuses
+    the presentation context of a JPEG 2000 object: that object is never offered, the objects
+    it takes are stored on the same association, and the refused one alone is not retried (it
+    would be refused again; beside objects worth a retry it goes again, as when the PACS of
+    tests/faults/test_pacs_faults.py[out_of_resources], which takes no CAD SR, gives way to
+    Orthanc). The failure says why and what to do."""
+    port, out = free_port(), tmp_path / "received"
+    out.mkdir()
+    process = subprocess.Popen([find_binary("storescp"), "-aet", "ARCHIVE", "-od", str(out),
+                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        files = make_study(tmp_path / "objs", views=["R-CC", "L-CC"], rows=64, cols=48, seed=45)
+        files += make_study(tmp_path / "j2k", views=["R-MLO"], rows=64, cols=48, seed=45,
+                            transfer_syntax="j2k")
+        deadline = time.monotonic() + 10
+        while subprocess.run([find_binary("echoscu"), "-aec", "ARCHIVE", "127.0.0.1", str(port)],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "storescp never answered C-ECHO"
+            time.sleep(0.1)
+        sends, failure = send_outputs(_sender_settings(tmp_path, port, attempts=3), files)
+    finally:
+        process.terminate()
+        process.wait(10)
+    reason = ("no presentation context accepted for Digital Mammography X-Ray Image Storage - "
+              "For Presentation in JPEG 2000 Image Compression (Lossless Only)")
+    assert failure == (f"archive: 1 object(s) refused by the destination ({reason}): have its "
+                       "PACS accept them, or leave them out with its `objects` setting")
+    assert [(s["file"], s["ok"], s.get("refused")) for s in sends] == [
+        ("R-CC.dcm", True, None), ("L-CC.dcm", True, None), ("R-MLO.dcm", False, reason)]
+    j2k_uid = str(dcmread(files[2], stop_before_pixels=True).SOPInstanceUID)
+    assert sends[2]["sop_uid"] == j2k_uid and sends[2]["status"] is None
+    received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir()}
+    assert received == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                        for p in files[:2]}
+    lines = capsys.readouterr()
+    logged = lines.out + lines.err
+    assert "send_retry_scheduled" not in logged  # nothing to retry: the rest were stored
+    assert logged.count("send_refused_by_destination") == 1
+    # The run record keeps the reason; an object stored has no `refused` in the file.
+    results = [SendResult.model_validate(s) for s in sends]
+    assert "refused" not in json.loads(results[0].model_dump_json())
+    assert json.loads(results[2].model_dump_json())["refused"] == reason
 
 
 @pytest.mark.timeout(120)
