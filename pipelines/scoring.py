@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 
 from node import metrics
 from node.audit import AuditLog, open_audit
@@ -282,7 +282,7 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
             except Exception as error:  # an unexpected SCU failure is one failed attempt
                 log.warning("send_attempt_failed", destination=destination.name,
                             reason=type(error).__name__, attempt=attempt)
-                results = [SendOutcome("", None) for _ in pending]
+                results = [SendOutcome(_sop_uid(p), None) for p in pending]
             for path, outcome in zip(pending, results, strict=True):
                 outcomes[path] = outcome
             pending = [p for p in pending if not outcomes[p].ok]
@@ -314,6 +314,16 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
                             f"({reason}): have its PACS accept them, or leave them out with "
                             "its `objects` setting")
     return sends, ("; ".join(failures) or None)
+
+
+def _sop_uid(path: Path) -> str:
+    """The SOP Instance UID of a result file, for the record of a send that failed before any
+    object was answered ("" when the file cannot be read either)."""
+    try:
+        return str(dcmread(path, stop_before_pixels=True,
+                           specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+    except Exception:  # unreadable: the send's own failure is what gets reported
+        return ""
 
 
 def process_run(settings: Settings, spool: Spool, run_id: str, predictor: Predictor, *,

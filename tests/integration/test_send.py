@@ -167,6 +167,29 @@ def test_a_pacs_that_aborts_mid_store_ends_the_attempt_without_waiting_out_the_t
     assert all(re.search(r'answered"?[=:] ?0\b', line) for line in lost)
 
 
+def test_a_send_that_fails_before_any_answer_still_names_each_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The TLS destination's CA bundle was removed after the node started (a certificate
+    rotation gone wrong): no association can even be tried, each attempt fails as a whole, and
+    the record still says which objects were not stored."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("")
+    settings = make_settings(
+        tmp_path,
+        destinations=[{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
+                       "port": free_port(), "timeout_s": 5, "tls": {"ca_file": str(ca_file)}}],
+        send={"attempts": 2, "backoff_s": 0.1, "backoff_max_s": 0.2})
+    ca_file.unlink()
+    files = make_study(tmp_path / "objs", views=["R-CC", "L-CC"], rows=64, cols=48, seed=46)
+    sends, failure = send_outputs(settings, files)
+    assert failure == "archive: 2 object(s) not stored after 2 attempts (status None)"
+    assert [s["sop_uid"] for s in sends] == [
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    lines = capsys.readouterr()
+    assert (lines.out + lines.err).count("send_attempt_failed") == 2
+
+
 class _Fixed:
     """A transparent predictor: the scoring flow around the model is what is under test."""
 
