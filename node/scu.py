@@ -117,6 +117,12 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
         ae.add_requested_context(sop_class, [transfer_syntax])
     assoc = _associate(settings, destination, ae)
     if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            # It answered, and took none of them (pynetdicom then aborts): as refused as can be.
+            outcomes = [SendOutcome(str(h.SOPInstanceUID), None, refused=_refusal(
+                str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID))) for _, h in headers]
+            _log_refusals(destination, outcomes)
+            return outcomes
         return [SendOutcome(str(h.SOPInstanceUID), None) for _, h in headers]
     outcomes = []
     lost = False
@@ -154,10 +160,14 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
     if lost:
         log.warning("send_association_lost", destination=destination.name,
                     answered=sum(o.status is not None for o in outcomes), of=len(outcomes))
+    _log_refusals(destination, outcomes)
+    return outcomes
+
+
+def _log_refusals(destination: Destination, outcomes: list[SendOutcome]) -> None:
     for reason in dict.fromkeys(o.refused for o in outcomes if o.refused):
         log.warning("send_refused_by_destination", destination=destination.name, reason=reason,
                     objects=sum(o.refused == reason for o in outcomes))
-    return outcomes
 
 
 def _refusal(sop_class: str, transfer_syntax: str) -> str:

@@ -107,6 +107,10 @@ def test_an_object_the_pacs_refuses_fails_at_once_with_the_reason_and_the_rest_a
             assert time.monotonic() < deadline, "storescp never answered C-ECHO"
             time.sleep(0.1)
         sends, failure = send_outputs(_sender_settings(tmp_path, port, attempts=3), files)
+        # Only objects it refuses: it accepts the association with no context (pynetdicom then
+        # aborts it), and that is a refusal too, not an outage worth retrying.
+        alone, alone_failure = send_outputs(_sender_settings(tmp_path, port, attempts=3),
+                                            files[2:])
     finally:
         process.terminate()
         process.wait(10)
@@ -124,7 +128,9 @@ def test_an_object_the_pacs_refuses_fails_at_once_with_the_reason_and_the_rest_a
     lines = capsys.readouterr()
     logged = lines.out + lines.err
     assert "send_retry_scheduled" not in logged  # nothing to retry: the rest were stored
-    assert logged.count("send_refused_by_destination") == 1
+    assert logged.count("send_refused_by_destination") == 2
+    assert alone_failure == failure
+    assert [(s["sop_uid"], s["ok"], s.get("refused")) for s in alone] == [(j2k_uid, False, reason)]
     # The run record keeps the reason; an object stored has no `refused` in the file.
     results = [SendResult.model_validate(s) for s in sends]
     assert "refused" not in json.loads(results[0].model_dump_json())
