@@ -43,6 +43,8 @@ class SendOutcome:
     # Why it was never offered, when the destination itself refuses it (no accepted presentation
     # context for its SOP class and transfer syntax): sending it again cannot help.
     refused: str | None = None
+    # Why no status came, when the association says (rejected, ended mid-send); None otherwise.
+    unanswered: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -123,7 +125,8 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
                 str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID))) for _, h in headers]
             _log_refusals(destination, outcomes)
             return outcomes
-        return [SendOutcome(str(h.SOPInstanceUID), None) for _, h in headers]
+        why = _rejection(assoc)
+        return [SendOutcome(str(h.SOPInstanceUID), None, unanswered=why) for _, h in headers]
     outcomes = []
     lost = False
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
@@ -137,14 +140,16 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
                                             refused=_refusal(sop_class, transfer_syntax)))
                 continue
             if lost or not assoc.is_established:
-                outcomes.append(SendOutcome(str(header.SOPInstanceUID), None))
+                outcomes.append(SendOutcome(str(header.SOPInstanceUID), None,
+                                            unanswered=ENDED_MID_SEND))
                 continue
             try:
                 status = assoc.send_c_store(path)
             except RuntimeError:  # the association ended between the check above and the call
                 status = None
             code = int(status.Status) if status is not None and "Status" in status else None
-            outcomes.append(SendOutcome(str(header.SOPInstanceUID), code))
+            outcomes.append(SendOutcome(str(header.SOPInstanceUID), code,
+                                        unanswered=ENDED_MID_SEND if code is None else None))
             # No status: the peer aborted or closed the connection, or never answered (pynetdicom
             # then aborts), or answered nonsense. The association is done for this attempt: the
             # next C-STORE on it would wait out the whole DIMSE timeout for an answer that cannot
@@ -168,6 +173,19 @@ def _log_refusals(destination: Destination, outcomes: list[SendOutcome]) -> None
     for reason in dict.fromkeys(o.refused for o in outcomes if o.refused):
         log.warning("send_refused_by_destination", destination=destination.name, reason=reason,
                     objects=sum(o.refused == reason for o in outcomes))
+
+
+ENDED_MID_SEND = "the association ended or went silent mid-send"
+
+
+def _rejection(assoc: Association) -> str | None:
+    """The destination's A-ASSOCIATE-RJ in words (PS3.8 7.1.1.9-11), or None when it sent none
+    (nobody listening, no answer, TLS failed: its own log lines say which)."""
+    answer = assoc.acceptor.primitive
+    if not assoc.is_rejected or answer is None:
+        return None
+    return (f"association rejected: {answer.result_str.lower()}, "
+            f"{answer.source_str.lower()}: {answer.reason_str.lower()}")
 
 
 def _refusal(sop_class: str, transfer_syntax: str) -> str:

@@ -303,8 +303,7 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
                           **({"refused": outcome.refused} if outcome.refused else {})})
         unstored = [p for p in pending if not outcomes[p].refused]
         if unstored:
-            statuses = sorted({str(outcomes[p].status if outcomes[p].status is None
-                                   else f"0x{outcomes[p].status:04X}") for p in unstored})
+            statuses = sorted({_status_words(outcomes[p]) for p in unstored})
             failures.append(f"{destination.name}: {len(unstored)} object(s) not stored after "
                             f"{settings.send.attempts} attempts (status {', '.join(statuses)})")
         refused = [outcomes[p] for p in pending if outcomes[p].refused]
@@ -314,6 +313,14 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
                             f"({reason}): have its PACS accept them, or leave them out with "
                             "its `objects` setting")
     return sends, ("; ".join(failures) or None)
+
+
+def _status_words(outcome: SendOutcome) -> str:
+    """An unstored object's last answer for the failure reason: its status, or "None" and why
+    none came when the association says."""
+    if outcome.status is not None:
+        return f"0x{outcome.status:04X}"
+    return "None" if outcome.unanswered is None else f"None: {outcome.unanswered}"
 
 
 def _sop_uid(path: Path) -> str:

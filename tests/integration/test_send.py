@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -164,13 +165,43 @@ def test_a_pacs_that_aborts_mid_store_ends_the_attempt_without_waiting_out_the_t
     finally:
         process.terminate()
         process.wait(10)
-    assert failure == "archive: 4 object(s) not stored after 3 attempts (status None)"
+    assert failure == ("archive: 4 object(s) not stored after 3 attempts (status None: the "
+                       "association ended or went silent mid-send)")
     assert [s["status"] for s in sends] == [None] * 4
     lines = capsys.readouterr()
     lost = [line for line in (lines.out + lines.err).splitlines()
             if "send_association_lost" in line]
     assert len(lost) == 3  # once per attempt, none of the four answered
     assert all(re.search(r'answered"?[=:] ?0\b', line) for line in lost)
+
+
+def test_a_pacs_that_rejects_the_association_is_retried_and_the_failure_says_how_it_rejected(
+    tmp_path: Path,
+) -> None:
+    """`storescp --refuse` rejects every association (permanent, service user, no reason): a
+    PACS in maintenance may do that and then come back, so it is retried as an outage is, and
+    the failure quotes the A-ASSOCIATE-RJ (the usual one in a new install: "calling AE title
+    not recognised", the PACS does not know the node yet)."""
+    port = free_port()
+    process = subprocess.Popen([find_binary("storescp"), "-aet", "ARCHIVE", "--refuse",
+                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10  # listening (a refusing peer answers no echo)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.1)
+        files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=47)
+        sends, failure = send_outputs(_sender_settings(tmp_path, port, attempts=2), files)
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert failure == ("archive: 1 object(s) not stored after 2 attempts (status None: "
+                       "association rejected: rejected permanent, service user: no reason given)")
+    assert [(s["ok"], s["status"], s.get("refused")) for s in sends] == [(False, None, None)]
 
 
 def test_a_send_that_fails_before_any_answer_still_names_each_object(
