@@ -98,7 +98,8 @@ def echo(settings: Settings, destination: Destination) -> int:
     ae.add_requested_context(VERIFICATION)
     assoc = _associate(settings, destination, ae)
     if not assoc.is_established:
-        raise TransientError(f"destination {destination.name}: association not established")
+        raise TransientError(f"destination {destination.name}: "
+                             f"{_rejection(assoc) or 'association not established'}")
     try:
         status = assoc.send_c_echo()
         return int(status.Status) if "Status" in status else -1

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from node.errors import TransientError
 from node.runs import RECORD_NAME, InstanceEntry, SendResult, read_run_info, write_run_info
+from node.scu import echo
 from node.settings import Settings
 from node.spool import Spool, hash_key
 from pipelines.model import ViewPrediction
@@ -195,7 +197,11 @@ def test_a_pacs_that_rejects_the_association_is_retried_and_the_failure_says_how
                 assert time.monotonic() < deadline and process.poll() is None
                 time.sleep(0.1)
         files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=47)
-        sends, failure = send_outputs(_sender_settings(tmp_path, port, attempts=2), files)
+        settings = _sender_settings(tmp_path, port, attempts=2)
+        sends, failure = send_outputs(settings, files)
+        with pytest.raises(TransientError, match="archive: association rejected: rejected "
+                                                 "permanent, service user: no reason given"):
+            echo(settings, settings.destinations[0])  # `mammo-node echo archive` says it too
     finally:
         process.terminate()
         process.wait(10)
