@@ -8,6 +8,10 @@ is verified (a failed verification is a failed association: retried, then parked
 Every read from the destination is bounded like the listener's (node/wire.py, installed by
 node/pynetdicom_internals.guard_association): a PACS that stalls mid-PDU or announces a giant PDU
 gets an A-ABORT, not our memory or our time.
+
+An object whose presentation context the destination does not accept is never offered (it is
+`refused`, with the SOP class and transfer syntax in words); a C-STORE that gets no status ends
+the attempt's association, and the objects after it wait for the next attempt.
 """
 
 from __future__ import annotations
