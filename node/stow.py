@@ -73,14 +73,20 @@ def stow_files(destination: DicomWebDestination, paths: list[Path]) -> list[Send
         return []
     datasets = [dcmread(p) for p in paths]
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    unanswered = None
     try:
         response = _client(destination).store_instances(datasets)
     except requests.HTTPError as error:
         code = error.response.status_code if error.response is not None else None
         log.warning("stow_failed", destination=destination.name, http_status=code)
         response = _error_body(error)
+        unanswered = f"HTTP {code}"  # e.g. 401: the token; 413: the server's size limit
     except requests.RequestException as error:
         log.warning("stow_failed", destination=destination.name, reason=type(error).__name__)
-        return [SendOutcome(uid, None) for uid in uids]
+        why = ("no connection" if isinstance(error, requests.ConnectionError)
+               else f"no answer within {destination.timeout_s:g} s"
+               if isinstance(error, requests.Timeout) else type(error).__name__)
+        return [SendOutcome(uid, None, unanswered=why) for uid in uids]
     statuses = _statuses(response)
-    return [SendOutcome(uid, statuses.get(uid)) for uid in uids]
+    return [SendOutcome(uid, statuses.get(uid),
+                        unanswered=None if uid in statuses else unanswered) for uid in uids]

@@ -3,8 +3,10 @@ sender to two dcmtk storescp archives, and the run record says what went where."
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -194,5 +196,39 @@ def test_unreachable_stow_rs_destination_parks_the_run_in_failed(tmp_path: Path)
     spool, run_id = _queued_run(tmp_path, settings)
     assert process_run(settings, spool, run_id, _OneRegion()) == "failed"
     record = json.loads((spool.state_dir("failed") / run_id / RECORD_NAME).read_text())
-    assert record["error"] == "send: web: 1 object(s) not stored after 2 attempts (status None)"
+    assert record["error"] == ("send: web: 1 object(s) not stored after 2 attempts "
+                               "(status None: no connection)")
     assert [o["kind"] for o in record["outputs"]] == ["sr"]  # kept for a resend
+
+
+class _Unauthorized(http.server.BaseHTTPRequestHandler):
+    """A DICOMweb server that turns every request away: the token is wrong or missing."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:  # quiet
+        return
+
+
+@pytest.mark.integration
+def test_a_stow_rs_destination_that_turns_the_node_away_fails_with_the_http_status(
+        tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = make_settings(
+            tmp_path,
+            dicomweb_destinations=[{"name": "web", "timeout_s": 5,
+                                    "url": f"http://127.0.0.1:{server.server_port}/dicom-web"}],
+            send={"attempts": 2, "backoff_s": 0.1, "backoff_max_s": 0.1})
+        files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=48)
+        sends, failure = send_outputs(settings, files)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert failure == "web: 1 object(s) not stored after 2 attempts (status None: HTTP 401)"
+    assert [(s["ok"], s["status"]) for s in sends] == [(False, None)]
