@@ -130,7 +130,7 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
                 str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID))) for _, h in headers]
             _log_refusals(destination, outcomes)
             return outcomes
-        why = _rejection(assoc)
+        why = _rejection(assoc) or NO_ASSOCIATION
         return [SendOutcome(str(h.SOPInstanceUID), None, unanswered=why) for _, h in headers]
     outcomes = []
     lost = False
@@ -181,11 +181,13 @@ def _log_refusals(destination: Destination, outcomes: list[SendOutcome]) -> None
 
 
 ENDED_MID_SEND = "the association ended or went silent mid-send"
+NO_ASSOCIATION = ("no association (connection refused or timed out, TLS failed, or no answer "
+                  "to the request)")
 
 
 def _rejection(assoc: Association) -> str | None:
     """The destination's A-ASSOCIATE-RJ in words (PS3.8 7.1.1.9-11), or None when it sent none
-    (nobody listening, no answer, TLS failed: its own log lines say which)."""
+    (nobody listening, no answer, TLS failed: pynetdicom's log lines say which)."""
     answer = assoc.acceptor.primitive
     if not assoc.is_rejected or answer is None:
         return None

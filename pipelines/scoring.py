@@ -31,7 +31,7 @@ from pydicom import Dataset, dcmread
 from node import metrics
 from node.audit import AuditLog, open_audit
 from node.drift import DriftStore, ExamEntry, SourceKey, reference_for_store
-from node.errors import InputError
+from node.errors import ConfigError, InputError
 from node.leases import Lease, LeaseLost, Leases, hold_claimed_run
 from node.logs import get_logger
 from node.runs import (
@@ -282,7 +282,10 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
             except Exception as error:  # an unexpected SCU failure is one failed attempt
                 log.warning("send_attempt_failed", destination=destination.name,
                             reason=type(error).__name__, attempt=attempt)
-                results = [SendOutcome(_sop_uid(p), None) for p in pending]
+                # Our own configuration errors say what to fix; anything else by its kind only.
+                why = str(error) if isinstance(error, ConfigError) else type(error).__name__
+                results = [SendOutcome(_sop_uid(p), None, unanswered=f"the sender failed: {why}")
+                           for p in pending]
             for path, outcome in zip(pending, results, strict=True):
                 outcomes[path] = outcome
             pending = [p for p in pending if not outcomes[p].ok]

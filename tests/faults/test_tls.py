@@ -279,7 +279,9 @@ def test_a_tls_pacs_with_an_untrusted_certificate_gets_nothing(
     from pipelines.scoring import send_outputs  # imports the worker side: only here
 
     sends, failure = send_outputs(settings, files)
-    assert failure == "archive: 1 object(s) not stored after 2 attempts (status None)"
+    assert failure == ("archive: 1 object(s) not stored after 2 attempts (status None: "
+                       "no association (connection refused or timed out, TLS failed,"
+                       " or no answer to the request))")
     assert [s["ok"] for s in sends] == [False]
     assert not any(out.iterdir())
     with pytest.raises(TransientError):

@@ -81,7 +81,9 @@ def test_unreachable_destination_fails_with_the_reason_after_the_last_attempt(
     assert len(retries) == 2  # it backed off between the three attempts, doubling the wait
     assert re.search(r'retry_in_s"?[=:] ?0\.1\b', retries[0])
     assert re.search(r'retry_in_s"?[=:] ?0\.2\b', retries[1])
-    assert failure == "archive: 1 object(s) not stored after 3 attempts (status None)"
+    assert failure == ("archive: 1 object(s) not stored after 3 attempts (status None: "
+                       "no association (connection refused or timed out, TLS failed,"
+                       " or no answer to the request))")
     sop_uid = str(dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
     assert sends == [{"destination": "archive", "file": "R-CC.dcm", "sop_uid": sop_uid,
                       "status": None, "ok": False}]
@@ -215,7 +217,7 @@ def test_a_send_that_fails_before_any_answer_still_names_each_object(
 ) -> None:
     """The TLS destination's CA bundle was removed after the node started (a certificate
     rotation gone wrong): no association can even be tried, each attempt fails as a whole, and
-    the record still says which objects were not stored."""
+    the record still says which objects were not stored, and why."""
     ca_file = tmp_path / "ca.pem"
     ca_file.write_text("")
     settings = make_settings(
@@ -226,7 +228,9 @@ def test_a_send_that_fails_before_any_answer_still_names_each_object(
     ca_file.unlink()
     files = make_study(tmp_path / "objs", views=["R-CC", "L-CC"], rows=64, cols=48, seed=46)
     sends, failure = send_outputs(settings, files)
-    assert failure == "archive: 2 object(s) not stored after 2 attempts (status None)"
+    assert failure == ("archive: 2 object(s) not stored after 2 attempts (status None: the "
+                       f"sender failed: destinations[archive].tls.ca_file: cannot load {ca_file}: "
+                       "No such file or directory)")
     assert [s["sop_uid"] for s in sends] == [
         str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
     lines = capsys.readouterr()
