@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 from node.audit import open_audit
 from node.config_check import (
@@ -29,7 +30,7 @@ from node.config_check import (
 from node.errors import ConfigError, ModelError, TransientError
 from node.logs import configure_logging, get_logger
 from node.runs import read_record, read_run_info, read_superseded
-from node.settings import Settings, load_settings
+from node.settings import DicomWebDestination, Settings, load_settings
 from node.spool import RUN_STATES, RunState, RunStateError, Spool
 from node.version import software_version
 
@@ -241,9 +242,12 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
     settings = _load(args.config)
     configure_logging(args.log_level)
+    web = [d for d in settings.dicomweb_destinations if d.name == args.peer]
+    if web:
+        return _echo_web(web[0])
     matches = [d for d in settings.destinations if d.name == args.peer]
     if not matches:
-        known = ", ".join(d.name for d in settings.destinations) or "none"
+        known = ", ".join(d.name for d in settings.all_destinations) or "none"
         print(f"unknown destination {args.peer!r} (configured: {known})", file=sys.stderr)
         return 2
     try:
@@ -254,6 +258,24 @@ def cmd_echo(args: argparse.Namespace) -> int:
     print(f"C-ECHO {args.peer} ({matches[0].ae_title}@{matches[0].host}:{matches[0].port}): "
           f"status 0x{status:04X}")
     return 0 if status == 0 else 1
+
+
+def _echo_web(destination: DicomWebDestination) -> int:
+    """A DICOMweb destination's C-ECHO: a QIDO-RS query with its token (node/stow.py:probe)."""
+    from node.stow import probe
+
+    try:
+        status = probe(destination)
+    except TransientError as error:
+        print(f"QIDO-RS {destination.name}: failed: {error}", file=sys.stderr)
+        return 1
+    hint = {401: " (the token: its environment variable, or the server's users)",
+            403: " (the token is known but not allowed)", 404: " (the URL's DICOMweb root)"}
+    where = urlsplit(destination.url)  # user:password@ in a URL stays off the terminal
+    shown = f"{where.scheme}://{where.hostname}{f':{where.port}' if where.port else ''}{where.path}"
+    print(f"QIDO-RS {destination.name} ({shown}): HTTP {status}"
+          f"{hint.get(status, '')}")
+    return 0 if 200 <= status < 300 else 1
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -637,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "TLS files): for a config written for another host or a container")
     check.set_defaults(func=cmd_config_check)
 
-    echo = commands.add_parser("echo", help="C-ECHO a configured destination")
+    echo = commands.add_parser("echo", help="C-ECHO a configured destination (a DICOMweb one: "
+                                            "a QIDO-RS query with its token)")
     echo.add_argument("peer", help="destination name from the config")
     echo.add_argument("--config", required=True)
     echo.set_defaults(func=cmd_echo)

@@ -18,6 +18,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 
+from node.errors import TransientError
 from node.logs import get_logger
 from node.scu import SendOutcome
 from node.settings import DicomWebDestination
@@ -30,18 +31,50 @@ REFERENCED_SOP_SEQUENCE = "ReferencedSOPSequence"
 PROCESSING_FAILURE = 0x0110
 
 
-def _client(destination: DicomWebDestination) -> DICOMwebClient:
-    headers = {}
+def _headers(destination: DicomWebDestination) -> dict[str, str]:
     if destination.token_env:
         token = os.environ.get(destination.token_env)
         if token:
-            headers["Authorization"] = f"Bearer {token}"
+            return {"Authorization": f"Bearer {token}"}
+    return {}
+
+
+def _session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # no proxy from the environment: the URL says where results go
-    client = DICOMwebClient(url=destination.url, session=session, headers=headers,
+    return session
+
+
+def _client(destination: DicomWebDestination) -> DICOMwebClient:
+    client = DICOMwebClient(url=destination.url, session=_session(), headers=_headers(destination),
                             timeout=destination.timeout_s)
     client.set_http_retry_params(retry=False)
     return client
+
+
+def _no_answer(destination: DicomWebDestination, error: requests.RequestException) -> str:
+    """Why a request got no HTTP answer, in words (no URL query, no token)."""
+    if isinstance(error, requests.ConnectionError):
+        return "no connection"
+    if isinstance(error, requests.Timeout):
+        return f"no answer within {destination.timeout_s:g} s"
+    return type(error).__name__
+
+
+def probe(destination: DicomWebDestination) -> int:
+    """The HTTP status of a QIDO-RS `GET <url>/studies?limit=1` with the destination's token:
+    what `mammo-node echo` does for a web archive (the URL, TLS and the token, as C-ECHO checks
+    the address and the AE titles). TransientError when no answer came."""
+    try:
+        response = _session().get(
+            f"{destination.url.rstrip('/')}/studies", params={"limit": "1"},
+            headers={**_headers(destination), "Accept": "application/dicom+json"},
+            timeout=destination.timeout_s)
+    except requests.RequestException as error:
+        raise TransientError(f"destination {destination.name}: "
+                             f"{_no_answer(destination, error)}") from None
+    response.close()
+    return int(response.status_code)
 
 
 def _statuses(response: Dataset) -> dict[str, int]:
@@ -83,9 +116,7 @@ def stow_files(destination: DicomWebDestination, paths: list[Path]) -> list[Send
         unanswered = f"HTTP {code}"  # e.g. 401: the token; 413: the server's size limit
     except requests.RequestException as error:
         log.warning("stow_failed", destination=destination.name, reason=type(error).__name__)
-        why = ("no connection" if isinstance(error, requests.ConnectionError)
-               else f"no answer within {destination.timeout_s:g} s"
-               if isinstance(error, requests.Timeout) else type(error).__name__)
+        why = _no_answer(destination, error)
         return [SendOutcome(uid, None, unanswered=why) for uid in uids]
     statuses = _statuses(response)
     return [SendOutcome(uid, statuses.get(uid),

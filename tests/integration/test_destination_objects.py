@@ -6,10 +6,12 @@ from __future__ import annotations
 import http.server
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from node.vocabulary import COMPREHENSIVE_3D_SR, MAMMOGRAPHY_CAD_SR, SEGMENTATIO
 from pipelines.model import ViewPrediction
 from pipelines.results import ModelIdentity
 from pipelines.scoring import process_run, send_outputs, wanted_objects
-from tests.support.settings import config_data, make_settings
+from tests.support.settings import config_data, make_settings, write_config
 from tools.stack.make_study import make_study
 from tools.stack.services import OrthancService, find_binary, free_port
 
@@ -84,6 +86,12 @@ def archives(tmp_path: Path) -> Iterator[dict[str, tuple[int, Path]]]:
         for process in processes:
             process.terminate()
             process.wait(10)
+
+
+def _echo(tmp_path: Path, name: str, **config: Any) -> subprocess.CompletedProcess[str]:
+    path = write_config(tmp_path / "echo.yaml", **config)
+    return subprocess.run([sys.executable, "-m", "node.cli", "echo", name, "--config", str(path)],
+                          capture_output=True, text=True, check=False, timeout=60)
 
 
 def _queued_run(tmp_path: Path, settings: Settings) -> tuple[Spool, str]:
@@ -168,6 +176,11 @@ def test_stow_rs_destination_gets_its_objects_exactly_once(
                                 "objects": ["sr", "cad_sr"]}],
         send={"attempts": 1, "backoff_s": 0.1, "backoff_max_s": 0.1},
     )
+    # `mammo-node echo web` checks it as C-ECHO checks a PACS: a QIDO-RS query, HTTP 200
+    echoed = _echo(tmp_path, "web", dicomweb_destinations=[
+        {"name": "web", "url": orthanc.dicomweb_url, "timeout_s": 10}])
+    assert echoed.returncode == 0, echoed.stderr
+    assert echoed.stdout.strip() == f"QIDO-RS web ({orthanc.dicomweb_url}): HTTP 200"
     spool, run_id = _queued_run(tmp_path, settings)
     assert process_run(settings, spool, run_id, _OneRegion()) == "done"
     run_dir = spool.state_dir("done") / run_id
@@ -206,6 +219,12 @@ class _Unauthorized(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._turn_away()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self._turn_away()
+
+    def _turn_away(self) -> None:
         self.send_response(401)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -227,8 +246,16 @@ def test_a_stow_rs_destination_that_turns_the_node_away_fails_with_the_http_stat
             send={"attempts": 2, "backoff_s": 0.1, "backoff_max_s": 0.1})
         files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=48)
         sends, failure = send_outputs(settings, files)
+        # A password in the URL stays off the terminal.
+        url = f"http://user:secret@127.0.0.1:{server.server_port}/dicom-web"
+        echoed = _echo(tmp_path, "web", dicomweb_destinations=[{"name": "web", "url": url}])
     finally:
         server.shutdown()
         server.server_close()
     assert failure == "web: 1 object(s) not stored after 2 attempts (status None: HTTP 401)"
     assert [(s["ok"], s["status"]) for s in sends] == [(False, None)]
+    assert echoed.returncode == 1
+    assert echoed.stdout.strip() == (
+        f"QIDO-RS web (http://127.0.0.1:{server.server_port}/dicom-web): HTTP 401 (the token: "
+        "its environment variable, or the server's users)")
+    assert "secret" not in echoed.stdout + echoed.stderr
