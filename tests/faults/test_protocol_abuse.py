@@ -92,13 +92,13 @@ class _Pusher(threading.Thread):
         self.sock, self.chunk, self.total, self.sent = sock, chunk, total, 0
 
     def run(self) -> None:
-        self.sock.settimeout(5)
         try:
+            self.sock.settimeout(5)  # inside: the socket may be closed before this thread runs
             while self.sent < self.total:
                 self.sock.sendall(self.chunk)
                 self.sent += len(self.chunk)
         except OSError:
-            pass  # reset, broken pipe or a peer that stopped reading: what we expect
+            pass  # reset, broken pipe, closed or a peer that stopped reading: what we expect
 
 
 def _measure(name: str, started: float, rss_before: int) -> None:
