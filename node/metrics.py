@@ -54,7 +54,8 @@ RUNS_FINISHED = Counter(
     "mammo_runs_finished", "Runs a worker finished, by state (done, failed) and error kind",
     ["state", "error_kind"])
 SENDS = Counter(
-    "mammo_sends", "Result objects sent, by destination and outcome (stored, failed)",
+    "mammo_sends", "Result objects sent, by destination and outcome (stored, failed, refused: "
+    "the destination accepts no presentation context for them)",
     ["destination", "outcome"])
 SCORE_BUCKETS = tuple(round(0.05 * step, 2) for step in range(1, 21))
 EXAM_SCORE = Histogram(
@@ -167,7 +168,8 @@ def observe_run(record: RunRecord, source: RunSource) -> None:
         if stage in STAGES and seconds >= 0:
             STAGE_SECONDS.labels(stage=stage).observe(seconds)
     for send in record.sends or ():
-        SENDS.labels(destination=send.destination, outcome="stored" if send.ok else "failed").inc()
+        outcome = "stored" if send.ok else "refused" if send.refused else "failed"
+        SENDS.labels(destination=send.destination, outcome=outcome).inc()
     for described in record.inputs or ():
         for flag in described.quality_flags or ():
             INPUT_QUALITY_FLAGS.labels(flag=clean_label(flag, 48)).inc()  # outside_domain:… too

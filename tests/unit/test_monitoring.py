@@ -203,7 +203,10 @@ def test_a_finished_run_is_counted_with_its_stages_sends_and_score() -> None:
         sends=(SendResult(destination="unit-pacs", file="sr.dcm", sop_uid="1.2.4",
                           status="0x0000", ok=True),
                SendResult(destination="unit-pacs", file="seg.dcm", sop_uid="1.2.5",
-                          status=None, ok=False)),
+                          status=None, ok=False),
+               SendResult(destination="unit-pacs", file="cad.dcm", sop_uid="1.2.6",
+                          status=None, ok=False, refused="no presentation context accepted for "
+                          "Mammography CAD SR Storage in Explicit VR Little Endian")),
     )
     source = metrics.RunSource(calling_ae="UNIT_AE", manufacturer="Unit Vendor")
     score_labels = {"model": "unit-model", "model_version": "9.9", "calling_ae": "UNIT_AE",
@@ -226,6 +229,7 @@ def test_a_finished_run_is_counted_with_its_stages_sends_and_score() -> None:
     assert _value("mammo_exam_verdicts_total", {**score_labels, "verdict": "not_suspicious",
                                                 "operating_point": "high_sensitivity"}) >= 1
     assert _value("mammo_sends_total", {"destination": "unit-pacs", "outcome": "failed"}) >= 1
+    assert _value("mammo_sends_total", {"destination": "unit-pacs", "outcome": "refused"}) >= 1
     assert _value("mammo_stage_duration_seconds_count", {"stage": "inference"}) >= 1
     assert REGISTRY.get_sample_value("mammo_stage_duration_seconds_count",
                                      {"stage": "not_a_stage"}) is None

@@ -212,6 +212,25 @@ def test_the_alerts_fire_for_the_right_series(tmp_path: Path) -> None:
                      "exp_alerts": [_expected(rules, "MammoRecallRateLow", recall_none)]},
                 ],
             },
+            {   # sends: a PACS that refuses one object kind pages as one that fails; stored
+                # objects and a destination whose failures are over do not
+                "interval": "1m",
+                "input_series": [
+                    _series("mammo_sends_total", {"destination": "refusing", **worker_job,
+                                                  "outcome": "refused"}, "0+1x30"),
+                    _series("mammo_sends_total", {"destination": "failing", **worker_job,
+                                                  "outcome": "failed"}, "0+1x30"),
+                    _series("mammo_sends_total", {"destination": "healthy", **worker_job,
+                                                  "outcome": "stored"}, "0+5x30"),
+                    _series("mammo_sends_total", {"destination": "recovered", **worker_job,
+                                                  "outcome": "failed"}, "0+1x5 5+0x25"),
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "29m", "alertname": "MammoSendsFailing",
+                     "exp_alerts": [_expected(rules, "MammoSendsFailing", {"destination": name})
+                                    for name in ("failing", "refusing")]},
+                ],
+            },
         ],
     }
     test_path = tmp_path / "alerts-test.yml"
