@@ -27,7 +27,11 @@ from pynetdicom.events import Event
 
 from node.errors import TransientError
 from node.logs import get_logger
-from node.pynetdicom_internals import bound_connect_socket, guard_association
+from node.pynetdicom_internals import (
+    association_rejection,
+    bound_connect_socket,
+    guard_association,
+)
 from node.settings import Destination, Settings
 from node.tls import client_context
 from node.vocabulary import VERIFICATION, is_stored
@@ -188,8 +192,8 @@ NO_ASSOCIATION = ("no association (connection refused or timed out, TLS failed, 
 def _rejection(assoc: Association) -> str | None:
     """The destination's A-ASSOCIATE-RJ in words (PS3.8 7.1.1.9-11), or None when it sent none
     (nobody listening, no answer, TLS failed: pynetdicom's log lines say which)."""
-    answer = assoc.acceptor.primitive
-    if not assoc.is_rejected or answer is None:
+    answer = association_rejection(assoc)
+    if answer is None:
         return None
     return (f"association rejected: {answer.result_str.lower()}, "
             f"{answer.source_str.lower()}: {answer.reason_str.lower()}")

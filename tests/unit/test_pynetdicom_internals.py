@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pynetdicom
 import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT
 
 from node import pynetdicom_internals
 from node.completion import AssociationTracker
@@ -14,6 +17,7 @@ from node.pynetdicom_internals import (
     CONTRACT_FAULT_TESTS,
     WRITTEN_FOR,
     PynetdicomVersionError,
+    association_rejection,
     check_pynetdicom_version,
 )
 from node.scp import StoreSCP
@@ -51,3 +55,31 @@ def test_the_listener_does_not_start_on_another_version(
     with pytest.raises(PynetdicomVersionError, match="9.9.9"):
         scp.start()
     assert scp._server is None  # nothing was bound
+
+
+def _rejection(result: int) -> A_ASSOCIATE:
+    answer = A_ASSOCIATE()
+    answer.result, answer.result_source, answer.diagnostic = result, 1, 3
+    return answer
+
+
+def test_a_rejection_the_requestor_missed_is_read_from_the_dul_queue() -> None:
+    """pynetdicom's requestor can abort before reading a fast A-ASSOCIATE-RJ (it sees the
+    connection the RJ closed and takes it for a failed connect): the RJ is still queued."""
+    assoc = Association(AE(), mode="requestor")
+    assert association_rejection(assoc) is None  # nothing came: no answer to quote
+    assoc.dul.to_user_queue.put(A_P_ABORT())
+    assert association_rejection(assoc) is None
+    missed = _rejection(0x02)
+    assoc.dul.to_user_queue.put(missed)
+    assert not assoc.is_rejected
+    found = association_rejection(assoc)
+    assert found is missed and found.reason_str == "Calling AE title not recognised"
+
+
+def test_a_rejection_the_requestor_read_is_the_one_quoted() -> None:
+    assoc = Association(AE(), mode="requestor")
+    read = _rejection(0x01)
+    assoc.acceptor.primitive = read
+    assoc.is_rejected = True
+    assert association_rejection(assoc) is read
