@@ -31,7 +31,9 @@ module's contract (CONTRACT_FAULT_TESTS):
   message starts (`DIMSEMessage._data_set_path`, `dimse.message`, the DUL's `event_queue`),
   `Association.rejected_contexts`; every abort reported with its reason.
 - tests/integration/test_send.py: a rejection read from the DUL's `to_user_queue` when
-  pynetdicom's requestor missed it (`association_rejection`).
+  pynetdicom's requestor missed it (`association_rejection`); the error a failed connect
+  was caught with (`RequestorAE._create_socket`, `AssociationSocket._shutdown_socket`,
+  `connect_error`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import io
 import select
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -62,7 +65,12 @@ from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT, P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AddressInformation,
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 from node.logs import get_logger
 from node.vocabulary import AssociateRejection
@@ -174,6 +182,7 @@ class GuardedDUL(DULServiceProvider):
     mammo_meter: MessageMeter
     mammo_violation: str | None  # why we aborted (wire, DIMSE or protocol state), once set
     mammo_peer_end: str | None  # "peer_aborted" or "connection_closed", as the reader saw it
+    mammo_read_error: OSError | None  # what a read that ended the connection raised, if anything
     mammo_on_violation: WireViolationHandler | None
 
     def _read_pdu_data(self) -> None:
@@ -227,8 +236,10 @@ class GuardedDUL(DULServiceProvider):
         except WireViolation as violation:
             self._mammo_abort(violation.reason)
             return None
-        except (PeerClosed, OSError):
+        except (PeerClosed, OSError) as error:
             self.mammo_peer_end = "connection_closed"
+            if isinstance(error, OSError) and self.mammo_read_error is None:
+                self.mammo_read_error = error
             self.event_queue.put("Evt17")  # the peer closed the connection, or it failed
             return None
 
@@ -381,8 +392,73 @@ def guard_association(assoc: Association, limits: WireLimits,
     guarded.mammo_meter = MessageMeter(limits)
     guarded.mammo_violation = None
     guarded.mammo_peer_end = None
+    guarded.mammo_read_error = None
     guarded.mammo_on_violation = on_violation
     dul.state_machine.__class__ = GuardedStateMachine
+
+
+class ConnectRecordingSocket(AssociationSocket):
+    """A requestor's socket that keeps the error its connect failed with.
+
+    Stock `AssociationSocket.connect` catches the OSError (refused, timed out, a TLS handshake
+    that failed), logs it and queues Evt17: the association then only says it was not
+    established. Its `_shutdown_socket` runs inside that `except` block, so the error is taken
+    from there while a connect is in progress.
+    """
+
+    mammo_connecting = False
+    mammo_connected = False  # the TCP connection (and TLS handshake) succeeded
+    mammo_connect_error: OSError | None = None
+
+    def connect(self, primitive: Any) -> None:
+        self.mammo_connecting = True
+        try:
+            super().connect(primitive)
+            self.mammo_connected = self._is_connected
+        finally:
+            self.mammo_connecting = False
+
+    def _shutdown_socket(self) -> None:
+        if self.mammo_connecting and not self._is_connected and self.mammo_connect_error is None:
+            error = sys.exc_info()[1]
+            if isinstance(error, OSError):
+                self.mammo_connect_error = error
+        super()._shutdown_socket()
+
+
+class RequestorAE(AE):
+    """An AE whose requested associations keep why their connection failed
+    (`connect_error`)."""
+
+    def _create_socket(self, assoc: Association, address: AddressInformation,
+                       tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:
+        sock = super()._create_socket(assoc, address, tls_args)
+        sock.__class__ = ConnectRecordingSocket
+        return sock
+
+
+def connect_error(assoc: Association) -> OSError | None:
+    """The error a RequestorAE's association failed to connect with (TCP or TLS), if it did."""
+    return getattr(assoc.dul.socket, "mammo_connect_error", None)
+
+
+def connected(assoc: Association) -> bool:
+    """Whether a RequestorAE's association got its connection (TCP, and TLS when asked)."""
+    return bool(getattr(assoc.dul.socket, "mammo_connected", False))
+
+
+@dataclass(frozen=True)
+class PeerEnd:
+    """How a guarded association ended without a release, as its reader saw it."""
+
+    how: str | None  # "peer_aborted", "connection_closed", or why we aborted (a wire violation)
+    read_error: OSError | None  # what the read that ended the connection raised, if anything
+
+
+def peer_end(assoc: Association) -> PeerEnd:
+    dul = assoc.dul
+    how = getattr(dul, "mammo_violation", None) or getattr(dul, "mammo_peer_end", None)
+    return PeerEnd(str(how) if how else None, getattr(dul, "mammo_read_error", None))
 
 
 def association_rejection(assoc: Association) -> A_ASSOCIATE | None:

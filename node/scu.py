@@ -16,6 +16,10 @@ the attempt's association, and the objects after it wait for the next attempt.
 
 from __future__ import annotations
 
+import errno
+import socket
+import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +32,13 @@ from pynetdicom.events import Event
 from node.errors import TransientError
 from node.logs import get_logger
 from node.pynetdicom_internals import (
+    RequestorAE,
     association_rejection,
     bound_connect_socket,
+    connect_error,
+    connected,
     guard_association,
+    peer_end,
 )
 from node.settings import Destination, Settings
 from node.tls import client_context
@@ -61,7 +69,7 @@ class SendOutcome:
 
 
 def _scu_ae(settings: Settings, destination: Destination) -> AE:
-    ae = AE(ae_title=settings.node.ae_title)
+    ae = RequestorAE(ae_title=settings.node.ae_title)
     ae.acse_timeout = destination.timeout_s
     ae.dimse_timeout = destination.timeout_s
     ae.network_timeout = destination.timeout_s
@@ -104,10 +112,11 @@ def echo(settings: Settings, destination: Destination) -> int:
     """C-ECHO the destination; returns the status, raises TransientError if it cannot associate."""
     ae = _scu_ae(settings, destination)
     ae.add_requested_context(VERIFICATION)
+    started = time.monotonic()
     assoc = _associate(settings, destination, ae)
     if not assoc.is_established:
         raise TransientError(f"destination {destination.name}: "
-                             f"{_rejection(assoc) or 'association not established'}")
+                             f"{why_no_association(assoc, destination, started)}")
     try:
         status = assoc.send_c_echo()
         return int(status.Status) if "Status" in status else -1
@@ -126,6 +135,7 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
     ae = _scu_ae(settings, destination)
     for sop_class, transfer_syntax in pairs:
         ae.add_requested_context(sop_class, [transfer_syntax])
+    started = time.monotonic()
     assoc = _associate(settings, destination, ae)
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
@@ -134,7 +144,7 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
                 str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID))) for _, h in headers]
             _log_refusals(destination, outcomes)
             return outcomes
-        why = _rejection(assoc) or NO_ASSOCIATION
+        why = why_no_association(assoc, destination, started)
         return [SendOutcome(str(h.SOPInstanceUID), None, unanswered=why) for _, h in headers]
     outcomes = []
     lost = False
@@ -185,13 +195,68 @@ def _log_refusals(destination: Destination, outcomes: list[SendOutcome]) -> None
 
 
 ENDED_MID_SEND = "the association ended or went silent mid-send"
-NO_ASSOCIATION = ("no association (connection refused or timed out, TLS failed, or no answer "
-                  "to the request)")
+NO_ASSOCIATION = "no association (not established; no reason seen)"
+
+
+def why_no_association(assoc: Association, destination: Destination, started: float) -> str:
+    """Why a requested association was not established, in words for radiology IT: the
+    destination's A-ASSOCIATE-RJ, else what became of the connection (no PHI, no host)."""
+    rejection = _rejection(assoc)
+    if rejection is not None:
+        return rejection
+    error = connect_error(assoc)
+    if error is not None:
+        return (f"no association: "
+                f"{connect_failure(error, destination.timeout_s, destination.tls is not None)}")
+    if not connected(assoc):
+        return NO_ASSOCIATION
+    end = peer_end(assoc)
+    if isinstance(end.read_error, ssl.SSLError):
+        # TLS 1.3: the destination checks our certificate after our side of the handshake is
+        # done, and says what it thinks of it in an alert on the first read.
+        return (f"no association: the destination ended the TLS connection "
+                f"({_tls_reason(end.read_error)})")
+    if end.how == "peer_aborted":
+        return "no association: the destination aborted the association request (A-ABORT)"
+    if end.how == "connection_closed":
+        return ("no association: the destination closed the connection without answering the "
+                "association request")
+    if end.how is not None:
+        return f"no association: the destination's answer broke the protocol ({end.how})"
+    if time.monotonic() - started >= destination.timeout_s:
+        return (f"no association: no answer to the association request within "
+                f"{destination.timeout_s:g} s")
+    return "no association: the destination's answer to the association request was not valid"
+
+
+def connect_failure(error: OSError, timeout_s: float, tls: bool = False) -> str:
+    """A failed connect (TCP, and the TLS handshake when `tls`) in words."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS: the destination's certificate was not trusted ({error.verify_message})"
+    if tls and isinstance(error, ConnectionResetError | ssl.SSLEOFError):
+        # A refused TCP connect is ECONNREFUSED: a reset or an EOF comes from the other side
+        # reading our ClientHello as something else.
+        return "the connection was dropped in the TLS handshake (a port without TLS does that)"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake failed ({_tls_reason(error)})"
+    if isinstance(error, TimeoutError):
+        return f"no connection within {timeout_s:g} s (connect timed out)"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (nothing listens on the destination's port)"
+    if isinstance(error, socket.gaierror):
+        return f"the destination's host name did not resolve ({error.strerror})"
+    name = errno.errorcode.get(error.errno) if error.errno is not None else None
+    what = error.strerror or type(error).__name__
+    return f"no connection ({name}: {what})" if name else f"no connection ({what})"
+
+
+def _tls_reason(error: ssl.SSLError) -> str:
+    return str(getattr(error, "reason", None) or error.strerror or type(error).__name__)
 
 
 def _rejection(assoc: Association) -> str | None:
     """The destination's A-ASSOCIATE-RJ in words (PS3.8 7.1.1.9-11), or None when it sent none
-    (nobody listening, no answer, TLS failed: pynetdicom's log lines say which)."""
+    (`why_no_association` then says what became of the connection)."""
     answer = association_rejection(assoc)
     if answer is None:
         return None

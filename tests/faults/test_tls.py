@@ -280,12 +280,56 @@ def test_a_tls_pacs_with_an_untrusted_certificate_gets_nothing(
 
     sends, failure = send_outputs(settings, files)
     assert failure == ("archive: 1 object(s) not stored after 2 attempts (status None: "
-                       "no association (connection refused or timed out, TLS failed,"
-                       " or no answer to the request))")
+                       "no association: TLS: the destination's certificate was not trusted "
+                       "(unable to get local issuer certificate))")
     assert [s["ok"] for s in sends] == [False]
     assert not any(out.iterdir())
     with pytest.raises(TransientError):
         echo(settings, settings.destinations[0])
+
+
+def test_a_tls_pacs_that_wants_our_certificate_says_so_in_the_failure(
+    tmp_path: Path, pki: Pki, tls_pacs: tuple[int, Path]
+) -> None:
+    """The destination's `tls` names its CA but not our certificate, and the PACS requires one:
+    with TLS 1.3 our side of the handshake completes, and the PACS's refusal arrives as an alert
+    on the first read. The reason names the alert, not a generic "no association"."""
+    port, out = tls_pacs
+    settings = make_settings(
+        tmp_path,
+        destinations=[{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
+                       "port": port, "timeout_s": 5, "tls": {"ca_file": str(pki.ca)}}])
+    files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=10)
+    outcomes = send_files(settings, settings.destinations[0], files)
+    assert [(o.status, o.unanswered) for o in outcomes] == [
+        (None, "no association: the destination ended the TLS connection "
+               "(TLSV13_ALERT_CERTIFICATE_REQUIRED)")]
+    assert not any(out.iterdir())
+
+
+def test_a_tls_destination_on_a_port_without_tls_says_so(tmp_path: Path, pki: Pki) -> None:
+    """`tls` set for a PACS port that speaks plain DICOM (a mix-up of ports): the PACS reads our
+    ClientHello as a broken PDU and drops the connection; the reason says it was the handshake."""
+    port = free_port()
+    process = subprocess.Popen([find_binary("storescp"), "-aet", "ARCHIVE", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run([find_binary("echoscu"), "-aec", "ARCHIVE", "127.0.0.1", str(port)],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "storescp never answered C-ECHO"
+            time.sleep(0.1)
+        settings = make_settings(tmp_path, destinations=[
+            {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": port,
+             "timeout_s": 5, "tls": {"ca_file": str(pki.ca)}}])
+        files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=11)
+        outcomes = send_files(settings, settings.destinations[0], files)
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert [(o.status, o.unanswered) for o in outcomes] == [
+        (None, "no association: the connection was dropped in the TLS handshake (a port "
+               "without TLS does that)")]
 
 
 def test_tls_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from pydicom import dcmread
 
 from node.errors import TransientError
 from node.runs import RECORD_NAME, InstanceEntry, SendResult, read_run_info, write_run_info
-from node.scu import echo
+from node.scu import echo, send_files
 from node.settings import Settings
 from node.spool import Spool, hash_key
 from pipelines.model import ViewPrediction
@@ -82,8 +83,8 @@ def test_unreachable_destination_fails_with_the_reason_after_the_last_attempt(
     assert re.search(r'retry_in_s"?[=:] ?0\.1\b', retries[0])
     assert re.search(r'retry_in_s"?[=:] ?0\.2\b', retries[1])
     assert failure == ("archive: 1 object(s) not stored after 3 attempts (status None: "
-                       "no association (connection refused or timed out, TLS failed,"
-                       " or no answer to the request))")
+                       "no association: connection refused (nothing listens on the "
+                       "destination's port))")
     sop_uid = str(dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
     assert sends == [{"destination": "archive", "file": "R-CC.dcm", "sop_uid": sop_uid,
                       "status": None, "ok": False}]
@@ -210,6 +211,64 @@ def test_a_pacs_that_rejects_the_association_is_retried_and_the_failure_says_how
     assert failure == ("archive: 1 object(s) not stored after 2 attempts (status None: "
                        "association rejected: rejected permanent, service user: no reason given)")
     assert [(s["ok"], s["status"], s.get("refused")) for s in sends] == [(False, None, None)]
+
+
+A_ABORT_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # PS3.8 9.3.8: source 0, reason 0
+
+
+def _peer(behaviour: str, stop: threading.Event) -> int:
+    """A TCP peer on a free port that meets each A-ASSOCIATE-RQ with `behaviour`: a PACS that
+    hangs, crashes, aborts or speaks something else."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+
+    def serve() -> None:
+        with server:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.recv(65536)
+                    if behaviour == "abort":
+                        conn.sendall(A_ABORT_PDU)
+                    elif behaviour == "garbage":
+                        conn.sendall(b"\x99" * 16)
+                    elif behaviour == "silent":
+                        stop.wait(3)  # longer than the destination's 1 s timeout
+                    stop.wait(0.2)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return int(server.getsockname()[1])
+
+
+@pytest.mark.parametrize(("behaviour", "why"), [
+    ("silent", "no answer to the association request within 1 s"),
+    ("close", "the destination closed the connection without answering the association "
+              "request"),
+    ("abort", "the destination aborted the association request (A-ABORT)"),
+    ("garbage", "the destination's answer broke the protocol (pdu_type_unknown)"),
+])
+def test_a_pacs_that_answers_no_association_request_is_named_for_what_it_did(
+    tmp_path: Path, behaviour: str, why: str
+) -> None:
+    """Radiology IT reads the reason to know where to look: a PACS that hangs, drops the
+    connection, aborts or is not a DICOM service at all each say so (`mammo-node echo` too)."""
+    stop = threading.Event()
+    try:
+        port = _peer(behaviour, stop)
+        settings = make_settings(tmp_path, destinations=[
+            {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": port,
+             "timeout_s": 1}])
+        files = make_study(tmp_path / "objs", views=["R-CC"], rows=64, cols=48, seed=48)
+        outcomes = send_files(settings, settings.destinations[0], files)
+        assert [(o.status, o.unanswered) for o in outcomes] == [(None, f"no association: {why}")]
+        with pytest.raises(TransientError) as raised:
+            echo(settings, settings.destinations[0])
+        assert str(raised.value) == f"destination archive: no association: {why}"
+    finally:
+        stop.set()
 
 
 def test_a_send_that_fails_before_any_answer_still_names_each_object(
