@@ -18,6 +18,7 @@ from pynetdicom import sop_class as _sop_classes
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import SOPClass
 from pynetdicom.status import (
+    GENERAL_STATUS,
     STATUS_FAILURE,
     STATUS_SUCCESS,
     STATUS_WARNING,
@@ -121,6 +122,22 @@ STORE_WARNING_RANGE = range(0xB000, 0xBFFF + 1)
 def is_stored(status: int | None) -> bool:
     """Whether a C-STORE response status means the destination kept the object."""
     return status is not None and (status == StoreStatus.SUCCESS or status in STORE_WARNING_RANGE)
+
+
+def store_status_meaning(status: int) -> str:
+    """A C-STORE response status as PS3.4 B.2.3 and PS3.7 C.4 name it ("Refused: Out of
+    Resources"), or "" for a code neither defines."""
+    _, meaning = STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status) or ("", "")
+    return str(meaning)
+
+
+def is_final_store_failure(status: int | None) -> bool:
+    """Whether a C-STORE failure is about the object itself, so the destination will answer the
+    same to the same bytes: 0xA900-0xA9FF (data set does not match the SOP class), 0xC000-0xCFFF
+    (cannot understand), 0x0122 (SOP class not supported). Out of resources (0xA7xx), a
+    processing failure (0x0110) and the rest may pass on another attempt."""
+    return status is not None and (0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
+                                   or status == SOP_CLASS_NOT_SUPPORTED)
 
 
 # --- A-ASSOCIATE-RJ (PS3.8 9.3.4) ----------------------------------------------------------------

@@ -57,6 +57,7 @@ from node.settings import IMPLICIT_PIPELINE, DicomWebDestination, ResultObject, 
 from node.spool import Spool
 from node.stow import stow_files
 from node.version import software_version
+from node.vocabulary import is_final_store_failure, store_status_meaning
 from pipelines.attribution import domain_caveat
 from pipelines.cad_sr import build_cad_sr
 from pipelines.findings import Finding, find_findings
@@ -288,7 +289,11 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
                            for p in pending]
             for path, outcome in zip(pending, results, strict=True):
                 outcomes[path] = outcome
-            pending = [p for p in pending if not outcomes[p].ok]
+            # An object the destination failed with a status about the object itself (it does
+            # not match its SOP class, cannot be understood) gets the same answer again: it is
+            # not sent again.
+            pending = [p for p in pending
+                       if not outcomes[p].ok and not is_final_store_failure(outcomes[p].status)]
             # Objects the destination refused (no presentation context for them) are offered
             # again only beside objects worth another attempt: alone, they would be refused again.
             if all(outcomes[p].refused for p in pending):
@@ -304,6 +309,12 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
             sends.append({"destination": destination.name, "file": path.name,
                           "sop_uid": outcome.sop_uid, "status": status, "ok": outcome.ok,
                           **({"refused": outcome.refused} if outcome.refused else {})})
+        final = [p for p in mine if is_final_store_failure(outcomes[p].status)]
+        if final:
+            statuses = sorted({_status_words(outcomes[p]) for p in final})
+            failures.append(f"{destination.name}: {len(final)} object(s) failed with a status "
+                            f"about the object itself (status {', '.join(statuses)}), not sent "
+                            "again: the destination's log says what it objects to")
         unstored = [p for p in pending if not outcomes[p].refused]
         if unstored:
             statuses = sorted({_status_words(outcomes[p]) for p in unstored})
@@ -322,7 +333,8 @@ def _status_words(outcome: SendOutcome) -> str:
     """An unstored object's last answer for the failure reason: its status, or "None" and why
     none came when the association says."""
     if outcome.status is not None:
-        return f"0x{outcome.status:04X}"
+        meaning = store_status_meaning(outcome.status)
+        return f"0x{outcome.status:04X}" + (f" {meaning}" if meaning else "")
     return "None" if outcome.unanswered is None else f"None: {outcome.unanswered}"
 
 

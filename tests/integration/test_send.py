@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pynetdicom import AE, evt
 
 from node.errors import TransientError
 from node.runs import RECORD_NAME, InstanceEntry, SendResult, read_run_info, write_run_info
@@ -141,6 +142,42 @@ def test_an_object_the_pacs_refuses_fails_at_once_with_the_reason_and_the_rest_a
     results = [SendResult.model_validate(s) for s in sends]
     assert "refused" not in json.loads(results[0].model_dump_json())
     assert json.loads(results[2].model_dump_json())["refused"] == reason
+
+
+def test_an_object_failed_with_a_status_about_itself_is_not_sent_again(tmp_path: Path) -> None:
+    """PS3.4 B.2.3: 0xA900 (the data set does not match its SOP class) and 0xCxxx (cannot
+    understand) are about the object: the same bytes get the same answer, so it is sent once;
+    0xA700 (out of resources) may pass later and is retried. The failure names each status in
+    words."""
+    files = make_study(tmp_path / "objs", views=["R-CC", "L-CC", "R-MLO", "L-MLO"], rows=64,
+                       cols=48, seed=49)
+    uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    answers = dict(zip(uids, [0xA900, 0xC002, 0xA700, 0x0000], strict=True))
+    calls: dict[str, int] = {}
+
+    def on_store(event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        calls[uid] = calls.get(uid, 0) + 1
+        return answers[uid]
+
+    ae = AE(ae_title="ARCHIVE")
+    ae.add_supported_context(str(dcmread(files[0], stop_before_pixels=True).SOPClassUID),
+                             ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        sends, failure = send_outputs(_sender_settings(tmp_path, port, attempts=3), files)
+    finally:
+        server.shutdown()
+    assert [calls[uid] for uid in uids] == [1, 1, 3, 1]
+    assert [(s["status"], s["ok"]) for s in sends] == [
+        ("0xA900", False), ("0xC002", False), ("0xA700", False), ("0x0000", True)]
+    assert failure == (
+        "archive: 2 object(s) failed with a status about the object itself (status 0xA900 Data "
+        "Set Does Not Match SOP Class, 0xC002 Cannot Understand), not sent again: the "
+        "destination's log says what it objects to; archive: 1 object(s) not stored after 3 "
+        "attempts (status 0xA700 Refused: Out of Resources)")
 
 
 @pytest.mark.timeout(120)

@@ -20,7 +20,9 @@ from node.vocabulary import (
     RejectSource,
     StoreStatus,
     VocabularyMismatch,
+    is_final_store_failure,
     is_stored,
+    store_status_meaning,
 )
 
 
@@ -97,3 +99,20 @@ def test_a_reject_reason_pynetdicom_describes_otherwise_fails_the_check(
     monkeypatch.setitem(vocabulary.REJECTION_MEANINGS, wrong, "Calling AE title not recognised")
     with pytest.raises(VocabularyMismatch, match="Application context name not supported"):
         vocabulary.check_against_pynetdicom()
+
+
+@pytest.mark.parametrize(("status", "final"), [
+    (0xA900, True), (0xA9FF, True), (0xC000, True), (0xC001, True), (0xCFFF, True),
+    (0x0122, True),  # SOP class not supported
+    (0xA700, False), (0xA7FF, False), (0x0110, False), (0x0124, False), (0x0213, False),
+    (0x0000, False), (0xB000, False), (None, False),
+])
+def test_only_failures_about_the_object_itself_are_final(status: int | None, final: bool) -> None:
+    assert is_final_store_failure(status) is final
+
+
+def test_a_store_status_is_named_as_the_standard_names_it() -> None:
+    assert store_status_meaning(0xA700) == "Refused: Out of Resources"
+    assert store_status_meaning(0xA900) == "Data Set Does Not Match SOP Class"
+    assert store_status_meaning(0x0122) == "Refused: SOP Class Not Supported"
+    assert store_status_meaning(0xFFFF) == ""
