@@ -473,7 +473,10 @@ def association_rejection(assoc: Association) -> A_ASSOCIATE | None:
     answer = assoc.acceptor.primitive
     if assoc.is_rejected and isinstance(answer, A_ASSOCIATE):
         return answer
-    for primitive in list(assoc.dul.to_user_queue.queue):
+    queued = assoc.dul.to_user_queue
+    with queued.mutex:  # the DUL thread may still be putting into it
+        primitives = list(queued.queue)
+    for primitive in primitives:
         if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
             return primitive
     return None

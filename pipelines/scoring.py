@@ -301,7 +301,9 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
             if attempt < settings.send.attempts:
                 delay_s = min(settings.send.backoff_max_s, settings.send.backoff_s * 2 ** (attempt - 1))
                 log.warning("send_retry_scheduled", destination=destination.name,
-                            pending=len(pending), attempt=attempt, retry_in_s=delay_s)
+                            pending=len(pending), attempt=attempt, retry_in_s=delay_s,
+                            reason="; ".join(sorted({_status_words(outcomes[p])
+                                                     for p in pending})))
                 time.sleep(delay_s)
         for path in mine:
             outcome = outcomes[path]

@@ -83,6 +83,8 @@ def test_unreachable_destination_fails_with_the_reason_after_the_last_attempt(
     assert len(retries) == 2  # it backed off between the three attempts, doubling the wait
     assert re.search(r'retry_in_s"?[=:] ?0\.1\b', retries[0])
     assert re.search(r'retry_in_s"?[=:] ?0\.2\b', retries[1])
+    # Each retry says why, as the run's failure will.
+    assert all("None: no association: connection refused" in line for line in retries)
     assert failure == ("archive: 1 object(s) not stored after 3 attempts (status None: "
                        "no association: connection refused (nothing listens on the "
                        "destination's port))")
