@@ -17,6 +17,7 @@ the attempt's association, and the objects after it wait for the next attempt.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import ssl
 import time
@@ -196,6 +197,29 @@ def _log_refusals(destination: Destination, outcomes: list[SendOutcome]) -> None
 
 ENDED_MID_SEND = "the association ended or went silent mid-send"
 NO_ASSOCIATION = "no association (not established; no reason seen)"
+
+
+class _RestatedByTheReason(logging.Filter):
+    """Drops pynetdicom's own lines about an association request of ours that failed (the
+    connect error, with a traceback for TLS; the A-ASSOCIATE-RJ over three lines; an abort; the
+    ACSE timeout): `why_no_association` says the same once, in the send's reason and its log
+    line, so a PACS that is down does not log three errors per attempt. Only pynetdicom's
+    requestor code writes these."""
+
+    _MESSAGES = ("Association request failed: unable to connect to remote",
+                 "TCP Initialisation Error: ", "Association Rejected", "Result: ", "Reason: ",
+                 "Association Aborted",
+                 "ACSE timeout reached while waiting for response to association request")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ssl.SSLError):
+            return False  # transport's traceback of a failed TLS handshake
+        return not str(record.msg).startswith(self._MESSAGES)
+
+
+_RESTATED = _RestatedByTheReason()
+for _name in ("pynetdicom.acse", "pynetdicom.transport"):
+    logging.getLogger(_name).addFilter(_RESTATED)
 
 
 def why_no_association(assoc: Association, destination: Destination, started: float) -> str:
