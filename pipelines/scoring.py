@@ -16,11 +16,13 @@ sleep while it holds a run, just before inference: the fault tests use it to kil
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
@@ -53,7 +55,13 @@ from node.runs import (
     write_run_info,
 )
 from node.scu import SendOutcome, send_files
-from node.settings import IMPLICIT_PIPELINE, DicomWebDestination, ResultObject, Settings
+from node.settings import (
+    IMPLICIT_PIPELINE,
+    Destination,
+    DicomWebDestination,
+    ResultObject,
+    Settings,
+)
 from node.spool import Spool
 from node.stow import stow_files
 from node.version import software_version
@@ -266,69 +274,89 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
     `kinds` (aligned with `files`, `node.runs.OutputFile.kind`) lets each destination get only
     the objects it asks for (`destinations[].objects`); without them every file goes everywhere.
     Each log item has the fields of `node.runs.SendResult`.
+
+    Destinations are served side by side, one thread each: a research archive that is down (its
+    retries, its timeouts: minutes with the defaults) does not hold back the clinical PACS. The
+    per-object log and the reasons keep the configured order.
     """
-    sends: list[dict[str, Any]] = []
-    failures = []
-    for destination in settings.all_destinations:
-        mine = list(files) if kinds is None else [
-            f for f, kind in zip(files, kinds, strict=True) if destination.wants(kind)]
-        pending = list(mine)
-        outcomes: dict[Path, SendOutcome] = {}
-        for attempt in range(1, settings.send.attempts + 1):
-            try:
-                if isinstance(destination, DicomWebDestination):
-                    results = stow_files(destination, pending)
-                else:
-                    results = send_files(settings, destination, pending)
-            except Exception as error:  # an unexpected SCU failure is one failed attempt
-                log.warning("send_attempt_failed", destination=destination.name,
-                            reason=type(error).__name__, attempt=attempt)
-                # Our own configuration errors say what to fix; anything else by its kind only.
-                why = str(error) if isinstance(error, ConfigError) else type(error).__name__
-                results = [SendOutcome(_sop_uid(p), None, unanswered=f"the sender failed: {why}")
-                           for p in pending]
-            for path, outcome in zip(pending, results, strict=True):
-                outcomes[path] = outcome
-            # An object the destination failed with a status about the object itself (it does
-            # not match its SOP class, cannot be understood) gets the same answer again: it is
-            # not sent again.
-            pending = [p for p in pending
-                       if not outcomes[p].ok and not is_final_store_failure(outcomes[p].status)]
-            # Objects the destination refused (no presentation context for them) are offered
-            # again only beside objects worth another attempt: alone, they would be refused again.
-            if all(outcomes[p].refused for p in pending):
-                break
-            if attempt < settings.send.attempts:
-                delay_s = min(settings.send.backoff_max_s, settings.send.backoff_s * 2 ** (attempt - 1))
-                log.warning("send_retry_scheduled", destination=destination.name,
-                            pending=len(pending), attempt=attempt, retry_in_s=delay_s,
-                            reason="; ".join(sorted({_status_words(outcomes[p])
-                                                     for p in pending})))
-                time.sleep(delay_s)
-        for path in mine:
-            outcome = outcomes[path]
-            status = None if outcome.status is None else f"0x{outcome.status:04X}"
-            sends.append({"destination": destination.name, "file": path.name,
-                          "sop_uid": outcome.sop_uid, "status": status, "ok": outcome.ok,
-                          **({"refused": outcome.refused} if outcome.refused else {})})
-        final = [p for p in mine if is_final_store_failure(outcomes[p].status)]
-        if final:
-            statuses = sorted({_status_words(outcomes[p]) for p in final})
-            failures.append(f"{destination.name}: {len(final)} object(s) failed with a status "
-                            f"about the object itself (status {', '.join(statuses)}), not sent "
-                            "again: the destination's log says what it objects to")
-        unstored = [p for p in pending if not outcomes[p].refused]
-        if unstored:
-            statuses = sorted({_status_words(outcomes[p]) for p in unstored})
-            failures.append(f"{destination.name}: {len(unstored)} object(s) not stored after "
-                            f"{settings.send.attempts} attempts (status {', '.join(statuses)})")
-        refused = [outcomes[p] for p in pending if outcomes[p].refused]
-        for reason in dict.fromkeys(o.refused for o in refused):
-            count = sum(o.refused == reason for o in refused)
-            failures.append(f"{destination.name}: {count} object(s) refused by the destination "
-                            f"({reason}): have its PACS accept them, or leave them out with "
-                            "its `objects` setting")
+    jobs = [(destination, list(files) if kinds is None else [
+        f for f, kind in zip(files, kinds, strict=True) if destination.wants(kind)])
+        for destination in settings.all_destinations]
+    if len(jobs) <= 1:
+        results = [_send_to_destination(settings, destination, mine) for destination, mine in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="send") as pool:
+            # Each thread logs with the run's bound context (structlog's contextvars).
+            futures = [pool.submit(contextvars.copy_context().run, _send_to_destination,
+                                   settings, destination, mine) for destination, mine in jobs]
+            results = [future.result() for future in futures]
+    sends = [item for destination_sends, _ in results for item in destination_sends]
+    failures = [reason for _, destination_failures in results for reason in destination_failures]
     return sends, ("; ".join(failures) or None)
+
+
+def _send_to_destination(settings: Settings, destination: Destination | DicomWebDestination,
+                         mine: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Send `mine` to one destination with retries and backoff; (per-object log, reasons)."""
+    sends: list[dict[str, Any]] = []
+    failures: list[str] = []
+    pending = list(mine)
+    outcomes: dict[Path, SendOutcome] = {}
+    for attempt in range(1, settings.send.attempts + 1):
+        try:
+            if isinstance(destination, DicomWebDestination):
+                results = stow_files(destination, pending)
+            else:
+                results = send_files(settings, destination, pending)
+        except Exception as error:  # an unexpected SCU failure is one failed attempt
+            log.warning("send_attempt_failed", destination=destination.name,
+                        reason=type(error).__name__, attempt=attempt)
+            # Our own configuration errors say what to fix; anything else by its kind only.
+            why = str(error) if isinstance(error, ConfigError) else type(error).__name__
+            results = [SendOutcome(_sop_uid(p), None, unanswered=f"the sender failed: {why}")
+                       for p in pending]
+        for path, outcome in zip(pending, results, strict=True):
+            outcomes[path] = outcome
+        # An object the destination failed with a status about the object itself (it does
+        # not match its SOP class, cannot be understood) gets the same answer again: it is
+        # not sent again.
+        pending = [p for p in pending
+                   if not outcomes[p].ok and not is_final_store_failure(outcomes[p].status)]
+        # Objects the destination refused (no presentation context for them) are offered
+        # again only beside objects worth another attempt: alone, they would be refused again.
+        if all(outcomes[p].refused for p in pending):
+            break
+        if attempt < settings.send.attempts:
+            delay_s = min(settings.send.backoff_max_s, settings.send.backoff_s * 2 ** (attempt - 1))
+            log.warning("send_retry_scheduled", destination=destination.name,
+                        pending=len(pending), attempt=attempt, retry_in_s=delay_s,
+                        reason="; ".join(sorted({_status_words(outcomes[p])
+                                                 for p in pending})))
+            time.sleep(delay_s)
+    for path in mine:
+        outcome = outcomes[path]
+        status = None if outcome.status is None else f"0x{outcome.status:04X}"
+        sends.append({"destination": destination.name, "file": path.name,
+                      "sop_uid": outcome.sop_uid, "status": status, "ok": outcome.ok,
+                      **({"refused": outcome.refused} if outcome.refused else {})})
+    final = [p for p in mine if is_final_store_failure(outcomes[p].status)]
+    if final:
+        statuses = sorted({_status_words(outcomes[p]) for p in final})
+        failures.append(f"{destination.name}: {len(final)} object(s) failed with a status "
+                        f"about the object itself (status {', '.join(statuses)}), not sent "
+                        "again: the destination's log says what it objects to")
+    unstored = [p for p in pending if not outcomes[p].refused]
+    if unstored:
+        statuses = sorted({_status_words(outcomes[p]) for p in unstored})
+        failures.append(f"{destination.name}: {len(unstored)} object(s) not stored after "
+                        f"{settings.send.attempts} attempts (status {', '.join(statuses)})")
+    refused = [outcomes[p] for p in pending if outcomes[p].refused]
+    for reason in dict.fromkeys(o.refused for o in refused):
+        count = sum(o.refused == reason for o in refused)
+        failures.append(f"{destination.name}: {count} object(s) refused by the destination "
+                        f"({reason}): have its PACS accept them, or leave them out with "
+                        "its `objects` setting")
+    return sends, failures
 
 
 def _status_words(outcome: SendOutcome) -> str:

@@ -319,6 +319,57 @@ def test_a_pacs_that_answers_no_association_request_is_named_for_what_it_did(
         stop.set()
 
 
+def test_a_hung_archive_does_not_hold_back_the_pacs(
+    tmp_path: Path, storescp: tuple[int, Path]
+) -> None:
+    """Two destinations, the research archive listed first and hung: it takes the association
+    request and answers nothing. The PACS gets its objects while the archive's first request is
+    still unanswered (the hung peer holds it open until they are there, at most 20 s, then
+    drops it): destinations are served side by side, not one after the other. The record keeps
+    the configured order and the archive's reason."""
+    port, out = storescp
+    seen: list[bool] = []
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def hung_archive() -> None:
+        with server:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.recv(65536)
+                    deadline = time.monotonic() + 20
+                    while not any(out.iterdir()) and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    seen.append(any(out.iterdir()))
+
+    threading.Thread(target=hung_archive, daemon=True).start()
+    files = make_study(tmp_path / "objs", views=["R-CC", "L-CC"], rows=64, cols=48, seed=50)
+    settings = make_settings(
+        tmp_path,
+        destinations=[{"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1",
+                       "port": server.getsockname()[1], "timeout_s": 30},
+                      {"name": "pacs", "ae_title": "ARCHIVE", "host": "127.0.0.1",
+                       "port": port, "timeout_s": 30}],
+        send={"attempts": 2, "backoff_s": 0.1, "backoff_max_s": 0.2})
+    try:
+        sends, failure = send_outputs(settings, files)
+    finally:
+        stop.set()
+    assert seen[0] is True  # the PACS had them while the archive's first request hung
+    assert [(s["destination"], s["file"], s["ok"]) for s in sends] == [
+        ("research", "R-CC.dcm", False), ("research", "L-CC.dcm", False),
+        ("pacs", "R-CC.dcm", True), ("pacs", "L-CC.dcm", True)]
+    assert failure == ("research: 2 object(s) not stored after 2 attempts (status None: no "
+                       "association: the destination closed the connection without answering "
+                       "the association request)")
+    assert len(list(out.iterdir())) == 2
+
+
 def test_a_send_that_fails_before_any_answer_still_names_each_object(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
