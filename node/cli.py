@@ -238,24 +238,34 @@ def _worker_overrides(config: Settings, args: argparse.Namespace) -> Settings:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.scu import echo
-
     settings = _load(args.config)
     configure_logging(args.log_level)
-    web = [d for d in settings.dicomweb_destinations if d.name == args.peer]
+    if args.peer is not None:
+        return _echo_one(settings, args.peer)
+    names = [d.name for d in settings.all_destinations]
+    if not names:
+        print("no destinations configured", file=sys.stderr)
+        return 2
+    return max(_echo_one(settings, name) for name in names)  # every one, in order
+
+
+def _echo_one(settings: Settings, name: str) -> int:
+    from node.scu import echo
+
+    web = [d for d in settings.dicomweb_destinations if d.name == name]
     if web:
         return _echo_web(web[0])
-    matches = [d for d in settings.destinations if d.name == args.peer]
+    matches = [d for d in settings.destinations if d.name == name]
     if not matches:
         known = ", ".join(d.name for d in settings.all_destinations) or "none"
-        print(f"unknown destination {args.peer!r} (configured: {known})", file=sys.stderr)
+        print(f"unknown destination {name!r} (configured: {known})", file=sys.stderr)
         return 2
     try:
         status = echo(settings, matches[0])
     except TransientError as error:
-        print(f"C-ECHO {args.peer}: failed: {error}", file=sys.stderr)
+        print(f"C-ECHO {name}: failed: {error}", file=sys.stderr)
         return 1
-    print(f"C-ECHO {args.peer} ({matches[0].ae_title}@{matches[0].host}:{matches[0].port}): "
+    print(f"C-ECHO {name} ({matches[0].ae_title}@{matches[0].host}:{matches[0].port}): "
           f"status 0x{status:04X}")
     return 0 if status == 0 else 1
 
@@ -659,9 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "TLS files): for a config written for another host or a container")
     check.set_defaults(func=cmd_config_check)
 
-    echo = commands.add_parser("echo", help="C-ECHO a configured destination (a DICOMweb one: "
-                                            "a QIDO-RS query with its token)")
-    echo.add_argument("peer", help="destination name from the config")
+    echo = commands.add_parser("echo", help="C-ECHO a configured destination, or every one "
+                                            "(a DICOMweb one: a QIDO-RS query with its token)")
+    echo.add_argument("peer", nargs="?",
+                      help="destination name from the config (default: every destination)")
     echo.add_argument("--config", required=True)
     echo.set_defaults(func=cmd_echo)
 

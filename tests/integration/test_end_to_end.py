@@ -248,12 +248,22 @@ def test_echo_command_reaches_the_pacs(stack: NodeStack, tmp_path: Path) -> None
     unknown = _cli("echo", "elsewhere", "--config", str(stack.config_path), env=stack.env())
     assert unknown.returncode == 2 and "unknown destination" in unknown.stderr
     config = yaml.safe_load(stack.config_path.read_text())
+    live = dict(config["destinations"][0], name="pacs-live")
     config["destinations"][0]["port"] = free_port()  # nobody listens there
     config["destinations"][0]["timeout_s"] = 3
+    config["destinations"].append(live)
     dead = tmp_path / "dead.yaml"
     dead.write_text(yaml.safe_dump(config))
     unreachable = _cli("echo", "pacs", "--config", str(dead), env=stack.env())
-    assert unreachable.returncode == 1 and "failed" in unreachable.stderr
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.strip() == ("C-ECHO pacs: failed: destination pacs: no association: "
+                                          "connection refused (nothing listens on the "
+                                          "destination's port)")  # one line, no library noise
+    # Without a name: every destination, each on its line; 1 when any fails.
+    every = _cli("echo", "--config", str(dead), env=stack.env())
+    assert every.returncode == 1
+    assert "C-ECHO pacs: failed" in every.stderr
+    assert "C-ECHO pacs-live (" in every.stdout and "status 0x0000" in every.stdout
 
 
 def test_worker_refuses_a_missing_or_tampered_bundle(stack: NodeStack, tmp_path: Path) -> None:
