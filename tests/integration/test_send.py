@@ -9,7 +9,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -264,9 +264,9 @@ def test_a_pacs_that_rejects_the_association_is_retried_and_the_failure_says_how
 A_ABORT_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0])  # PS3.8 9.3.8: source 0, reason 0
 
 
-def _peer(behaviour: str, stop: threading.Event) -> int:
-    """A TCP peer on a free port that meets each A-ASSOCIATE-RQ with `behaviour`: a PACS that
-    hangs, crashes, aborts or speaks something else."""
+def _serve(answer: Callable[[socket.socket], None], stop: threading.Event) -> int:
+    """A TCP peer on a free port that reads each A-ASSOCIATE-RQ, then calls `answer` with the
+    connection (closed after it), until `stop`."""
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.2)
 
@@ -279,16 +279,25 @@ def _peer(behaviour: str, stop: threading.Event) -> int:
                     continue
                 with conn:
                     conn.recv(65536)
-                    if behaviour == "abort":
-                        conn.sendall(A_ABORT_PDU)
-                    elif behaviour == "garbage":
-                        conn.sendall(b"\x99" * 16)
-                    elif behaviour == "silent":
-                        stop.wait(3)  # longer than the destination's 1 s timeout
-                    stop.wait(0.2)
+                    answer(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     return int(server.getsockname()[1])
+
+
+def _peer(behaviour: str, stop: threading.Event) -> int:
+    """A PACS that hangs, crashes, aborts or speaks something else."""
+
+    def answer(conn: socket.socket) -> None:
+        if behaviour == "abort":
+            conn.sendall(A_ABORT_PDU)
+        elif behaviour == "garbage":
+            conn.sendall(b"\x99" * 16)
+        elif behaviour == "silent":
+            stop.wait(3)  # longer than the destination's 1 s timeout
+        stop.wait(0.2)
+
+    return _serve(answer, stop)
 
 
 @pytest.mark.parametrize(("behaviour", "why"), [
@@ -329,30 +338,20 @@ def test_a_hung_archive_does_not_hold_back_the_pacs(
     the configured order and the archive's reason."""
     port, out = storescp
     seen: list[bool] = []
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
     stop = threading.Event()
 
-    def hung_archive() -> None:
-        with server:
-            while not stop.is_set():
-                try:
-                    conn, _ = server.accept()
-                except TimeoutError:
-                    continue
-                with conn:
-                    conn.recv(65536)
-                    deadline = time.monotonic() + 20
-                    while not any(out.iterdir()) and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                    seen.append(any(out.iterdir()))
+    def hang_until_the_pacs_has_them(conn: socket.socket) -> None:
+        deadline = time.monotonic() + 20
+        while not any(out.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append(any(out.iterdir()))
 
-    threading.Thread(target=hung_archive, daemon=True).start()
+    archive_port = _serve(hang_until_the_pacs_has_them, stop)
     files = make_study(tmp_path / "objs", views=["R-CC", "L-CC"], rows=64, cols=48, seed=50)
     settings = make_settings(
         tmp_path,
         destinations=[{"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1",
-                       "port": server.getsockname()[1], "timeout_s": 30},
+                       "port": archive_port, "timeout_s": 30},
                       {"name": "pacs", "ae_title": "ARCHIVE", "host": "127.0.0.1",
                        "port": port, "timeout_s": 30}],
         send={"attempts": 2, "backoff_s": 0.1, "backoff_max_s": 0.2})
