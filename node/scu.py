@@ -224,7 +224,9 @@ for _name in ("pynetdicom.acse", "pynetdicom.transport"):
 
 def why_no_association(assoc: Association, destination: Destination, started: float) -> str:
     """Why a requested association was not established, in words for radiology IT: the
-    destination's A-ASSOCIATE-RJ, else what became of the connection (no PHI, no host)."""
+    destination's A-ASSOCIATE-RJ, else what became of the connection. No PHI: the words are
+    ours, the A-ASSOCIATE-RJ's and OpenSSL's (whose hostname mismatch names the configured
+    host)."""
     rejection = _rejection(assoc)
     if rejection is not None:
         return rejection
