@@ -168,6 +168,8 @@ def observe_run(record: RunRecord, source: RunSource) -> None:
         if stage in STAGES and seconds >= 0:
             STAGE_SECONDS.labels(stage=stage).observe(seconds)
     for send in record.sends or ():
+        if send.earlier:
+            continue  # counted by the attempt that stored it
         outcome = "stored" if send.ok else "refused" if send.refused else "failed"
         SENDS.labels(destination=send.destination, outcome=outcome).inc()
     for described in record.inputs or ():

@@ -294,6 +294,9 @@ class SendResult(_Frozen):
     ok: bool
     # Why the destination would not take it (never offered; not retried), only when it would not.
     refused: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    # Stored by an earlier attempt of this run (before a `runs retry`, the same SOP Instance UID
+    # to the same destination): not sent again; `status` is that attempt's.
+    earlier: bool = Field(default=False, exclude_if=lambda value: not value)
 
 
 class ShadowScores(_OmitNone):

@@ -37,6 +37,7 @@ from node.errors import ConfigError, InputError
 from node.leases import Lease, LeaseLost, Leases, hold_claimed_run
 from node.logs import get_logger
 from node.runs import (
+    PREVIOUS_RECORD_NAME,
     FailureKind,
     InputDescription,
     InstanceEntry,
@@ -49,6 +50,7 @@ from node.runs import (
     SendResult,
     attempts_exhausted,
     read_manifest,
+    read_record,
     read_run_info,
     read_superseded,
     write_record,
@@ -267,7 +269,8 @@ def _heatmap_objects(
     return objects
 
 
-def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | None = None
+def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | None = None,
+                 stored_earlier: Mapping[tuple[str, str], str | None] | None = None
                  ) -> tuple[list[dict[str, Any]], str | None]:
     """Send to every destination with retries and backoff; (per-object log, failure reason).
 
@@ -278,17 +281,24 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
     Destinations are served side by side, one thread each: a research archive that is down (its
     retries, its timeouts: minutes with the defaults) does not hold back the clinical PACS. The
     per-object log and the reasons keep the configured order.
+
+    `stored_earlier` ((destination, SOP Instance UID) -> status): what an earlier attempt of the
+    run stored (a `runs retry` after a send failure); those objects are not sent again and are
+    logged with `earlier` and that attempt's status.
     """
     jobs = [(destination, list(files) if kinds is None else [
         f for f, kind in zip(files, kinds, strict=True) if destination.wants(kind)])
         for destination in settings.all_destinations]
+    earlier = dict(stored_earlier or {})
     if len(jobs) <= 1:
-        results = [_send_to_destination(settings, destination, mine) for destination, mine in jobs]
+        results = [_send_to_destination(settings, destination, mine, earlier)
+                   for destination, mine in jobs]
     else:
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="send") as pool:
             # Each thread logs with the run's bound context (structlog's contextvars).
             futures = [pool.submit(contextvars.copy_context().run, _send_to_destination,
-                                   settings, destination, mine) for destination, mine in jobs]
+                                   settings, destination, mine, earlier)
+                       for destination, mine in jobs]
             results = [future.result() for future in futures]
     sends = [item for destination_sends, _ in results for item in destination_sends]
     failures = [reason for _, destination_failures in results for reason in destination_failures]
@@ -296,11 +306,18 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
 
 
 def _send_to_destination(settings: Settings, destination: Destination | DicomWebDestination,
-                         mine: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Send `mine` to one destination with retries and backoff; (per-object log, reasons)."""
+                         mine: list[Path], earlier: Mapping[tuple[str, str], str | None]
+                         ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Send `mine` to one destination with retries and backoff, but those `earlier` says an
+    earlier attempt stored there; (per-object log, reasons)."""
     sends: list[dict[str, Any]] = []
     failures: list[str] = []
-    pending = list(mine)
+    uids = {p: _sop_uid(p) for p in mine} if earlier else {}
+    done_before = {p for p in mine if (destination.name, uids.get(p, "")) in earlier}
+    if done_before:
+        log.info("send_skipped_stored_earlier", destination=destination.name,
+                 objects=len(done_before))
+    pending = [p for p in mine if p not in done_before]
     outcomes: dict[Path, SendOutcome] = {}
     for attempt in range(1, settings.send.attempts + 1):
         try:
@@ -334,12 +351,17 @@ def _send_to_destination(settings: Settings, destination: Destination | DicomWeb
                                                  for p in pending})))
             time.sleep(delay_s)
     for path in mine:
+        if path in done_before:
+            sends.append({"destination": destination.name, "file": path.name,
+                          "sop_uid": uids[path], "status": earlier[(destination.name, uids[path])],
+                          "ok": True, "earlier": True})
+            continue
         outcome = outcomes[path]
         status = None if outcome.status is None else f"0x{outcome.status:04X}"
         sends.append({"destination": destination.name, "file": path.name,
                       "sop_uid": outcome.sop_uid, "status": status, "ok": outcome.ok,
                       **({"refused": outcome.refused} if outcome.refused else {})})
-    final = [p for p in mine if is_final_store_failure(outcomes[p].status)]
+    final = [p for p in outcomes if is_final_store_failure(outcomes[p].status)]
     if final:
         statuses = sorted({_status_words(outcomes[p]) for p in final})
         failures.append(f"{destination.name}: {len(final)} object(s) failed with a status "
@@ -606,11 +628,23 @@ def _score_write_send(
     t0 = time.perf_counter()
     _fence(lease, "send")
     sends, failure = send_outputs(settings, [run_dir / o.file for o in progress.outputs],
-                                  [o.kind for o in progress.outputs])
+                                  [o.kind for o in progress.outputs], _stored_earlier(run_dir))
     timings["send"] = round(time.perf_counter() - t0, 3)
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)
     return RunFailure(kind=FailureKind.SEND, message=failure) if failure else None
+
+
+def _stored_earlier(run_dir: Path) -> dict[tuple[str, str], str | None]:
+    """(destination, SOP Instance UID) -> status of each object an earlier attempt of this run
+    stored, from the record a `runs retry` of a failed run set aside: a PACS that stored the
+    results before the research archive failed does not get them again (some PACS answer a
+    second copy with a failure). A retried run that had succeeded sends everything again (its
+    operator wants it resent: a PACS restored from backup)."""
+    previous = read_record(run_dir, PREVIOUS_RECORD_NAME)
+    if previous is None or previous.state != "failed":
+        return {}
+    return {(s.destination, s.sop_uid): s.status for s in previous.sends or () if s.ok}
 
 
 def _publish_outputs(attempt_dir: Path, outputs_dir: Path) -> None:
@@ -632,6 +666,9 @@ def _audit_sends(audit: AuditLog, info: RunInfo, sends: Sequence[SendResult]) ->
         fields: dict[str, Any] = {"run_id": info.run_id, "study_uid": info.study_uid,
                                   "destination": destination, "objects": len(mine),
                                   "sop_uids": [s.sop_uid for s in mine]}
+        earlier = sum(s.earlier for s in mine)
+        if earlier:
+            fields["stored_earlier"] = earlier  # by the attempt before a `runs retry`
         if failed:
             refused = sorted({s.refused for s in failed if s.refused})
             audit.record("results_send_failed", **fields, not_stored=len(failed),

@@ -32,6 +32,16 @@ from tools.stack.services import find_binary, free_port
 pytestmark = [pytest.mark.integration, pytest.mark.requires_bin("storescp")]
 
 
+def _two_destinations(tmp_path: Path, *destinations: tuple[str, str, int],
+                      timeout_s: float) -> Settings:
+    """Destinations (name, AE title, port) on this host, in this order; two quick attempts."""
+    return make_settings(
+        tmp_path,
+        destinations=[{"name": name, "ae_title": ae_title, "host": "127.0.0.1", "port": port,
+                       "timeout_s": timeout_s} for name, ae_title, port in destinations],
+        send={"attempts": 2, "backoff_s": 0.1, "backoff_max_s": 0.2})
+
+
 def _sender_settings(tmp_path: Path, port: int, attempts: int = 2) -> Settings:
     """One archive on `port`, quick retries."""
     return make_settings(
@@ -348,13 +358,8 @@ def test_a_hung_archive_does_not_hold_back_the_pacs(
 
     archive_port = _serve(hang_until_the_pacs_has_them, stop)
     files = make_study(tmp_path / "objs", views=["R-CC", "L-CC"], rows=64, cols=48, seed=50)
-    settings = make_settings(
-        tmp_path,
-        destinations=[{"name": "research", "ae_title": "RESEARCH", "host": "127.0.0.1",
-                       "port": archive_port, "timeout_s": 30},
-                      {"name": "pacs", "ae_title": "ARCHIVE", "host": "127.0.0.1",
-                       "port": port, "timeout_s": 30}],
-        send={"attempts": 2, "backoff_s": 0.1, "backoff_max_s": 0.2})
+    settings = _two_destinations(tmp_path, ("research", "RESEARCH", archive_port),
+                                 ("pacs", "ARCHIVE", port), timeout_s=30)
     try:
         sends, failure = send_outputs(settings, files)
     finally:
@@ -426,6 +431,48 @@ def test_run_whose_results_cannot_be_delivered_is_parked_in_failed(tmp_path: Pat
     assert record["error"].startswith("send: archive: 3 object(s) not stored after 2 attempts")
     assert len(record["outputs"]) == 3  # SR + SEG + CAD SR written and kept for a retry
     assert process_run(settings, spool, run_id, _Fixed()) is None  # a late duplicate: no-op
+
+
+def test_a_retried_run_sends_only_what_an_earlier_attempt_did_not_store(
+    tmp_path: Path, storescp: tuple[int, Path]
+) -> None:
+    """The PACS stored the results, the research archive was down: the run failed. After
+    `runs retry`, with the archive back, only the archive gets them; the PACS (some answer a
+    second copy with a failure) is not sent them again, and the record says so. A retried run
+    that had succeeded is sent in full (its operator wants it resent)."""
+    pacs_port, pacs_out = storescp
+    archive_port, archive_out = free_port(), tmp_path / "archive"
+    archive_out.mkdir()
+    settings = _two_destinations(tmp_path, ("pacs", "ARCHIVE", pacs_port),
+                                 ("research", "RESEARCH", archive_port), timeout_s=5)
+    spool, run_id = _queued_run(tmp_path, settings)
+    assert process_run(settings, spool, run_id, _Fixed()) == "failed"
+    assert len(list(pacs_out.iterdir())) == 3  # SR, SEG, CAD SR
+    for stored in pacs_out.iterdir():
+        stored.unlink()  # to see whether the retry sends them again
+    archive = subprocess.Popen([find_binary("storescp"), "-aet", "RESEARCH", "-od",
+                                str(archive_out), str(archive_port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run([find_binary("echoscu"), "-aec", "RESEARCH", "127.0.0.1",
+                              str(archive_port)], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "storescp never answered C-ECHO"
+            time.sleep(0.1)
+        spool.requeue_run(run_id)
+        assert process_run(settings, spool, run_id, _Fixed()) == "done"
+        record = json.loads((spool.state_dir("done") / run_id / RECORD_NAME).read_text())
+        assert not any(pacs_out.iterdir())  # not sent again
+        assert len(list(archive_out.iterdir())) == 3
+        assert [(s["destination"], s["status"], s["ok"], s.get("earlier", False))
+                for s in record["sends"]] == [("pacs", "0x0000", True, True)] * 3 + [
+            ("research", "0x0000", True, False)] * 3
+        spool.requeue_run(run_id)  # a run that succeeded: everything again
+        assert process_run(settings, spool, run_id, _Fixed()) == "done"
+        assert len(list(pacs_out.iterdir())) == 3
+    finally:
+        archive.terminate()
+        archive.wait(10)
 
 
 def test_run_that_keeps_killing_workers_is_given_up(tmp_path: Path) -> None:

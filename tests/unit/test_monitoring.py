@@ -235,6 +235,23 @@ def test_a_finished_run_is_counted_with_its_stages_sends_and_score() -> None:
                                      {"stage": "not_a_stage"}) is None
 
 
+def test_an_object_stored_by_an_earlier_attempt_is_not_counted_again() -> None:
+    """After `runs retry`, the objects the first attempt stored are in the record with
+    `earlier` (not sent again): they were counted when they were stored."""
+    record = RunRecord(
+        run_id="20260101T000001-unit", study_uid="1.2.3", state="done",
+        model=ModelRef(name="unit-model", version="9.9"),
+        sends=(SendResult(destination="unit-retried", file="sr.dcm", sop_uid="1.2.4",
+                          status="0x0000", ok=True, earlier=True),
+               SendResult(destination="unit-retried", file="seg.dcm", sop_uid="1.2.5",
+                          status="0x0000", ok=True)))
+    labels = {"destination": "unit-retried", "outcome": "stored"}
+    before = _value("mammo_sends_total", labels)
+    metrics.observe_run(record, metrics.RunSource(calling_ae="UNIT_AE", manufacturer=""))
+    assert _value("mammo_sends_total", labels) == before + 1
+    assert "earlier" not in record.sends[1].model_dump_json()  # absent unless true
+
+
 def test_label_values_from_received_data_are_cleaned_and_capped() -> None:
     assert metrics.clean_label("ACME\x00\n Medical" + "x" * 100) == ("ACME Medical" + "x" * 100)[:64]
     labels = {metrics._manufacturer_label(f"vendor-{n}") for n in range(metrics.MAX_MANUFACTURERS * 2)}
