@@ -8,6 +8,9 @@ A run folder (incoming/<study_key>/ while a study arrives, then <state>/<run_id>
     published.json   `PublishedNote`: the run's Celery message is out
     superseded.json  `SupersededNote`: a later run of the same study replaced this one
     discarded.json   `DiscardedNote`: IT discarded the run
+    sent.jsonl       one line per result object a destination confirmed storing, appended as
+                     each is stored, so an attempt that follows one that died mid-send (a
+                     killed worker, a lost host) does not send those objects again
 
 No other module opens these files: node/spool.py moves folders between states and calls the
 functions here; the worker and the CLI get typed records from the spool. Every JSON file is
@@ -47,6 +50,7 @@ PREVIOUS_RECORD_NAME = "record.previous.json"  # the record a `runs retry` set a
 PUBLISHED_NAME = "published.json"
 SUPERSEDED_NAME = "superseded.json"
 DISCARDED_NAME = "discarded.json"
+SENT_NAME = "sent.jsonl"
 
 _Model = TypeVar("_Model", bound="BaseModel")
 
@@ -176,6 +180,47 @@ def append_manifest(folder: Path, entries: Iterable[InstanceEntry]) -> None:
         manifest.writelines(lines)
         manifest.flush()
         os.fsync(manifest.fileno())
+
+
+# --- the send journal ---------------------------------------------------------------------------
+def append_sent(folder: Path, destination: str, sop_uid: str, status: str | None) -> None:
+    """Note that `destination` confirmed storing `sop_uid` (with `status`): one line, written by
+    one O_APPEND write and fsynced, so the destinations' threads (and, with leases on a shared
+    spool, a worker that lost the run) never interleave within a line."""
+    line = json.dumps({"destination": destination, "sop_uid": sop_uid, "status": status},
+                      sort_keys=True) + "\n"
+    fd = os.open(folder / SENT_NAME, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = "\n" + line  # after a line a crash tore: start a line of our own
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_sent(folder: Path) -> dict[tuple[str, str], str | None]:
+    """(destination, SOP Instance UID) -> status of each object the journal says was stored."""
+    try:
+        lines = (folder / SENT_NAME).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return {}
+    sent: dict[tuple[str, str], str | None] = {}
+    for line in lines:
+        try:
+            item = json.loads(line)
+            key = (str(item["destination"]), str(item["sop_uid"]))
+            status = item.get("status")
+        except (ValueError, TypeError, KeyError):
+            continue  # a torn last line after a crash: that object is sent again
+        sent[key] = None if status is None else str(status)
+    return sent
+
+
+def clear_sent(folder: Path) -> None:
+    """Forget what was sent (a `runs retry` of a run that succeeded: it is sent in full)."""
+    (folder / SENT_NAME).unlink(missing_ok=True)
 
 
 # --- JSON records -------------------------------------------------------------------------------

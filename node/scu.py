@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +126,12 @@ def echo(settings: Settings, destination: Destination) -> int:
         assoc.release()
 
 
-def send_files(settings: Settings, destination: Destination, paths: list[Path]) -> list[SendOutcome]:
-    """C-STORE every file on one association; never raises for a per-object failure."""
+def send_files(settings: Settings, destination: Destination, paths: list[Path],
+               on_stored: Callable[[SendOutcome], None] | None = None) -> list[SendOutcome]:
+    """C-STORE every file on one association; never raises for a per-object failure.
+
+    `on_stored` is called with each object's outcome as soon as the destination confirms storing
+    it (the run's send journal), before the next C-STORE."""
     if not paths:
         return []
     headers = [(p, dcmread(p, stop_before_pixels=True)) for p in paths]
@@ -168,8 +173,11 @@ def send_files(settings: Settings, destination: Destination, paths: list[Path]) 
             except RuntimeError:  # the association ended between the check above and the call
                 status = None
             code = int(status.Status) if status is not None and "Status" in status else None
-            outcomes.append(SendOutcome(str(header.SOPInstanceUID), code,
-                                        unanswered=ENDED_MID_SEND if code is None else None))
+            outcome = SendOutcome(str(header.SOPInstanceUID), code,
+                                  unanswered=ENDED_MID_SEND if code is None else None)
+            outcomes.append(outcome)
+            if on_stored is not None and outcome.ok:
+                on_stored(outcome)
             # No status: the peer aborted or closed the connection, or never answered (pynetdicom
             # then aborts), or answered nonsense. The association is done for this attempt: the
             # next C-STORE on it would wait out the whole DIMSE timeout for an answer that cannot

@@ -44,6 +44,7 @@ from node.runs import (
     RunRecord,
     SupersededNote,
     append_manifest,
+    clear_sent,
     fsync_dir,
     fsync_file,
     read_manifest,
@@ -567,6 +568,8 @@ class Spool:
 
         The attempts counter starts again (IT decided the cause is gone); the previous record is
         kept as record.previous.json. A superseded run is refused: retry the run that replaced it.
+        A run that succeeded forgets what it sent (it is sent in full again: its operator wants
+        it resent); a failed one keeps it, so the retry sends only what was not stored.
         """
         located = self.locate(run_id)
         if located is None:
@@ -581,6 +584,8 @@ class Spool:
         target = self.state_dir("queued") / run_id
         (path / PUBLISHED_NAME).unlink(missing_ok=True)
         (path / DISCARDED_NAME).unlink(missing_ok=True)
+        if state == "done":
+            clear_sent(path)
         if (path / RECORD_NAME).exists():
             os.replace(path / RECORD_NAME, path / PREVIOUS_RECORD_NAME)
         if reset_attempts:

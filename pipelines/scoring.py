@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,10 +48,12 @@ from node.runs import (
     RunRecord,
     Scores,
     SendResult,
+    append_sent,
     attempts_exhausted,
     read_manifest,
     read_record,
     read_run_info,
+    read_sent,
     read_superseded,
     write_record,
     write_run_info,
@@ -270,8 +272,8 @@ def _heatmap_objects(
 
 
 def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | None = None,
-                 stored_earlier: Mapping[tuple[str, str], str | None] | None = None
-                 ) -> tuple[list[dict[str, Any]], str | None]:
+                 stored_earlier: Mapping[tuple[str, str], str | None] | None = None,
+                 journal: Path | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """Send to every destination with retries and backoff; (per-object log, failure reason).
 
     `kinds` (aligned with `files`, `node.runs.OutputFile.kind`) lets each destination get only
@@ -283,21 +285,24 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
     per-object log and the reasons keep the configured order.
 
     `stored_earlier` ((destination, SOP Instance UID) -> status): what an earlier attempt of the
-    run stored (a `runs retry` after a send failure); those objects are not sent again and are
-    logged with `earlier` and that attempt's status.
+    run stored (one that died mid-send, or a `runs retry` after a send failure); those objects
+    are not sent again and are logged with `earlier` and that attempt's status.
+
+    `journal`: the run folder whose send journal (node/runs.py `sent.jsonl`) gets each object
+    as its destination confirms it, so that the next attempt knows it when this one dies.
     """
     jobs = [(destination, list(files) if kinds is None else [
         f for f, kind in zip(files, kinds, strict=True) if destination.wants(kind)])
         for destination in settings.all_destinations]
     earlier = dict(stored_earlier or {})
     if len(jobs) <= 1:
-        results = [_send_to_destination(settings, destination, mine, earlier)
+        results = [_send_to_destination(settings, destination, mine, earlier, journal)
                    for destination, mine in jobs]
     else:
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="send") as pool:
             # Each thread logs with the run's bound context (structlog's contextvars).
             futures = [pool.submit(contextvars.copy_context().run, _send_to_destination,
-                                   settings, destination, mine, earlier)
+                                   settings, destination, mine, earlier, journal)
                        for destination, mine in jobs]
             results = [future.result() for future in futures]
     sends = [item for destination_sends, _ in results for item in destination_sends]
@@ -306,10 +311,11 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
 
 
 def _send_to_destination(settings: Settings, destination: Destination | DicomWebDestination,
-                         mine: list[Path], earlier: Mapping[tuple[str, str], str | None]
-                         ) -> tuple[list[dict[str, Any]], list[str]]:
+                         mine: list[Path], earlier: Mapping[tuple[str, str], str | None],
+                         journal: Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Send `mine` to one destination with retries and backoff, but those `earlier` says an
     earlier attempt stored there; (per-object log, reasons)."""
+    note = None if journal is None else _journal_writer(journal, destination.name)
     sends: list[dict[str, Any]] = []
     failures: list[str] = []
     uids = {p: _sop_uid(p) for p in mine} if earlier else {}
@@ -323,8 +329,11 @@ def _send_to_destination(settings: Settings, destination: Destination | DicomWeb
         try:
             if isinstance(destination, DicomWebDestination):
                 results = stow_files(destination, pending)
+                for outcome in results:
+                    if note is not None and outcome.ok:
+                        note(outcome)
             else:
-                results = send_files(settings, destination, pending)
+                results = send_files(settings, destination, pending, note)
         except Exception as error:  # an unexpected SCU failure is one failed attempt
             log.warning("send_attempt_failed", destination=destination.name,
                         reason=type(error).__name__, attempt=attempt)
@@ -379,6 +388,25 @@ def _send_to_destination(settings: Settings, destination: Destination | DicomWeb
                         f"({reason}): have its PACS accept them, or leave them out with "
                         "its `objects` setting")
     return sends, failures
+
+
+def _journal_writer(run_dir: Path, destination: str) -> Callable[[SendOutcome], None]:
+    """Each stored object into the run's send journal. A journal that cannot be written (a
+    full disk) costs only a second copy if this attempt dies: the send goes on, with one
+    warning per destination."""
+    warned = False
+
+    def note(outcome: SendOutcome) -> None:
+        nonlocal warned
+        try:
+            append_sent(run_dir, destination, outcome.sop_uid, f"0x{outcome.status:04X}"
+                        if outcome.status is not None else None)
+        except OSError as error:
+            if not warned:
+                warned = True
+                log.warning("send_journal_not_written", destination=destination,
+                            reason=error.strerror or type(error).__name__)
+    return note
 
 
 def _status_words(outcome: SendOutcome) -> str:
@@ -628,7 +656,8 @@ def _score_write_send(
     t0 = time.perf_counter()
     _fence(lease, "send")
     sends, failure = send_outputs(settings, [run_dir / o.file for o in progress.outputs],
-                                  [o.kind for o in progress.outputs], _stored_earlier(run_dir))
+                                  [o.kind for o in progress.outputs], _stored_earlier(run_dir),
+                                  journal=run_dir)
     timings["send"] = round(time.perf_counter() - t0, 3)
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)
@@ -637,14 +666,21 @@ def _score_write_send(
 
 def _stored_earlier(run_dir: Path) -> dict[tuple[str, str], str | None]:
     """(destination, SOP Instance UID) -> status of each object an earlier attempt of this run
-    stored, from the record a `runs retry` of a failed run set aside: a PACS that stored the
-    results before the research archive failed does not get them again (some PACS answer a
-    second copy with a failure). A retried run that had succeeded sends everything again (its
-    operator wants it resent: a PACS restored from backup)."""
+    stored: a PACS that stored the results before the worker died, or before the research
+    archive failed the run, does not get them again (some PACS answer a second copy with a
+    failure). From the run's send journal, and from the record a `runs retry` of a failed run
+    set aside (runs failed before the journal existed). A retried run that had succeeded sends
+    everything again (its operator wants it resent: a PACS restored from backup): the retry
+    cleared its journal. The result UIDs derive from the study, the images and the model, so an
+    object of another model (a bundle swapped between the attempts) is never taken for one
+    already stored."""
+    stored: dict[tuple[str, str], str | None] = {}
     previous = read_record(run_dir, PREVIOUS_RECORD_NAME)
-    if previous is None or previous.state != "failed":
-        return {}
-    return {(s.destination, s.sop_uid): s.status for s in previous.sends or () if s.ok}
+    if previous is not None and previous.state == "failed":
+        stored.update({(s.destination, s.sop_uid): s.status for s in previous.sends or ()
+                       if s.ok})
+    stored.update(read_sent(run_dir))
+    return stored
 
 
 def _publish_outputs(attempt_dir: Path, outputs_dir: Path) -> None:
@@ -668,7 +704,7 @@ def _audit_sends(audit: AuditLog, info: RunInfo, sends: Sequence[SendResult]) ->
                                   "sop_uids": [s.sop_uid for s in mine]}
         earlier = sum(s.earlier for s in mine)
         if earlier:
-            fields["stored_earlier"] = earlier  # by the attempt before a `runs retry`
+            fields["stored_earlier"] = earlier  # by an earlier attempt of the run
         if failed:
             refused = sorted({s.refused for s in failed if s.refused})
             audit.record("results_send_failed", **fields, not_stored=len(failed),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -18,7 +21,14 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 
 from node.errors import TransientError
-from node.runs import RECORD_NAME, InstanceEntry, SendResult, read_run_info, write_run_info
+from node.runs import (
+    RECORD_NAME,
+    InstanceEntry,
+    SendResult,
+    read_run_info,
+    read_sent,
+    write_run_info,
+)
 from node.scu import echo, send_files
 from node.settings import Settings
 from node.spool import Spool, hash_key
@@ -81,6 +91,28 @@ def test_every_object_reaches_the_destination(tmp_path: Path, storescp: tuple[in
     assert [s["ok"] for s in sends] == [True, True, True]
     received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir()}
     assert received == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+
+def test_each_stored_object_is_journaled_and_a_journal_that_cannot_be_written_stops_nothing(
+    tmp_path: Path, storescp: tuple[int, Path]
+) -> None:
+    from structlog.testing import capture_logs
+
+    port, out = storescp
+    files = make_study(tmp_path / "objs", views=["R-CC", "L-CC"], rows=64, cols=48, seed=44)
+    uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sends, failure = send_outputs(_sender_settings(tmp_path, port), files, journal=run_dir)
+    assert failure is None
+    assert read_sent(run_dir) == {("archive", uid): "0x0000" for uid in uids}
+    with capture_logs() as logs:  # a full disk, a folder gone: the objects still go
+        sends, failure = send_outputs(_sender_settings(tmp_path, port), files,
+                                      journal=tmp_path / "gone")
+    assert failure is None and [s["ok"] for s in sends] == [True, True]
+    assert [(e["event"], e["destination"]) for e in logs
+            if e["event"] == "send_journal_not_written"] == [("send_journal_not_written",
+                                                               "archive")]
 
 
 def test_unreachable_destination_fails_with_the_reason_after_the_last_attempt(
@@ -473,6 +505,59 @@ def test_a_retried_run_sends_only_what_an_earlier_attempt_did_not_store(
     finally:
         archive.terminate()
         archive.wait(10)
+
+
+def test_a_worker_killed_mid_send_does_not_send_the_pacs_its_results_again(
+    tmp_path: Path, storescp: tuple[int, Path]
+) -> None:
+    """The PACS stored the results, the research archive was down and being retried when the
+    worker was SIGKILLed (the OOM killer, a host going away). The next attempt of the run (a
+    new worker taking it from work/, as after a Celery redelivery or the reconciler) sends the
+    archive everything and the PACS nothing: the send journal said what it had stored."""
+    pacs_port, pacs_out = storescp
+    archive_port, archive_out = free_port(), tmp_path / "archive"
+    archive_out.mkdir()
+    settings = _two_destinations(tmp_path, ("pacs", "ARCHIVE", pacs_port),
+                                 ("research", "RESEARCH", archive_port), timeout_s=5)
+    settings = settings.model_copy(update={"send": settings.send.model_copy(
+        update={"attempts": 50, "backoff_s": 0.5, "backoff_max_s": 0.5})})  # retrying, long
+    spool, run_id = _queued_run(tmp_path, settings)
+    worker = multiprocessing.get_context("fork").Process(
+        target=process_run, args=(settings, spool, run_id, _Fixed()), daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum(d == "pacs" for d, _ in read_sent(spool.state_dir("work") / run_id)) < 3:
+            assert worker.is_alive(), "the worker ended before the PACS had the results"
+            assert time.monotonic() < deadline, "the PACS never had the results"
+            time.sleep(0.05)
+    finally:
+        os.kill(worker.pid or 0, signal.SIGKILL)
+        worker.join(10)
+    assert spool.runs("work") == [run_id]  # left where the killed worker held it
+    assert len(list(pacs_out.iterdir())) == 3  # SR, SEG, CAD SR
+    for stored in pacs_out.iterdir():
+        stored.unlink()  # to see whether the next attempt sends them again
+    archive = subprocess.Popen([find_binary("storescp"), "-aet", "RESEARCH", "-od",
+                                str(archive_out), str(archive_port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run([find_binary("echoscu"), "-aec", "RESEARCH", "127.0.0.1",
+                              str(archive_port)], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "storescp never answered C-ECHO"
+            time.sleep(0.1)
+        assert process_run(settings, spool, run_id, _Fixed()) == "done"
+    finally:
+        archive.terminate()
+        archive.wait(10)
+    record = json.loads((spool.state_dir("done") / run_id / RECORD_NAME).read_text())
+    assert record["attempts"] == 2
+    assert not any(pacs_out.iterdir())  # not sent again
+    assert len(list(archive_out.iterdir())) == 3
+    assert [(s["destination"], s["status"], s["ok"], s.get("earlier", False))
+            for s in record["sends"]] == [("pacs", "0x0000", True, True)] * 3 + [
+        ("research", "0x0000", True, False)] * 3
 
 
 def test_run_that_keeps_killing_workers_is_given_up(tmp_path: Path) -> None:

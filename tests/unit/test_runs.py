@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from node.runs import (
     RECORD_NAME,
     RUN_NAME,
+    SENT_NAME,
     FailureKind,
     InputDescription,
     InstanceEntry,
@@ -22,10 +23,13 @@ from node.runs import (
     Scores,
     SendResult,
     append_manifest,
+    append_sent,
     attempts_exhausted,
+    clear_sent,
     read_manifest,
     read_record,
     read_run_info,
+    read_sent,
     write_record,
     write_run_info,
 )
@@ -110,6 +114,20 @@ def test_manifest_round_trip_keeps_the_last_line_of_a_repeated_instance(tmp_path
     append_manifest(tmp_path, [retake])
     assert read_manifest(tmp_path) == (retake,)
     assert read_manifest(tmp_path / "absent") == ()
+
+
+def test_send_journal_keeps_each_stored_object_and_skips_a_torn_line(tmp_path: Path) -> None:
+    assert read_sent(tmp_path) == {}
+    append_sent(tmp_path, "pacs", "1.2.3", "0x0000")
+    append_sent(tmp_path, "research", "1.2.3", "0xB000")
+    with open(tmp_path / SENT_NAME, "a", encoding="utf-8") as journal:
+        journal.write('{"destination": "pacs", "sop_ui')  # a crash mid-line
+    assert read_sent(tmp_path) == {("pacs", "1.2.3"): "0x0000", ("research", "1.2.3"): "0xB000"}
+    append_sent(tmp_path, "pacs", "1.2.4", None)  # after the torn line: still read
+    assert read_sent(tmp_path)[("pacs", "1.2.4")] is None
+    clear_sent(tmp_path)
+    assert read_sent(tmp_path) == {}
+    clear_sent(tmp_path)  # nothing to clear: no error
 
 
 def test_records_are_immutable_and_refuse_unknown_keys(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 import node.spool
 from node.completion import AssociationTracker
 from node.queueing import build_publisher
-from node.runs import InstanceEntry, read_manifest
+from node.runs import InstanceEntry, append_sent, read_manifest, read_sent
 from node.service import CompletionWatcher
 from node.spool import Spool, free_bytes, hash_key
 from tests.support.settings import make_settings
@@ -175,9 +175,22 @@ def test_failed_run_can_be_requeued(spool: Spool) -> None:
     spool.mark_published(run_id)
     with spool.hold_run(run_id):
         spool.finish_run(run_id, "failed")
+    append_sent(spool.state_dir("failed") / run_id, "pacs", "1.2.9", "0x0000")
     spool.requeue_run(run_id)
     assert spool.locate(run_id)[0] == "queued"  # type: ignore[index]
     assert spool.unpublished_runs() == [run_id]
+    # what the failed attempt stored stays known: the retry sends only the rest
+    assert read_sent(spool.state_dir("queued") / run_id) == {("pacs", "1.2.9"): "0x0000"}
+
+
+def test_a_retried_run_that_had_succeeded_forgets_what_it_sent(spool: Spool) -> None:
+    _receive(spool, _entry("1.2.3.4.5"))
+    run_id = spool.claim_study(hash_key("1.2.3"), "deadline")
+    with spool.hold_run(run_id):
+        spool.finish_run(run_id, "done")
+    append_sent(spool.state_dir("done") / run_id, "pacs", "1.2.9", "0x0000")
+    spool.requeue_run(run_id)  # its operator wants it resent (a PACS restored from backup)
+    assert read_sent(spool.state_dir("queued") / run_id) == {}
 
 
 def test_purge_tmp_removes_abandoned_receives(spool: Spool) -> None:
