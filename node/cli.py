@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
@@ -241,15 +242,27 @@ def cmd_echo(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     configure_logging(args.log_level)
     if args.peer is not None:
-        return _echo_one(settings, args.peer)
+        return _say(*_echo_one(settings, args.peer))
     names = [d.name for d in settings.all_destinations]
     if not names:
         print("no destinations configured", file=sys.stderr)
         return 2
-    return max(_echo_one(settings, name) for name in names)  # every one, in order
+    # Every one at once (a dead destination costs its timeout once, not once per name before
+    # it), said in the configured order.
+    with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="echo") as pool:
+        answers = list(pool.map(lambda name: _echo_one(settings, name), names))
+    return max(_say(*answer) for answer in answers)
 
 
-def _echo_one(settings: Settings, name: str) -> int:
+def _say(code: int, line: str, answered: bool) -> int:
+    """Print one destination's echo line (its answer on stdout, whatever it was; stderr when none
+    came) and return its exit code."""
+    print(line, file=sys.stdout if answered else sys.stderr)
+    return code
+
+
+def _echo_one(settings: Settings, name: str) -> tuple[int, str, bool]:
+    """(exit code, the line to print, whether the destination answered) of one echo."""
     from node.scu import echo
 
     web = [d for d in settings.dicomweb_destinations if d.name == name]
@@ -258,34 +271,30 @@ def _echo_one(settings: Settings, name: str) -> int:
     matches = [d for d in settings.destinations if d.name == name]
     if not matches:
         known = ", ".join(d.name for d in settings.all_destinations) or "none"
-        print(f"unknown destination {name!r} (configured: {known})", file=sys.stderr)
-        return 2
+        return 2, f"unknown destination {name!r} (configured: {known})", False
     try:
         status = echo(settings, matches[0])
     except TransientError as error:
-        print(f"C-ECHO {name}: failed: {error}", file=sys.stderr)
-        return 1
-    print(f"C-ECHO {name} ({matches[0].ae_title}@{matches[0].host}:{matches[0].port}): "
-          f"status 0x{status:04X}")
-    return 0 if status == 0 else 1
+        return 1, f"C-ECHO {name}: failed: {error}", False
+    return (0 if status == 0 else 1,
+            f"C-ECHO {name} ({matches[0].ae_title}@{matches[0].host}:{matches[0].port}): "
+            f"status 0x{status:04X}", True)
 
 
-def _echo_web(destination: DicomWebDestination) -> int:
+def _echo_web(destination: DicomWebDestination) -> tuple[int, str, bool]:
     """A DICOMweb destination's C-ECHO: a QIDO-RS query with its token (node/stow.py:probe)."""
     from node.stow import probe
 
     try:
         status = probe(destination)
     except TransientError as error:
-        print(f"QIDO-RS {destination.name}: failed: {error}", file=sys.stderr)
-        return 1
+        return 1, f"QIDO-RS {destination.name}: failed: {error}", False
     hint = {401: " (the token: its environment variable, or the server's users)",
             403: " (the token is known but not allowed)", 404: " (the URL's DICOMweb root)"}
     where = urlsplit(destination.url)  # user:password@ in a URL stays off the terminal
     shown = f"{where.scheme}://{where.hostname}{f':{where.port}' if where.port else ''}{where.path}"
-    print(f"QIDO-RS {destination.name} ({shown}): HTTP {status}"
-          f"{hint.get(status, '')}")
-    return 0 if 200 <= status < 300 else 1
+    return (0 if 200 <= status < 300 else 1,
+            f"QIDO-RS {destination.name} ({shown}): HTTP {status}{hint.get(status, '')}", True)
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
