@@ -70,6 +70,16 @@ def domain_caveat(view_key: str, reasons: Seq[str]) -> str:
     return f"{view_key}: outside the model's declared domain ({said})"
 
 
+def replaces_text(count: int) -> str:
+    """The sentence of a report that replaces `count` earlier reports of its study (a later run,
+    on more images or by another model, listed in its Predecessor Documents Sequence): the
+    archive keeps the earlier ones, and the reader must know which one is current."""
+    earlier = "an earlier report" if count == 1 else f"{count} earlier reports"
+    return (f"This report replaces {earlier} of this study from this node, made on fewer of its "
+            "images, or by another model or operating point (listed as predecessor documents): "
+            "read this one")
+
+
 def domain_texts(result: StudyResult, outside_domain: Mapping[str, Seq[str]]) -> list[str]:
     """One sentence per scored view outside the model's declared domain, so the reader of the
     report knows which scores come from images the model was not trained on, and one per view

@@ -49,7 +49,13 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from node.uids import derive_uid
 from node.vocabulary import MAMMOGRAPHY_CAD_SR
-from pipelines.attribution import RESEARCH_USE_LABEL, contributing_equipment, domain_texts, series_description
+from pipelines.attribution import (
+    RESEARCH_USE_LABEL,
+    contributing_equipment,
+    domain_texts,
+    replaces_text,
+    series_description,
+)
 from pipelines.findings import Finding
 from pipelines.results import ModelIdentity, OutputSpec, StudyResult, ViewScore
 from pipelines.source_values import carry_source_values, highdicom_safe
@@ -248,7 +254,8 @@ def _single_image_finding(finding: Finding, view: ViewScore, model: ModelIdentit
 
 
 def _overall_description(result: StudyResult, model: ModelIdentity, findings: int,
-                         outside_domain: Mapping[str, Sequence[str]] | None = None) -> str:
+                         outside_domain: Mapping[str, Sequence[str]] | None = None,
+                         replaces: int = 0) -> str:
     verdict = "suspicious" if result.exam_score >= model.operating_point else "not suspicious"
     breasts = ", ".join(f"{'right' if side == 'R' else 'left'} breast {score:.3f}"
                         for side, score in sorted(result.breast_scores.items(), reverse=True))
@@ -258,7 +265,7 @@ def _overall_description(result: StudyResult, model: ModelIdentity, findings: in
     return (f"{RESEARCH_USE_LABEL}. AI abnormality score for the exam {result.exam_score:.3f} "
             f"({verdict} at the {model.operating_point_name} operating point "
             f"{model.operating_point:g}); {breasts}. {findings} region(s) marked.{missing} "
-            f"{SCORE_MEANING}{domain}")
+            f"{SCORE_MEANING}{domain}" + (f" {replaces_text(replaces)}." if replaces else ""))
 
 
 def _detections_summary(model: ModelIdentity, image_positions: Sequence[Sequence[int]]
@@ -286,11 +293,13 @@ def build_cad_sr(
     model: ModelIdentity,
     output: OutputSpec,
     outside_domain: Mapping[str, Sequence[str]] | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> Dataset:
     """The Mammography CAD SR of one run; `findings` of each scored view, in view order (from
     `pipelines.findings.find_findings` at the model's operating point, as for every object);
     `outside_domain` (source SOP Instance UID -> outside_domain reasons) adds a sentence per such
-    view to the overall impression.
+    view to the overall impression; `previous_versions` (headers of our earlier CAD SRs of the
+    study, from the runs this one supersedes) are its predecessor documents, said there too.
 
     UIDs derive from the study, the source images, the model and its operating point (as for
     the TID 1500 SR), so a run scored again sends the same object.
@@ -306,6 +315,8 @@ def build_cad_sr(
     uid_parts = ("cad-sr", result.study_uid, model.name, model.version,
                  f"{model.operating_point:.6g}", *sorted(v.sop_uid for v in result.views))
 
+    own_uid = derive_uid(output.uid_root, *uid_parts, "instance")
+    previous = [p for p in previous_versions if str(p.SOPInstanceUID) != own_uid]
     library = [_library_entry(by_uid[view.sop_uid], view) for view in result.views]
     image_positions = {view.sop_uid: (*IMAGE_LIBRARY_POSITION, index + 1)
                        for index, view in enumerate(result.views)}
@@ -325,7 +336,7 @@ def build_cad_sr(
         _code(CAD_SUMMARY, SUCCEEDED_WITH_FINDINGS if marked else SUCCEEDED_WITHOUT_FINDINGS,
               Relation.CONTAINS),
         [_text(IMPRESSION_DESCRIPTION, _overall_description(result, model, len(marked),
-                                                            outside_domain),
+                                                            outside_domain, len(previous)),
                Relation.HAS_PROPERTIES),
          *_algorithm(model, Relation.HAS_PROPERTIES),
          *impressions])
@@ -348,12 +359,13 @@ def build_cad_sr(
             root.ContentSequence[:1]),
         series_instance_uid=derive_uid(output.uid_root, *uid_parts, "series"),
         series_number=output.series_number,
-        sop_instance_uid=derive_uid(output.uid_root, *uid_parts, "instance"),
+        sop_instance_uid=own_uid,
         instance_number=1,
         manufacturer=output.manufacturer,
         is_complete=True,
         is_final=False,
         is_verified=False,
+        previous_versions=previous or None,
         series_description=series_description(output.series_description),
         software_versions=output.software_version,
     )

@@ -69,7 +69,12 @@ from node.settings import (
 from node.spool import Spool
 from node.stow import stow_files
 from node.version import software_version
-from node.vocabulary import is_final_store_failure, store_status_meaning
+from node.vocabulary import (
+    COMPREHENSIVE_3D_SR,
+    MAMMOGRAPHY_CAD_SR,
+    is_final_store_failure,
+    store_status_meaning,
+)
 from pipelines.attribution import domain_caveat
 from pipelines.cad_sr import build_cad_sr
 from pipelines.findings import Finding, find_findings
@@ -178,10 +183,13 @@ def write_outputs(
     identity: ModelIdentity,
     out_dir: Path,
     outside_domain: Mapping[str, Sequence[str]] | None = None,
+    earlier_reports: Mapping[str, Sequence[Dataset]] | None = None,
 ) -> tuple[OutputFile, ...]:
     """Build the SR, the SEGs (and the opt-in overlays) of the scored images; files under
     out_dir, described for the record. `outside_domain` (SOP Instance UID -> outside_domain
-    flags) is said in both SRs' text, the SEGs' series descriptions and the overlays."""
+    flags) is said in both SRs' text, the SEGs' series descriptions and the overlays.
+    `earlier_reports` (kind "sr" / "cad_sr" -> headers, from `earlier_reports`): the reports
+    of the runs this one supersedes, listed in this run's as their predecessor documents."""
     out_dir.mkdir(exist_ok=True)
     outputs: list[OutputFile] = []
     cfg = settings.outputs
@@ -214,12 +222,13 @@ def write_outputs(
         _save("sr", "sr.dcm", build_sr(
             headers, result, identity, spec, heatmaps=dict(zip(by_uid, heatmaps, strict=True)),
             findings=dict(zip(by_uid, findings, strict=True)), seg_refs=segs,
-            outside_domain=reasons))
+            outside_domain=reasons, previous_versions=(earlier_reports or {}).get("sr", ())))
     if cfg.cad_sr.enabled and "cad_sr" in wanted:
         spec = OutputSpec(cfg.cad_sr.series_number, cfg.cad_sr.series_description, cfg.uid_root,
                           software_version=software_version())
         _save("cad_sr", "cad-sr.dcm",
-              build_cad_sr(headers, result, findings, identity, spec, reasons))
+              build_cad_sr(headers, result, findings, identity, spec, reasons,
+                           (earlier_reports or {}).get("cad_sr", ())))
     return tuple(outputs)
 
 
@@ -515,8 +524,8 @@ def _process_held_run(
             # take the worker down forever.
             failure = attempts_exhausted(attempts - 1)
         else:
-            failure = _score_write_send(settings, info, run_dir, manifest, predictor, progress,
-                                        audit, lease)
+            failure = _score_write_send(settings, spool, info, run_dir, manifest, predictor,
+                                        progress, audit, lease)
     except LeaseLost:
         raise  # not this worker's run any more: no record, no move
     except InputError as error:
@@ -588,7 +597,7 @@ def _waiting_times(manifest: Sequence[InstanceEntry], info: RunInfo, started: fl
 
 
 def _score_write_send(
-    settings: Settings, info: RunInfo, run_dir: Path, manifest: Sequence[InstanceEntry],
+    settings: Settings, spool: Spool, info: RunInfo, run_dir: Path, manifest: Sequence[InstanceEntry],
     predictor: Predictor, progress: _Progress, audit: AuditLog, lease: Lease | None = None,
 ) -> RunFailure | None:
     """The run's work, step by step into `progress`; the send failure, if any (InputError when
@@ -645,7 +654,7 @@ def _score_write_send(
     attempt_dir = run_dir / f"{OUTPUTS_DIR}.attempt-{uuid.uuid4().hex[:12]}"
     try:
         outputs = write_outputs(settings, views, result, heatmaps, predictor.identity,
-                                attempt_dir, outside)
+                                attempt_dir, outside, earlier_reports(spool, info))
         _fence(lease, "publish")
         _publish_outputs(attempt_dir, run_dir / OUTPUTS_DIR)
     except BaseException:
@@ -662,6 +671,31 @@ def _score_write_send(
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)
     return RunFailure(kind=FailureKind.SEND, message=failure) if failure else None
+
+
+def earlier_reports(spool: Spool, info: RunInfo) -> dict[str, list[Dataset]]:
+    """Kind ("sr", "cad_sr") -> headers of the reports of the runs this one supersedes that
+    reached a destination (their records' outputs and sends): this run's reports replace them,
+    and say so. A superseded run still being scored has no record yet: its report is not
+    listed. Without a spool folder or a record nothing is listed; the reports are built all
+    the same."""
+    classes = {"sr": COMPREHENSIVE_3D_SR, "cad_sr": MAMMOGRAPHY_CAD_SR}
+    found: dict[str, list[Dataset]] = {kind: [] for kind in classes}
+    for run_id in info.supersedes:
+        located = spool.locate(run_id)
+        record = None if located is None else read_record(located[1])
+        if record is None:
+            continue
+        stored = {s.sop_uid for s in record.sends or () if s.ok}
+        for output in record.outputs or ():
+            if output.kind in classes and output.sop_uid in stored:
+                header = Dataset()
+                header.SOPClassUID = classes[output.kind]
+                header.SOPInstanceUID = output.sop_uid
+                header.StudyInstanceUID = record.study_uid
+                header.SeriesInstanceUID = output.series_uid
+                found[output.kind].append(header)
+    return found
 
 
 def _stored_earlier(run_dir: Path) -> dict[tuple[str, str], str | None]:

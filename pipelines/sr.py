@@ -64,7 +64,13 @@ from pydicom.sr.coding import Code
 from node.uids import derive_uid
 from node.version import software_version
 from node.vocabulary import SEGMENTATION
-from pipelines.attribution import RESEARCH_USE_LABEL, contributing_equipment, domain_texts, series_description
+from pipelines.attribution import (
+    RESEARCH_USE_LABEL,
+    contributing_equipment,
+    domain_texts,
+    replaces_text,
+    series_description,
+)
 from pipelines.findings import Finding, find_findings
 from pipelines.results import SCREENING_VIEWS, ModelIdentity, OutputSpec, StudyResult, ViewScore
 from pipelines.source_values import carry_source_values, highdicom_safe
@@ -240,6 +246,7 @@ def build_sr(
     findings: Mapping[str, Sequence[Finding]] | None = None,
     seg_refs: Sequence[Dataset] = (),
     outside_domain: Mapping[str, Sequence[str]] | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The report for one run; UIDs derive from the study, the source images and the model.
 
@@ -249,7 +256,10 @@ def build_sr(
     (the heatmap SEGs of this run, headers suffice) are listed as evidence, so a viewer can get
     from the report to the heatmaps; they do not change the report's UIDs. `outside_domain`
     (source SOP Instance UID -> `pipelines/quality.py` outside_domain reasons, e.g.
-    "pixel_spacing") adds a report-level sentence per such view.
+    "pixel_spacing") adds a report-level sentence per such view. `previous_versions` (headers
+    of our earlier SRs of the study, from runs this one supersedes) go into the Predecessor
+    Documents Sequence, with a sentence saying this report replaces them; one with this
+    report's own UID (the same images, model and point) is not its predecessor.
     """
     by_uid = _check_sources(sources, result, heatmaps)
     source_key = sorted(by_uid)
@@ -311,9 +321,11 @@ def build_sr(
         title=codes.cid7021.ImagingMeasurementReport,
     )
     content = report[0]
+    previous = [p for p in previous_versions if str(p.SOPInstanceUID) != uid("instance")]
     content.ContentSequence.append(
         _qualitative_evaluations([RESEARCH_USE_LABEL, *_summary_texts(result, model),
-                                  *domain_texts(result, outside_domain or {})]))
+                                  *domain_texts(result, outside_domain or {}),
+                                  *([replaces_text(len(previous))] if previous else [])]))
     sr = hd.sr.Comprehensive3DSR(
         # highdicom reads the patient and study from the first evidence; see source_values.py.
         evidence=[*(highdicom_safe(s) for s in sources), *seg_refs],
@@ -327,6 +339,7 @@ def build_sr(
         is_final=False,
         is_verified=False,
         performed_procedure_codes=[SCREENING_PROCEDURE],
+        previous_versions=previous or None,
         series_description=series_description(output.series_description),
         software_versions=software_version()[:64],
         coding_schemes=[

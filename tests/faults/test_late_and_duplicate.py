@@ -4,7 +4,8 @@ Policy (docs/RELIABILITY.md): every new arrival for a study already claimed star
 that takes over the instances of the earlier runs and supersedes them. Sent twice: the union
 is the same images, so the same SR and SEG UIDs, and the PACS holds one copy. A late instance:
 the new run scores all of them; its SR (new UID, since its sources differ) references the union;
-the SEGs of images already scored keep their UIDs; the earlier record says `superseded_by`.
+the SEGs of images already scored keep their UIDs; the earlier record says `superseded_by`,
+and the new SR lists the earlier one as its predecessor document.
 """
 
 from __future__ import annotations
@@ -89,7 +90,17 @@ def test_late_instance_rescored_with_the_union_superseding_the_first_run(
     assert set(first_objects["seg"]) < set(stored["seg"]) and len(stored["seg"]) == 4
     [sr_id] = [i for i in stack.result_ids(study_uid)["sr"]
                if stack.orthanc.instance_tags(i)["SOPInstanceUID"] == new_sr[0]]
-    scores = read_sr_scores(dcmread(io.BytesIO(stack.orthanc.get_instance_file(sr_id))))
+    new_report = dcmread(io.BytesIO(stack.orthanc.get_instance_file(sr_id)))
+    scores = read_sr_scores(new_report)
     assert set(scores["views_by_sop_uid"]) == source_uids  # the report covers the union
     assert sorted(scores["seg_sop_uids"]) == stored["seg"]
+    # ... and says which report it replaces: the old one stays in the PACS, so the reader must
+    # be able to tell which is current
+    [predecessor] = [item.ReferencedSOPInstanceUID
+                     for study in new_report.PredecessorDocumentsSequence
+                     for series in study.ReferencedSeriesSequence
+                     for item in series.ReferencedSOPSequence]
+    assert [predecessor] == first_objects["sr"]
+    assert any(text.startswith("This report replaces an earlier report of this study")
+               for text in scores["texts"])
     assert stack.echo() == 0

@@ -283,3 +283,36 @@ def test_views_left_unscored_outside_the_domain_are_said_in_the_impression(
     assert "not available" not in description.TextValue
     assert_dciodvfy_clean(data, tmp_path / "not-scored.dcm", allowed_warnings=set())
     assert_pixelmed_clean(report, allowed_warnings={})
+
+
+def test_a_report_that_replaces_an_earlier_one_lists_it_and_says_so(
+        sources: list[Dataset], tmp_path: Path) -> None:
+    """A late fourth image: the run on all four replaces the run on three. Its CAD SR lists the
+    earlier one as a predecessor document and says so in the impression; the earlier one is
+    not its own predecessor (the same images sent twice give the same report)."""
+    earlier_sources = sources[:3]
+    earlier_result = _result(earlier_sources)
+    earlier = build_cad_sr(earlier_sources, earlier_result,
+                           _findings(_heatmaps(earlier_result)), MODEL, SPEC)
+    result = _result(sources)
+    same = build_cad_sr(sources, result, _findings(_heatmaps(result)), MODEL, SPEC)
+    data = to_bytes(build_cad_sr(sources, result, _findings(_heatmaps(result)), MODEL, SPEC,
+                                 previous_versions=[earlier, same]))
+    report = dcmread(io.BytesIO(data))
+    assert report.SOPInstanceUID == same.SOPInstanceUID  # its identity does not change
+    [study] = report.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == earlier.StudyInstanceUID
+    [series] = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == earlier.SeriesInstanceUID
+    assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID)
+            for i in series.ReferencedSOPSequence] == [(MAMMOGRAPHY_CAD_SR,
+                                                        earlier.SOPInstanceUID)]
+    [summary] = _children(report, "111017")
+    [description] = _children(summary, "111033")
+    assert description.TextValue.endswith(
+        " This report replaces an earlier report of this study from this node, made on fewer "
+        "of its images, or by another model or operating point (listed as predecessor "
+        "documents): read this one.")
+    assert "PredecessorDocumentsSequence" not in same
+    assert_dciodvfy_clean(data, tmp_path / "replacing.dcm", allowed_warnings=set())
+    assert_pixelmed_clean(report, allowed_warnings={})

@@ -397,3 +397,33 @@ def test_views_left_unscored_outside_the_domain_are_said_not_missing(
     assert not any("not available" in t for t in read["texts"])
     assert_dciodvfy_clean(data, tmp_path / "sr-not-scored.dcm", ALLOWED_WARNINGS)
     assert_pixelmed_clean(dcmread(io.BytesIO(data)), PIXELMED_ALLOWED_WARNINGS)
+
+
+@pytest.mark.slow
+@pytest.mark.requires_bin("java")
+def test_a_report_that_replaces_an_earlier_one_lists_it_and_says_so(
+        sources: list[Dataset], heatmaps: dict[str, npt.NDArray[np.float32]], report: bytes,
+        tmp_path: Path) -> None:
+    """The run on four images after a late one replaces the run on three: its SR lists that
+    SR in the Predecessor Documents Sequence and says so in the report-level text; an SR with
+    its own UID (the same images sent twice) is not listed, and its UIDs do not change."""
+    earlier = build_sr(sources[:3], _result(sources[:3], missing=(_key(sources[3]),)), MODEL,
+                       SPEC, heatmaps=heatmaps)
+    current = dcmread(io.BytesIO(report))
+    data = to_bytes(build_sr(sources, _result(sources), MODEL, SPEC, heatmaps=heatmaps,
+                             previous_versions=[earlier, current]))
+    replacing = dcmread(io.BytesIO(data))
+    assert (replacing.SOPInstanceUID, replacing.SeriesInstanceUID) == (
+        current.SOPInstanceUID, current.SeriesInstanceUID)
+    [study] = replacing.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    [instance] = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID, instance.ReferencedSOPClassUID,
+            instance.ReferencedSOPInstanceUID) == (
+        earlier.StudyInstanceUID, earlier.SeriesInstanceUID, earlier.SOPClassUID,
+        earlier.SOPInstanceUID)
+    texts = read_sr_scores(replacing)["texts"]
+    assert texts[-1].startswith("This report replaces an earlier report of this study")
+    assert not any("replaces" in text for text in read_sr_scores(current)["texts"])
+    assert_dciodvfy_clean(data, tmp_path / "replacing.dcm", ALLOWED_WARNINGS)
+    assert_pixelmed_clean(replacing, PIXELMED_ALLOWED_WARNINGS)
