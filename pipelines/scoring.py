@@ -98,6 +98,9 @@ log = get_logger("pipelines.scoring")
 
 OUTPUTS_DIR = "outputs"
 TEST_PAUSE_ENV = "MAMMO_NODE_TEST_PAUSE_BEFORE_INFERENCE_S"
+# Fault tests: a pause after the results were sent and before the record, to kill a worker
+# whose PACS already has them (tests/faults/test_worker_faults.py).
+TEST_PAUSE_AFTER_SEND_ENV = "MAMMO_NODE_TEST_PAUSE_AFTER_SEND_S"
 
 
 class Predictor(Protocol):
@@ -668,6 +671,10 @@ def _score_write_send(
                                   [o.kind for o in progress.outputs], _stored_earlier(run_dir),
                                   journal=run_dir)
     timings["send"] = round(time.perf_counter() - t0, 3)
+    pause_s = float(os.environ.get(TEST_PAUSE_AFTER_SEND_ENV, "0") or 0)
+    if pause_s > 0:
+        log.warning("test_pause_after_send", run_id=info.run_id, pause_s=pause_s)
+        time.sleep(pause_s)
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)
     return RunFailure(kind=FailureKind.SEND, message=failure) if failure else None

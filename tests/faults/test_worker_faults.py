@@ -6,6 +6,8 @@
 - The whole worker SIGKILLed, then a new one started: the message stays unacknowledged in
   Redis until the visibility timeout (half an hour by default), but the reconciler sees the
   free lock and re-queues the run within `reconcile.abandoned_after_s` + one pass.
+- The whole worker SIGKILLed after the PACS stored the results and before the run's record:
+  the next worker scores the study again and sends the PACS nothing (the run's send journal).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.scoring import TEST_PAUSE_AFTER_SEND_ENV as AFTER_SEND_ENV
 from tests.support.fault_stack import (
     PAUSE_ENV,
     PAUSE_S,
     assert_delivered_exactly_once,
     log_events,
     new_study,
+    pacs_objects,
     send,
     wait_for_log,
 )
@@ -74,3 +78,33 @@ def test_whole_worker_killed_then_a_new_worker_started(stack: NodeStack, tmp_pat
     print(f"whole worker SIGKILL: run back in queued/ after {requeued_s:.1f} s, delivered "
           f"{recovery_s:.1f} s after the kill (includes starting a worker and a "
           f"{PAUSE_S:g} s test pause)")
+
+
+@pytest.mark.timeout(300)
+def test_whole_worker_killed_after_the_pacs_stored_the_results(stack: NodeStack,
+                                                                tmp_path: Path) -> None:
+    """Some PACS answer a second copy of an instance with a failure: the attempt after a worker
+    killed between the PACS's answers and the run's record must not send them again."""
+    paths, study_uid = new_study(tmp_path / "study", seed=203)
+    stack.kill_worker()
+    stack.start_new_worker(extra_env={PAUSE_ENV: str(PAUSE_S), AFTER_SEND_ENV: "120"})
+    try:
+        paused = len(log_events(stack, "worker", "test_pause_after_send"))
+        requeued_before = len(log_events(stack, "node", "run_abandoned_requeued"))
+        send(stack, paths)
+        line = wait_for_log(stack, "worker", "test_pause_after_send", after=paused)
+        [run_id] = [r for r in stack.run_ids("work") if r in line]
+        stored = pacs_objects(stack, study_uid)
+        assert len(stored["sr"]) == 1 and len(stored["seg"]) == 4  # the PACS has them
+    finally:
+        stack.kill_worker()  # no record written: the run is abandoned in work/
+        stack.start_new_worker(extra_env={PAUSE_ENV: str(PAUSE_S)})
+    wait_for_log(stack, "node", "run_abandoned_requeued", contains=run_id, after=requeued_before,
+                 timeout_s=30)
+    record = assert_delivered_exactly_once(stack, study_uid, views=4)
+    assert record["run_id"] == run_id and record["attempts"] == 2
+    assert pacs_objects(stack, study_uid) == stored
+    # every object the PACS had was skipped, with the status it had answered
+    assert {(s["destination"], s["status"], s.get("earlier")) for s in record["sends"]} == {
+        ("pacs", "0x0000", True)}
+    assert len(record["sends"]) == len(record["outputs"])
