@@ -62,20 +62,24 @@ def _sender_settings(tmp_path: Path, port: int, attempts: int = 2) -> Settings:
     )
 
 
+def _start_storescp(ae_title: str, port: int, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """dcmtk's storescp writing into `out`, once it answers C-ECHO."""
+    process = subprocess.Popen([find_binary("storescp"), "-aet", ae_title, "-od", str(out),
+                                *extra, str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while subprocess.run([find_binary("echoscu"), "-aec", ae_title, "127.0.0.1", str(port)],
+                         capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, "storescp never answered C-ECHO"
+        time.sleep(0.1)
+    return process
+
+
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port, out = free_port(), tmp_path / "received"
     out.mkdir()
-    process = subprocess.Popen([find_binary("storescp"), "-aet", "ARCHIVE", "-od", str(out),
-                                "+xa", str(port)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        probe = subprocess.run([find_binary("echoscu"), "-aec", "ARCHIVE", "127.0.0.1",
-                                str(port)], capture_output=True)
-        if probe.returncode == 0:
-            break
-        time.sleep(0.1)
+    process = _start_storescp("ARCHIVE", port, out, "+xa")
     yield port, out
     process.terminate()
     process.wait(10)
@@ -482,15 +486,8 @@ def test_a_retried_run_sends_only_what_an_earlier_attempt_did_not_store(
     assert len(list(pacs_out.iterdir())) == 3  # SR, SEG, CAD SR
     for stored in pacs_out.iterdir():
         stored.unlink()  # to see whether the retry sends them again
-    archive = subprocess.Popen([find_binary("storescp"), "-aet", "RESEARCH", "-od",
-                                str(archive_out), str(archive_port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    archive = _start_storescp("RESEARCH", archive_port, archive_out)
     try:
-        deadline = time.monotonic() + 10
-        while subprocess.run([find_binary("echoscu"), "-aec", "RESEARCH", "127.0.0.1",
-                              str(archive_port)], capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline, "storescp never answered C-ECHO"
-            time.sleep(0.1)
         spool.requeue_run(run_id)
         assert process_run(settings, spool, run_id, _Fixed()) == "done"
         record = json.loads((spool.state_dir("done") / run_id / RECORD_NAME).read_text())
@@ -538,15 +535,8 @@ def test_a_worker_killed_mid_send_does_not_send_the_pacs_its_results_again(
     assert len(list(pacs_out.iterdir())) == 3  # SR, SEG, CAD SR
     for stored in pacs_out.iterdir():
         stored.unlink()  # to see whether the next attempt sends them again
-    archive = subprocess.Popen([find_binary("storescp"), "-aet", "RESEARCH", "-od",
-                                str(archive_out), str(archive_port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    archive = _start_storescp("RESEARCH", archive_port, archive_out)
     try:
-        deadline = time.monotonic() + 10
-        while subprocess.run([find_binary("echoscu"), "-aec", "RESEARCH", "127.0.0.1",
-                              str(archive_port)], capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline, "storescp never answered C-ECHO"
-            time.sleep(0.1)
         assert process_run(settings, spool, run_id, _Fixed()) == "done"
     finally:
         archive.terminate()
