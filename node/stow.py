@@ -12,6 +12,7 @@ protocols. dicomweb-client's own retries are switched off: one policy, the node'
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -100,8 +101,10 @@ def _error_body(error: requests.HTTPError) -> Dataset:
         return Dataset()
 
 
-def stow_files(destination: DicomWebDestination, paths: list[Path]) -> list[SendOutcome]:
-    """STOW-RS every file in one request; never raises for a per-object failure."""
+def stow_files(destination: DicomWebDestination, paths: list[Path],
+               on_stored: Callable[[SendOutcome], None] | None = None) -> list[SendOutcome]:
+    """STOW-RS every file in one request; never raises for a per-object failure. `on_stored`
+    as for `node.scu.send_files`: each object the server stored, once its answer is read."""
     if not paths:
         return []
     datasets = [dcmread(p) for p in paths]
@@ -119,5 +122,9 @@ def stow_files(destination: DicomWebDestination, paths: list[Path]) -> list[Send
         why = _no_answer(destination, error)
         return [SendOutcome(uid, None, unanswered=why) for uid in uids]
     statuses = _statuses(response)
-    return [SendOutcome(uid, statuses.get(uid),
-                        unanswered=None if uid in statuses else unanswered) for uid in uids]
+    outcomes = [SendOutcome(uid, statuses.get(uid),
+                            unanswered=None if uid in statuses else unanswered) for uid in uids]
+    for outcome in outcomes:
+        if on_stored is not None and outcome.ok:
+            on_stored(outcome)
+    return outcomes

@@ -340,10 +340,7 @@ def _send_to_destination(settings: Settings, destination: Destination | DicomWeb
     for attempt in range(1, settings.send.attempts + 1):
         try:
             if isinstance(destination, DicomWebDestination):
-                results = stow_files(destination, pending)
-                for outcome in results:
-                    if note is not None and outcome.ok:
-                        note(outcome)
+                results = stow_files(destination, pending, note)
             else:
                 results = send_files(settings, destination, pending, note)
         except Exception as error:  # an unexpected SCU failure is one failed attempt
@@ -628,10 +625,7 @@ def _score_write_send(
         audit.record("study_not_scored", run_id=info.run_id, study_uid=info.study_uid,
                      reason=progress.not_scored)
         return None
-    pause_s = float(os.environ.get(TEST_PAUSE_ENV, "0") or 0)
-    if pause_s > 0:
-        log.warning("test_pause_before_inference", run_id=info.run_id, pause_s=pause_s)
-        time.sleep(pause_s)
+    _test_pause(TEST_PAUSE_ENV, "test_pause_before_inference", info.run_id)
     result, heatmaps = score_views(views, predictor, info.study_uid)
     if withheld:  # received, not scored: said in the reports, not "not available"
         result = replace(result, not_scored=tuple(
@@ -671,21 +665,26 @@ def _score_write_send(
                                   [o.kind for o in progress.outputs], _stored_earlier(run_dir),
                                   journal=run_dir)
     timings["send"] = round(time.perf_counter() - t0, 3)
-    pause_s = float(os.environ.get(TEST_PAUSE_AFTER_SEND_ENV, "0") or 0)
-    if pause_s > 0:
-        log.warning("test_pause_after_send", run_id=info.run_id, pause_s=pause_s)
-        time.sleep(pause_s)
+    _test_pause(TEST_PAUSE_AFTER_SEND_ENV, "test_pause_after_send", info.run_id)
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)
     return RunFailure(kind=FailureKind.SEND, message=failure) if failure else None
 
 
+def _test_pause(env: str, event: str, run_id: str) -> None:
+    """The fault tests' pause at one step (seconds in `env`; none when unset): room to kill a
+    worker there deterministically. Logged, so a pause left on in production is seen."""
+    pause_s = float(os.environ.get(env, "0") or 0)
+    if pause_s > 0:
+        log.warning(event, run_id=run_id, pause_s=pause_s)
+        time.sleep(pause_s)
+
+
 def earlier_reports(spool: Spool, info: RunInfo) -> dict[str, list[Dataset]]:
     """Kind ("sr", "cad_sr") -> headers of the reports of the runs this one supersedes that
     reached a destination (their records' outputs and sends): this run's reports replace them,
-    and say so. A superseded run still being scored has no record yet: its report is not
-    listed. Without a spool folder or a record nothing is listed; the reports are built all
-    the same."""
+    and say so. A superseded run still being scored has no record yet, and one already purged
+    has no folder: their reports are not listed."""
     classes = {"sr": COMPREHENSIVE_3D_SR, "cad_sr": MAMMOGRAPHY_CAD_SR}
     found: dict[str, list[Dataset]] = {kind: [] for kind in classes}
     for run_id in info.supersedes:

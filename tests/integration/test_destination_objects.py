@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 from node.errors import ConfigError
-from node.runs import RECORD_NAME, InstanceEntry
+from node.runs import RECORD_NAME, InstanceEntry, read_sent
 from node.settings import Settings
 from node.spool import Spool, hash_key
 from node.vocabulary import COMPREHENSIVE_3D_SR, MAMMOGRAPHY_CAD_SR, SEGMENTATION
@@ -190,6 +190,8 @@ def test_stow_rs_destination_gets_its_objects_exactly_once(
     assert len(record["sends"]) == len(sent) == 2
     stored = {orthanc.instance_tags(i)["SOPClassUID"] for i in orthanc.instances()}
     assert stored == {str(COMPREHENSIVE_3D_SR), str(MAMMOGRAPHY_CAD_SR)}
+    # each object STOW-RS stored is in the run's send journal, as for C-STORE
+    assert read_sent(run_dir) == {("web", o["sop_uid"]): "0x0000" for o in sent}
 
     # Sent again (a run retried after a crash): the same UIDs, so still one copy of each.
     sends, failure = send_outputs(settings, [run_dir / o["file"] for o in sent],
