@@ -33,7 +33,9 @@ module's contract (CONTRACT_FAULT_TESTS):
 - tests/integration/test_send.py: a rejection read from the DUL's `to_user_queue` when
   pynetdicom's requestor missed it (`association_rejection`); the error a failed connect
   was caught with (`RequestorAE._create_socket`, `AssociationSocket._shutdown_socket`,
-  `connect_error`).
+  `connect_error`); a reply the requestor's reactor would have taken from its sender
+  (ReplyKeepingDIMSE: `DIMSEServiceProvider.get_msg`, `msg_queue`, `_reactor_checkpoint`, the
+  class swap).
 """
 
 from __future__ import annotations
@@ -426,14 +428,49 @@ class ConnectRecordingSocket(AssociationSocket):
         super()._shutdown_socket()
 
 
+class ReplyKeepingDIMSE(DIMSEServiceProvider):
+    """A requestor's DIMSE provider whose reactor never takes the reply a `send_*` is waiting for.
+
+    pynetdicom 3.0.4 pauses the association's reactor around each `send_*` by clearing
+    `_reactor_checkpoint` and waiting until `_is_paused` reads True. That flag is still True
+    from the previous request while the reactor, woken by the previous reply's `set()`, has not
+    yet run: `threading.Event.wait` returns True to a notified waiter even when the flag was
+    cleared again. Back-to-back requests then run with the reactor awake, and when it is
+    scheduled late (a loaded host) it takes the next reply off the queue, logs "Received
+    unexpected C-STORE service message" and drops it; the sender waits out its DIMSE timeout
+    and aborts, though the peer had stored the object.
+
+    Here the reactor's non-blocking read leaves a reply at the head of the queue while the
+    checkpoint is clear (a sender is waiting), deciding and taking under the queue's own lock,
+    which the sender's blocking read takes too. A reply with no sender waiting (one arriving
+    after its DIMSE timeout) is still taken and dropped as before.
+    """
+
+    def get_msg(self, block: bool = False) -> Any:
+        if block:
+            return super().get_msg(block=True)
+        waiting = self.msg_queue
+        with waiting.mutex:
+            if not waiting.queue:
+                return None, None
+            _, msg = waiting.queue[0]
+            if (msg is not None and not msg.is_valid_request
+                    and not self.assoc._reactor_checkpoint.is_set()):
+                return None, None  # the paused sender's reply
+            item = waiting.queue.popleft()
+            waiting.not_full.notify()
+            return item
+
+
 class RequestorAE(AE):
-    """An AE whose requested associations keep why their connection failed
-    (`connect_error`)."""
+    """An AE whose requested associations keep why their connection failed (`connect_error`)
+    and whose replies reach the `send_*` that waits for them (`ReplyKeepingDIMSE`)."""
 
     def _create_socket(self, assoc: Association, address: AddressInformation,
                        tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:
         sock = super()._create_socket(assoc, address, tls_args)
         sock.__class__ = ConnectRecordingSocket
+        assoc.dimse.__class__ = ReplyKeepingDIMSE
         return sock
 
 

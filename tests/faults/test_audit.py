@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, _config
+from pynetdicom import _config
 
 from node.audit import read_audit
+from node.pynetdicom_internals import RequestorAE
 from node.service import NodeService
 from node.settings import load_settings
 from tests.support.settings import write_config
@@ -67,7 +68,7 @@ def _storescu(node: NodeService, path: Path) -> None:
 
 def _send_raw(node: NodeService, paths: list[Path], monkeypatch: pytest.MonkeyPatch) -> list[int]:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    ae = AE(ae_title="STORESCU")
+    ae = RequestorAE(ae_title="STORESCU")
     ae.add_requested_context(MG, [EXPLICIT])
     ae.add_requested_context(MG_FOR_PROCESSING, [EXPLICIT])
     assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="MAMMO_NODE")

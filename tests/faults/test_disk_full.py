@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
 
+from node.pynetdicom_internals import RequestorAE
 from node.service import NodeService
 from tests.support.settings import make_settings
 from tools.stack.make_study import make_study
@@ -157,7 +157,7 @@ def test_below_the_watermark_storage_is_refused_and_echo_still_answers(tmpfs: Pa
         assert _statuses(result.stdout + result.stderr) == ["Success"], result.stderr
 
         # An association opened while there was room, then the disk drops below the watermark.
-        ae = AE(ae_title="STORESCU")
+        ae = RequestorAE(ae_title="STORESCU")
         ae.add_requested_context(MG, [EXPLICIT_VR_LITTLE_ENDIAN])
         assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="MAMMO_NODE")
         assert assoc.is_established

@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.encaps import encapsulate, generate_fragmented_frames
-from pynetdicom import AE, _config
+from pynetdicom import _config
 from pynetdicom.dsutils import split_dataset
 
 from node.errors import InputError
+from node.pynetdicom_internals import RequestorAE
 from node.service import NodeService
 from pipelines.study import decode_view, select_views
 from tests.support.settings import make_settings
@@ -66,7 +67,7 @@ def chunked_send(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _send(node: NodeService, paths: list[Path], durations_s: list[float] | None = None) -> list[int]:
     """C-STORE each file in one association; the statuses, in order (-1: no response)."""
-    ae = AE(ae_title="HOSTILE")
+    ae = RequestorAE(ae_title="HOSTILE")
     ae.add_requested_context(MG, [EXPLICIT])
     ae.add_requested_context(MG, [J2K_LOSSLESS])
     ae.dimse_timeout = ae.network_timeout = 20

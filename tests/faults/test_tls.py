@@ -23,6 +23,7 @@ from pynetdicom import AE
 
 from node.audit import read_audit
 from node.errors import TransientError
+from node.pynetdicom_internals import RequestorAE
 from node.scp import StoreSCP
 from node.scu import echo, send_files
 from node.settings import Settings, load_settings
@@ -125,7 +126,7 @@ def _handshake_failures(node: StoreSCP) -> list[dict]:
 
 
 def _associate(node: StoreSCP, context: ssl.SSLContext) -> AE:
-    ae = AE(ae_title="STORESCU")
+    ae = RequestorAE(ae_title="STORESCU")
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.add_requested_context(MG_FOR_PRESENTATION, ["1.2.840.10008.1.2.1"])

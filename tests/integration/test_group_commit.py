@@ -21,9 +21,9 @@ import pytest
 import yaml
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation, Verification
 
+from node.pynetdicom_internals import RequestorAE
 from node.runs import InstanceEntry, read_manifest
 from node.spool import Spool
 from tests.support.settings import write_config
@@ -53,7 +53,7 @@ class Serve:
         self._wait_for_echo()
 
     def _wait_for_echo(self, timeout_s: float = 60) -> None:
-        ae = AE(ae_title="STORESCU")
+        ae = RequestorAE(ae_title="STORESCU")
         ae.add_requested_context(Verification)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -107,7 +107,7 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
 def _send(port: int, instances: list[Dataset], acknowledged: dict[str, str],
           lock: threading.Lock) -> None:
     """One association: C-STORE each instance, noting those answered 0x0000 (SOP -> study)."""
-    ae = AE(ae_title="STORESCU")
+    ae = RequestorAE(ae_title="STORESCU")
     ae.add_requested_context(DigitalMammographyXRayImageStorageForPresentation,
                              instances[0].file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="MAMMO_NODE")

@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 
 from node.errors import TransientError
+from node.pynetdicom_internals import RequestorAE
 from node.runs import (
     RECORD_NAME,
     InstanceEntry,
@@ -95,6 +96,67 @@ def test_every_object_reaches_the_destination(tmp_path: Path, storescp: tuple[in
     assert [s["ok"] for s in sends] == [True, True, True]
     received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir()}
     assert received == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+
+class _LateWakingCheckpoint(threading.Event):
+    """An association reactor's pause checkpoint whose waiter, once woken from a real wait,
+    runs `delay_s` late: the reactor thread scheduled late on a loaded host."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.set()
+        self.delay_s = delay_s
+
+    def wait(self, timeout: float | None = None) -> bool:
+        blocked = not self.is_set()
+        woken = super().wait(timeout)
+        if blocked:
+            time.sleep(self.delay_s)
+        return woken
+
+
+@pytest.mark.parametrize(("requestor", "replies_lost"), [(AE, True), (RequestorAE, False)],
+                         ids=["stock pynetdicom", "the node's requestor"])
+def test_a_reply_reaches_its_sender_however_late_the_reactor_runs(
+        tmp_path: Path, storescp: tuple[int, Path], requestor: type[AE],
+        replies_lost: bool) -> None:
+    """Back-to-back C-STOREs on one association with the reactor woken late after each reply
+    and the sender slow to read its next one. Stock pynetdicom's reactor takes that reply
+    ("Received unexpected C-STORE service message") and the sender waits out its DIMSE timeout,
+    though the PACS stored the object; the node's requestor leaves it to the sender."""
+    port, out = storescp
+    files = make_study(tmp_path / "objs", views=["R-CC", "L-CC", "R-MLO", "L-MLO"],
+                       rows=32, cols=24, seed=43)
+    datasets = [dcmread(path) for path in files]
+    ae = requestor(ae_title="MAMMO_NODE")
+    ae.dimse_timeout = 2
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ARCHIVE")
+    assert assoc.is_established
+    assoc._reactor_checkpoint = _LateWakingCheckpoint(0.1)
+    send_msg = assoc.dimse.send_msg
+
+    def send_then_stall(*args: object) -> None:
+        send_msg(*args)
+        time.sleep(0.4)  # the reply arrives meanwhile; the woken reactor polls the queue
+
+    assoc.dimse.send_msg = send_then_stall  # type: ignore[method-assign]
+    statuses = []
+    for dataset in datasets:
+        if not assoc.is_established:
+            break
+        statuses.append(getattr(assoc.send_c_store(dataset), "Status", None))
+    if assoc.is_established:
+        assoc.release()
+    stored = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir()}
+    answered = {str(d.SOPInstanceUID)
+                for d, status in zip(datasets[:len(statuses)], statuses, strict=True)
+                if status == 0}
+    assert answered <= stored
+    if replies_lost:  # the defect, so this test shows it is what the node's requestor mends
+        assert answered < stored and None in statuses
+    else:
+        assert statuses == [0, 0, 0, 0] and answered == stored
 
 
 def test_each_stored_object_is_journaled_and_a_journal_that_cannot_be_written_stops_nothing(
