@@ -37,6 +37,7 @@ EVENTS = frozenset(
         "study_not_scored",
         "study_failed",
         "results_sent",
+        "results_not_sent",
         "results_send_failed",
         "run_requeued",
         "run_retried",

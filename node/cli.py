@@ -342,6 +342,7 @@ def _run_summary(spool: Spool, state: RunState, run_id: str) -> dict[str, object
     record = read_record(folder)
     if record is not None:
         known = {"study_uid": record.study_uid, "not_scored": record.not_scored,
+                 "not_sent": record.not_sent,
                  "attempts": record.attempts,
                  "error": str(record.error) if record.error is not None else None}
         found.update({k: v for k, v in known.items() if v not in (None, "")})

@@ -368,6 +368,7 @@ class RunRecord(_OmitNone):
     superseded_by: str | None = None
     error: RunFailure | None = None
     not_scored: str | None = None  # done without scoring, and why
+    not_sent: str | None = None  # scored and written, not sent on purpose, and why
     inputs: tuple[InputDescription, ...] | None = None
     scores: Scores | None = None
     missing_views: tuple[str, ...] | None = None

@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 
 from node import metrics
 from node.audit import AuditLog, open_audit
@@ -72,6 +73,7 @@ from node.version import software_version
 from node.vocabulary import (
     COMPREHENSIVE_3D_SR,
     MAMMOGRAPHY_CAD_SR,
+    SEGMENTATION,
     is_final_store_failure,
     store_status_meaning,
 )
@@ -124,6 +126,7 @@ class _Progress:
     outputs: tuple[OutputFile, ...] | None = None
     sends: tuple[SendResult, ...] | None = None
     not_scored: str | None = None
+    not_sent: str | None = None
     undecodable: list[Skipped] = field(default_factory=list)
     views: list[LoadedView] = field(default_factory=list)  # scored by the live model
 
@@ -494,11 +497,17 @@ def _fence(lease: Lease | None, step: str) -> None:
 
 def _skip_superseded(spool: Spool, info: RunInfo, run_dir: Path, superseded_by: str,
                      lease: Lease | None = None) -> str:
-    """A later run of the study took over these instances before we started: nothing to score."""
+    """A later run of the study took over these instances before this attempt started: nothing
+    to score. An earlier attempt that got as far as publishing its results (its worker killed
+    before the record) keeps them, unsent, with what it stored (`_hold_back`)."""
+    outputs = _published_outputs(run_dir)
     record = RunRecord(run_id=info.run_id, study_uid=info.study_uid, state="done",
                        completion_reason=info.completion_reason, superseded_by=superseded_by,
-                       outputs=(), sends=(),
-                       not_scored=f"superseded by run {superseded_by} before scoring")
+                       outputs=outputs, sends=_earlier_sends(run_dir, outputs),
+                       not_scored=None if outputs else f"superseded by run {superseded_by} "
+                                                       "before scoring",
+                       not_sent=f"superseded by run {superseded_by} before sending"
+                       if outputs else None)
     _fence(lease, "record")
     write_record(run_dir, record)
     spool.finish_run(info.run_id, "done")
@@ -551,6 +560,7 @@ def _process_held_run(
         supersedes=info.supersedes or None,
         error=failure,
         not_scored=progress.not_scored,
+        not_sent=progress.not_sent,
         inputs=progress.inputs,
         scores=progress.scores,
         missing_views=progress.missing_views,
@@ -659,6 +669,10 @@ def _score_write_send(
         raise
     progress.outputs = outputs
     timings["write"] = round(time.perf_counter() - t0, 3)
+    superseded = read_superseded(run_dir)
+    if superseded is not None:
+        _hold_back(info, run_dir, progress, superseded.superseded_by, audit)
+        return None
     t0 = time.perf_counter()
     _fence(lease, "send")
     sends, failure = send_outputs(settings, [run_dir / o.file for o in progress.outputs],
@@ -669,6 +683,21 @@ def _score_write_send(
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)
     return RunFailure(kind=FailureKind.SEND, message=failure) if failure else None
+
+
+def _hold_back(info: RunInfo, run_dir: Path, progress: _Progress, superseded_by: str,
+               audit: AuditLog) -> None:
+    """A later run of the study (an image that arrived while this one was scored) took these
+    images over: its report covers them all and is the one to read. This run's results stay in
+    its folder, unsent; sent now, they would reach the PACS after the later report and say
+    nothing of it. What an earlier attempt of this run already stored is kept in the record
+    (`earlier`), so the later run's reports can name it as their predecessor."""
+    progress.not_sent = f"superseded by run {superseded_by} before sending"
+    progress.sends = _earlier_sends(run_dir, progress.outputs or ())
+    log.info("results_not_sent", run_id=info.run_id, study_uid=info.study_uid,
+             superseded_by=superseded_by, stored_earlier=len(progress.sends))
+    audit.record("results_not_sent", run_id=info.run_id, study_uid=info.study_uid,
+                 reason=progress.not_sent)
 
 
 def _test_pause(env: str, event: str, run_id: str) -> None:
@@ -682,26 +711,72 @@ def _test_pause(env: str, event: str, run_id: str) -> None:
 
 def earlier_reports(spool: Spool, info: RunInfo) -> dict[str, list[Dataset]]:
     """Kind ("sr", "cad_sr") -> headers of the reports of the runs this one supersedes that
-    reached a destination (their records' outputs and sends): this run's reports replace them,
-    and say so. A superseded run still being scored has no record yet, and one already purged
-    has no folder: their reports are not listed."""
+    reached a destination: this run's reports replace them, and say so. From a finished run's
+    record (its outputs and sends); from a run still sending, its send journal and its
+    published outputs. A run superseded before it sent sends nothing (`_hold_back`); one
+    already purged has no folder, and a report a run still sending stores after this one
+    was written is not listed."""
     classes = {"sr": COMPREHENSIVE_3D_SR, "cad_sr": MAMMOGRAPHY_CAD_SR}
     found: dict[str, list[Dataset]] = {kind: [] for kind in classes}
     for run_id in info.supersedes:
         located = spool.locate(run_id)
-        record = None if located is None else read_record(located[1])
-        if record is None:
+        if located is None:
             continue
-        stored = {s.sop_uid for s in record.sends or () if s.ok}
-        for output in record.outputs or ():
-            if output.kind in classes and output.sop_uid in stored:
-                header = Dataset()
-                header.SOPClassUID = classes[output.kind]
-                header.SOPInstanceUID = output.sop_uid
-                header.StudyInstanceUID = record.study_uid
-                header.SeriesInstanceUID = output.series_uid
-                found[output.kind].append(header)
+        for kind, header in _reports_stored(located[1], info.study_uid):
+            if kind in classes:
+                found[kind].append(header)
     return found
+
+
+def _reports_stored(run_dir: Path, study_uid: str) -> list[tuple[str, Dataset]]:
+    """(kind, header) of each report of a run that some destination stored."""
+    record = read_record(run_dir)
+    if record is not None:
+        stored = {s.sop_uid for s in record.sends or () if s.ok}
+        outputs = record.outputs or ()
+    else:  # still sending: what its journal says a destination has stored so far
+        stored = {uid for _, uid in read_sent(run_dir)}
+        outputs = _published_outputs(run_dir) if stored else ()
+    classes = {"sr": COMPREHENSIVE_3D_SR, "cad_sr": MAMMOGRAPHY_CAD_SR}
+    found: list[tuple[str, Dataset]] = []
+    for output in outputs:
+        if output.kind in classes and output.sop_uid in stored:
+            header = Dataset()
+            header.SOPClassUID = classes[output.kind]
+            header.SOPInstanceUID = output.sop_uid
+            header.StudyInstanceUID = study_uid
+            header.SeriesInstanceUID = output.series_uid
+            found.append((output.kind, header))
+    return found
+
+
+def _published_outputs(run_dir: Path) -> tuple[OutputFile, ...]:
+    """The results an attempt of the run published (`outputs/`), described from their files:
+    for a run whose record is not written yet (still sending, or its worker killed)."""
+    kinds: dict[str, Literal["sr", "cad_sr", "seg"]] = {
+        COMPREHENSIVE_3D_SR: "sr", MAMMOGRAPHY_CAD_SR: "cad_sr", SEGMENTATION: "seg"}
+    found = []
+    for path in sorted((run_dir / OUTPUTS_DIR).glob("*.dcm")):
+        try:
+            ds = dcmread(path, stop_before_pixels=True,
+                         specific_tags=["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"])
+            found.append(OutputFile(kind=kinds.get(str(ds.SOPClassUID), "sc"),
+                                    file=f"{OUTPUTS_DIR}/{path.name}",
+                                    sop_uid=str(ds.SOPInstanceUID),
+                                    series_uid=str(ds.SeriesInstanceUID)))
+        except (OSError, InvalidDicomError, AttributeError):
+            continue  # purged under us, or not one of ours
+    return tuple(found)
+
+
+def _earlier_sends(run_dir: Path, outputs: Sequence[OutputFile]) -> tuple[SendResult, ...]:
+    """What earlier attempts of the run stored (its send journal, a retried run's previous
+    record), as sends marked `earlier`: the record of a run that ends without sending."""
+    stored = _stored_earlier(run_dir)
+    return tuple(SendResult(destination=destination, file=output.file, sop_uid=output.sop_uid,
+                            status=status, ok=True, earlier=True)
+                 for output in outputs for (destination, uid), status in stored.items()
+                 if uid == output.sop_uid)
 
 
 def _stored_earlier(run_dir: Path) -> dict[tuple[str, str], str | None]:

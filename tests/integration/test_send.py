@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from node.runs import (
     RECORD_NAME,
     InstanceEntry,
     SendResult,
+    read_record,
     read_run_info,
     read_sent,
     write_run_info,
@@ -507,18 +509,26 @@ class _Fixed:
         return [ViewPrediction(0.25, np.zeros(np.shape(i), np.float32)) for i in images]
 
 
-def _queued_run(tmp_path: Path, settings: Settings) -> tuple[Spool, str]:
-    spool = Spool(settings.spool.dir).ensure()
-    for path in make_study(tmp_path / "study", views=["L-CC"], rows=64, cols=48, seed=43):
+def _received_and_claimed(spool: Spool, paths: list[Path]) -> str:
+    """The instances received into the spool and their study claimed (what the listener and
+    the watcher do); the run id."""
+    for path in paths:
         ds = dcmread(path, stop_before_pixels=True)
         received = spool.tmp_dir / "x.dcm"
         received.write_bytes(path.read_bytes())
         spool.add_instance(received, InstanceEntry(
             str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
-            str(ds.StudyInstanceUID), str(ds.file_meta.TransferSyntaxUID), "L", "CC",
+            str(ds.StudyInstanceUID), str(ds.file_meta.TransferSyntaxUID),
+            str(ds.ImageLaterality), str(ds.ViewPosition),
             hash_key(str(ds.SOPInstanceUID)) + ".dcm", path.stat().st_size, time.time(), "a"))
     [study] = spool.incoming_studies()
-    return spool, spool.claim_study(study.study_key, "quiet_period")
+    return spool.claim_study(study.study_key, "quiet_period")
+
+
+def _queued_run(tmp_path: Path, settings: Settings) -> tuple[Spool, str]:
+    spool = Spool(settings.spool.dir).ensure()
+    paths = make_study(tmp_path / "study", views=["L-CC"], rows=64, cols=48, seed=43)
+    return spool, _received_and_claimed(spool, paths)
 
 
 def test_run_whose_results_cannot_be_delivered_is_parked_in_failed(tmp_path: Path) -> None:
@@ -610,6 +620,117 @@ def test_a_worker_killed_mid_send_does_not_send_the_pacs_its_results_again(
     assert [(s["destination"], s["status"], s["ok"], s.get("earlier", False))
             for s in record["sends"]] == [("pacs", "0x0000", True, True)] * 3 + [
         ("research", "0x0000", True, False)] * 3
+
+
+class _LateImageWhileScoring(_Fixed):
+    """Scores like _Fixed; while it scores, the study's late image is received and claimed as a
+    later run, which supersedes the run being scored."""
+
+    def __init__(self, arrive: Callable[[], str]) -> None:
+        self.arrive = arrive
+        self.later: str | None = None
+
+    def predict(self, images: list[np.ndarray]) -> list[ViewPrediction]:
+        if self.later is None:
+            self.later = self.arrive()
+        return super().predict(images)
+
+
+def _stored(out: Path) -> dict[str, Any]:
+    return {str(ds.SOPInstanceUID): ds for ds in (dcmread(p) for p in out.iterdir())}
+
+
+def _predecessors(report: Any) -> list[str]:
+    return [str(item.ReferencedSOPInstanceUID)
+            for study in report.get("PredecessorDocumentsSequence", [])
+            for series in study.ReferencedSeriesSequence
+            for item in series.ReferencedSOPSequence]
+
+
+def test_a_run_superseded_while_it_was_scored_sends_nothing_and_its_successor_reports(
+    tmp_path: Path, storescp: tuple[int, Path]
+) -> None:
+    """R-CC arrives while the study's L-CC is being scored: the watcher claims it as a later run
+    that takes over L-CC and supersedes the run being scored. That run's report, sent now,
+    would reach the PACS after the later one and say nothing of it: it is written and kept, not
+    sent. The later run sends the report of both images, with no predecessor to name."""
+    port, out = storescp
+    settings = _sender_settings(tmp_path, port)
+    spool = Spool(settings.spool.dir).ensure()
+    first_view, late_view = make_study(tmp_path / "study", views=["L-CC", "R-CC"], rows=64,
+                                       cols=48, seed=44)
+    first = _received_and_claimed(spool, [first_view])
+    predictor = _LateImageWhileScoring(lambda: _received_and_claimed(spool, [late_view]))
+    assert process_run(settings, spool, first, predictor) == "done"
+    later = predictor.later
+    record = read_record(spool.state_dir("done") / first)
+    assert record is not None and record.superseded_by == later
+    assert record.not_sent == f"superseded by run {later} before sending"
+    assert record.sends == () and len(record.outputs or ()) == 3  # SR, SEG, CAD SR: kept
+    assert not any(out.iterdir())
+    assert later is not None and process_run(settings, spool, later, _Fixed()) == "done"
+    successor = read_record(spool.state_dir("done") / later)
+    assert successor is not None and successor.supersedes == (first,)
+    stored = _stored(out)
+    assert set(stored) == {o.sop_uid for o in successor.outputs or ()}  # SR, 2 SEGs, CAD SR
+    assert all(_predecessors(report) == [] for report in stored.values())
+
+
+def test_a_run_killed_mid_send_then_superseded_is_named_by_its_successor_and_not_resent(
+    tmp_path: Path, storescp: tuple[int, Path]
+) -> None:
+    """The worker sending L-CC's results is SIGKILLed after the PACS stored them (the archive
+    down). R-CC arrives: the later run supersedes the killed one, which has no record yet. Its
+    reports name the killed run's as their predecessors (its send journal says the PACS has
+    them); the killed run's next attempt sends nothing and records what its first one stored."""
+    pacs_port, pacs_out = storescp
+    archive_port, archive_out = free_port(), tmp_path / "archive"
+    archive_out.mkdir()
+    settings = _two_destinations(tmp_path, ("pacs", "ARCHIVE", pacs_port),
+                                 ("research", "RESEARCH", archive_port), timeout_s=5)
+    settings = settings.model_copy(update={"send": settings.send.model_copy(
+        update={"attempts": 50, "backoff_s": 0.5, "backoff_max_s": 0.5})})  # retrying, long
+    spool = Spool(settings.spool.dir).ensure()
+    first_view, late_view = make_study(tmp_path / "study", views=["L-CC", "R-CC"], rows=64,
+                                       cols=48, seed=45)
+    first = _received_and_claimed(spool, [first_view])
+    worker = multiprocessing.get_context("fork").Process(
+        target=process_run, args=(settings, spool, first, _Fixed()), daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum(d == "pacs" for d, _ in read_sent(spool.state_dir("work") / first)) < 3:
+            assert worker.is_alive(), "the worker ended before the PACS had the results"
+            assert time.monotonic() < deadline, "the PACS never had the results"
+            time.sleep(0.05)
+    finally:
+        os.kill(worker.pid or 0, signal.SIGKILL)
+        worker.join(10)
+    first_reports = {uid for uid, ds in _stored(pacs_out).items()
+                     if ds.Modality == "SR"}
+    assert len(first_reports) == 2  # SR and CAD SR
+    later = _received_and_claimed(spool, [late_view])
+    archive = _start_storescp("RESEARCH", archive_port, archive_out)
+    try:
+        assert process_run(settings, spool, later, _Fixed()) == "done"
+        reports = {uid: ds for uid, ds in _stored(pacs_out).items()
+                   if ds.Modality == "SR" and uid not in first_reports}
+        assert len(reports) == 2
+        assert sorted(p for ds in reports.values() for p in _predecessors(ds)) == sorted(
+            first_reports)  # the SR names the SR, the CAD SR the CAD SR
+        for stored in pacs_out.iterdir():
+            stored.unlink()  # to see whether the killed run's next attempt sends anything
+        for stored in archive_out.iterdir():
+            stored.unlink()
+        assert process_run(settings, spool, first, _Fixed()) == "done"
+    finally:
+        archive.terminate()
+        archive.wait(10)
+    assert not any(pacs_out.iterdir()) and not any(archive_out.iterdir())
+    record = read_record(spool.state_dir("done") / first)
+    assert record is not None and record.not_sent == f"superseded by run {later} before sending"
+    assert [(s.destination, s.ok, s.earlier) for s in record.sends or ()] == [
+        ("pacs", True, True)] * 3
 
 
 def test_run_that_keeps_killing_workers_is_given_up(tmp_path: Path) -> None:
