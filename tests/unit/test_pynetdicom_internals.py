@@ -3,12 +3,14 @@ contract; the listener checks before it binds."""
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import pynetdicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT
 
 from node import pynetdicom_internals
@@ -17,6 +19,7 @@ from node.pynetdicom_internals import (
     CONTRACT_FAULT_TESTS,
     WRITTEN_FOR,
     PynetdicomVersionError,
+    ReplyKeepingDIMSE,
     association_rejection,
     check_pynetdicom_version,
 )
@@ -83,3 +86,33 @@ def test_a_rejection_the_requestor_read_is_the_one_quoted() -> None:
     assoc.acceptor.primitive = read
     assoc.is_rejected = True
     assert association_rejection(assoc) is read
+
+
+def _store_primitives() -> tuple[C_STORE, C_STORE]:
+    request, reply = C_STORE(), C_STORE()
+    request.MessageID, request.AffectedSOPClassUID = 7, "1.2.840.10008.5.1.4.1.1.7"
+    request.AffectedSOPInstanceUID, request.Priority = "1.2.3.4", 2
+    request.DataSet = BytesIO(b"")
+    reply.MessageIDBeingRespondedTo, reply.Status = 7, 0x0000
+    reply.AffectedSOPClassUID, reply.AffectedSOPInstanceUID = request.AffectedSOPClassUID, "1.2.3.4"
+    return request, reply
+
+
+def test_the_reactor_leaves_a_reply_to_the_sender_waiting_for_it() -> None:
+    """While a `send_*` waits (the reactor checkpoint clear), the reactor's non-blocking read
+    does not take a reply; with no sender waiting it takes it (and drops it as before); requests
+    are the reactor's either way. The sender's blocking read gets the reply."""
+    request, reply = _store_primitives()
+    assert request.is_valid_request and reply.is_valid_response
+    assoc = Association(AE(), mode="requestor")
+    assoc.dimse.__class__ = ReplyKeepingDIMSE
+    assoc._reactor_checkpoint.clear()  # a sender is waiting for its reply
+    assoc.dimse.msg_queue.put((1, reply))
+    assert assoc.dimse.get_msg(block=False) == (None, None)
+    assert assoc.dimse.get_msg(block=True) == (1, reply)
+    assoc.dimse.msg_queue.put((1, request))
+    assert assoc.dimse.get_msg(block=False) == (1, request)
+    assoc._reactor_checkpoint.set()  # nobody waits: a late reply is the reactor's to drop
+    assoc.dimse.msg_queue.put((1, reply))
+    assert assoc.dimse.get_msg(block=False) == (1, reply)
+    assert assoc.dimse.get_msg(block=False) == (None, None)
