@@ -288,7 +288,8 @@ def _heatmap_objects(
 
 def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | None = None,
                  stored_earlier: Mapping[tuple[str, str], str | None] | None = None,
-                 journal: Path | None = None) -> tuple[list[dict[str, Any]], str | None]:
+                 journal: Path | None = None, stop: Callable[[], str | None] | None = None
+                 ) -> tuple[list[dict[str, Any]], str | None]:
     """Send to every destination with retries and backoff; (per-object log, failure reason).
 
     `kinds` (aligned with `files`, `node.runs.OutputFile.kind`) lets each destination get only
@@ -305,19 +306,22 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
 
     `journal`: the run folder whose send journal (node/runs.py `sent.jsonl`) gets each object
     as its destination confirms it, so that the next attempt knows it when this one dies.
+
+    `stop`: asked before each retry; when it gives a reason (the run was superseded meanwhile),
+    the objects not stored yet are held back: not sent, not logged, not a failure.
     """
     jobs = [(destination, list(files) if kinds is None else [
         f for f, kind in zip(files, kinds, strict=True) if destination.wants(kind)])
         for destination in settings.all_destinations]
     earlier = dict(stored_earlier or {})
     if len(jobs) <= 1:
-        results = [_send_to_destination(settings, destination, mine, earlier, journal)
+        results = [_send_to_destination(settings, destination, mine, earlier, journal, stop)
                    for destination, mine in jobs]
     else:
         with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="send") as pool:
             # Each thread logs with the run's bound context (structlog's contextvars).
             futures = [pool.submit(contextvars.copy_context().run, _send_to_destination,
-                                   settings, destination, mine, earlier, journal)
+                                   settings, destination, mine, earlier, journal, stop)
                        for destination, mine in jobs]
             results = [future.result() for future in futures]
     sends = [item for destination_sends, _ in results for item in destination_sends]
@@ -327,9 +331,10 @@ def send_outputs(settings: Settings, files: list[Path], kinds: Sequence[str] | N
 
 def _send_to_destination(settings: Settings, destination: Destination | DicomWebDestination,
                          mine: list[Path], earlier: Mapping[tuple[str, str], str | None],
-                         journal: Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+                         journal: Path | None = None, stop: Callable[[], str | None] | None = None
+                         ) -> tuple[list[dict[str, Any]], list[str]]:
     """Send `mine` to one destination with retries and backoff, but those `earlier` says an
-    earlier attempt stored there; (per-object log, reasons)."""
+    earlier attempt stored there, until `stop` gives a reason; (per-object log, reasons)."""
     note = None if journal is None else _journal_writer(journal, destination.name)
     sends: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -340,7 +345,14 @@ def _send_to_destination(settings: Settings, destination: Destination | DicomWeb
                  objects=len(done_before))
     pending = [p for p in mine if p not in done_before]
     outcomes: dict[Path, SendOutcome] = {}
+    held_back: set[Path] = set()
     for attempt in range(1, settings.send.attempts + 1):
+        why = stop() if stop is not None and attempt > 1 else None
+        if why:
+            held_back = set(pending)
+            log.info("send_held_back", destination=destination.name, objects=len(pending),
+                     reason=why)
+            break
         try:
             if isinstance(destination, DicomWebDestination):
                 results = stow_files(destination, pending, note)
@@ -371,7 +383,10 @@ def _send_to_destination(settings: Settings, destination: Destination | DicomWeb
                         reason="; ".join(sorted({_status_words(outcomes[p])
                                                  for p in pending})))
             time.sleep(delay_s)
+    pending = [p for p in pending if p not in held_back]
     for path in mine:
+        if path in held_back:
+            continue
         if path in done_before:
             sends.append({"destination": destination.name, "file": path.name,
                           "sop_uid": uids[path], "status": earlier[(destination.name, uids[path])],
@@ -675,10 +690,23 @@ def _score_write_send(
         return None
     t0 = time.perf_counter()
     _fence(lease, "send")
+    overtaken: list[str] = []  # set when a retry finds the run superseded
+
+    def superseded_meanwhile() -> str | None:
+        note = read_superseded(run_dir)
+        if note is not None and not overtaken:
+            overtaken.append(note.superseded_by)
+        return f"superseded by run {overtaken[0]}" if overtaken else None
+
     sends, failure = send_outputs(settings, [run_dir / o.file for o in progress.outputs],
                                   [o.kind for o in progress.outputs], _stored_earlier(run_dir),
-                                  journal=run_dir)
+                                  journal=run_dir, stop=superseded_meanwhile)
     timings["send"] = round(time.perf_counter() - t0, 3)
+    if overtaken:  # a destination was being retried (down) when a later run took over
+        progress.not_sent = (f"superseded by run {overtaken[0]} while sending: what a "
+                             "destination had not stored by then was not sent to it")
+        audit.record("results_not_sent", run_id=info.run_id, study_uid=info.study_uid,
+                     reason=progress.not_sent)
     _test_pause(TEST_PAUSE_AFTER_SEND_ENV, "test_pause_after_send", info.run_id)
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)

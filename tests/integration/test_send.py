@@ -676,6 +676,50 @@ def test_a_run_superseded_while_it_was_scored_sends_nothing_and_its_successor_re
     assert all(_predecessors(report) == [] for report in stored.values())
 
 
+def test_a_run_superseded_while_its_pacs_is_down_stops_retrying_and_sends_nothing_later(
+        tmp_path: Path) -> None:
+    """The PACS is down and the run's send is being retried when the study's late image arrives:
+    the later run takes over, and the retrying run stops at its next retry instead of storing
+    its report once the PACS is back (after the later one's, unnamed by it)."""
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    settings = _sender_settings(tmp_path, port, attempts=100)
+    settings = settings.model_copy(update={"send": settings.send.model_copy(
+        update={"backoff_s": 0.3, "backoff_max_s": 0.3})})  # 30 s of retries
+    spool = Spool(settings.spool.dir).ensure()
+    first_view, late_view = make_study(tmp_path / "study", views=["L-CC", "R-CC"], rows=64,
+                                       cols=48, seed=46)
+    first = _received_and_claimed(spool, [first_view])
+    outcome: list[str | None] = []
+    worker = threading.Thread(target=lambda: outcome.append(
+        process_run(settings, spool, first, _Fixed())))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not (spool.state_dir("work") / first / "outputs").is_dir():
+        assert time.monotonic() < deadline, "the run never got to sending"
+        time.sleep(0.05)
+    time.sleep(0.5)  # a first attempt failed: retrying
+    later = _received_and_claimed(spool, [late_view])
+    worker.join(10)
+    assert not worker.is_alive(), "the superseded run kept retrying"
+    assert outcome == ["done"]
+    record = read_record(spool.state_dir("done") / first)
+    assert record is not None and record.sends == ()
+    assert record.not_sent == (f"superseded by run {later} while sending: what a destination "
+                               "had not stored by then was not sent to it")
+    pacs = _start_storescp("ARCHIVE", port, out)
+    try:
+        assert process_run(settings, spool, later, _Fixed()) == "done"
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+    successor = read_record(spool.state_dir("done") / later)
+    assert successor is not None
+    stored = _stored(out)
+    assert set(stored) == {o.sop_uid for o in successor.outputs or ()}
+    assert all(_predecessors(report) == [] for report in stored.values())
+
+
 def test_a_run_killed_mid_send_then_superseded_is_named_by_its_successor_and_not_resent(
     tmp_path: Path, storescp: tuple[int, Path]
 ) -> None:
