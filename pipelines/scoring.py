@@ -801,8 +801,8 @@ def _earlier_sends(run_dir: Path, outputs: Sequence[OutputFile]) -> tuple[SendRe
     """What earlier attempts of the run stored (its send journal, a retried run's previous
     record), as sends marked `earlier`: the record of a run that ends without sending."""
     stored = _stored_earlier(run_dir)
-    return tuple(SendResult(destination=destination, file=output.file, sop_uid=output.sop_uid,
-                            status=status, ok=True, earlier=True)
+    return tuple(SendResult(destination=destination, file=Path(output.file).name,
+                            sop_uid=output.sop_uid, status=status, ok=True, earlier=True)
                  for output in outputs for (destination, uid), status in stored.items()
                  if uid == output.sop_uid)
 

@@ -773,8 +773,9 @@ def test_a_run_killed_mid_send_then_superseded_is_named_by_its_successor_and_not
     assert not any(pacs_out.iterdir()) and not any(archive_out.iterdir())
     record = read_record(spool.state_dir("done") / first)
     assert record is not None and record.not_sent == f"superseded by run {later} before sending"
-    assert [(s.destination, s.ok, s.earlier) for s in record.sends or ()] == [
-        ("pacs", True, True)] * 3
+    assert sorted((s.destination, s.file, s.ok, s.earlier) for s in record.sends or ()) == sorted(
+        ("pacs", Path(o.file).name, True, True) for o in record.outputs or ())
+    assert len(record.outputs or ()) == 3  # SR, SEG, CAD SR: read back from the published files
 
 
 def test_run_that_keeps_killing_workers_is_given_up(tmp_path: Path) -> None:
