@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +79,23 @@ def _start_storescp(ae_title: str, port: int, out: Path, *extra: str) -> subproc
     return process
 
 
+@contextmanager
+def _storescp_running(ae_title: str, port: int, out: Path, *extra: str) -> Iterator[None]:
+    """A storescp (`_start_storescp`) for as long as the block runs."""
+    process = _start_storescp(ae_title, port, out, *extra)
+    try:
+        yield
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port, out = free_port(), tmp_path / "received"
     out.mkdir()
-    process = _start_storescp("ARCHIVE", port, out, "+xa")
-    yield port, out
-    process.terminate()
-    process.wait(10)
+    with _storescp_running("ARCHIVE", port, out, "+xa"):
+        yield port, out
 
 
 def test_every_object_reaches_the_destination(tmp_path: Path, storescp: tuple[int, Path]) -> None:
@@ -558,8 +568,7 @@ def test_a_retried_run_sends_only_what_an_earlier_attempt_did_not_store(
     assert len(list(pacs_out.iterdir())) == 3  # SR, SEG, CAD SR
     for stored in pacs_out.iterdir():
         stored.unlink()  # to see whether the retry sends them again
-    archive = _start_storescp("RESEARCH", archive_port, archive_out)
-    try:
+    with _storescp_running("RESEARCH", archive_port, archive_out):
         spool.requeue_run(run_id)
         assert process_run(settings, spool, run_id, _Fixed()) == "done"
         record = json.loads((spool.state_dir("done") / run_id / RECORD_NAME).read_text())
@@ -571,18 +580,12 @@ def test_a_retried_run_sends_only_what_an_earlier_attempt_did_not_store(
         spool.requeue_run(run_id)  # a run that succeeded: everything again
         assert process_run(settings, spool, run_id, _Fixed()) == "done"
         assert len(list(pacs_out.iterdir())) == 3
-    finally:
-        archive.terminate()
-        archive.wait(10)
 
 
-def test_a_worker_killed_mid_send_does_not_send_the_pacs_its_results_again(
-    tmp_path: Path, storescp: tuple[int, Path]
-) -> None:
-    """The PACS stored the results, the research archive was down and being retried when the
-    worker was SIGKILLed (the OOM killer, a host going away). The next attempt of the run (a
-    new worker taking it from work/, as after a Celery redelivery or the reconciler) sends the
-    archive everything and the PACS nothing: the send journal said what it had stored."""
+def _pacs_and_a_down_archive(tmp_path: Path, storescp: tuple[int, Path]
+                             ) -> tuple[Settings, Path, int, Path]:
+    """A PACS (the storescp) and a research archive that is down and retried for long:
+    the settings, the PACS's folder, the archive's port and folder."""
     pacs_port, pacs_out = storescp
     archive_port, archive_out = free_port(), tmp_path / "archive"
     archive_out.mkdir()
@@ -590,7 +593,12 @@ def test_a_worker_killed_mid_send_does_not_send_the_pacs_its_results_again(
                                  ("research", "RESEARCH", archive_port), timeout_s=5)
     settings = settings.model_copy(update={"send": settings.send.model_copy(
         update={"attempts": 50, "backoff_s": 0.5, "backoff_max_s": 0.5})})  # retrying, long
-    spool, run_id = _queued_run(tmp_path, settings)
+    return settings, pacs_out, archive_port, archive_out
+
+
+def _killed_once_the_pacs_stored(settings: Settings, spool: Spool, run_id: str) -> None:
+    """The run processed in a forked worker, SIGKILLed (the OOM killer, a host going away) once
+    its send journal says the PACS stored its three objects, while the archive is retried."""
     worker = multiprocessing.get_context("fork").Process(
         target=process_run, args=(settings, spool, run_id, _Fixed()), daemon=True)
     worker.start()
@@ -603,16 +611,24 @@ def test_a_worker_killed_mid_send_does_not_send_the_pacs_its_results_again(
     finally:
         os.kill(worker.pid or 0, signal.SIGKILL)
         worker.join(10)
+
+
+def test_a_worker_killed_mid_send_does_not_send_the_pacs_its_results_again(
+    tmp_path: Path, storescp: tuple[int, Path]
+) -> None:
+    """The PACS stored the results, the research archive was down and being retried when the
+    worker was SIGKILLed (the OOM killer, a host going away). The next attempt of the run (a
+    new worker taking it from work/, as after a Celery redelivery or the reconciler) sends the
+    archive everything and the PACS nothing: the send journal said what it had stored."""
+    settings, pacs_out, archive_port, archive_out = _pacs_and_a_down_archive(tmp_path, storescp)
+    spool, run_id = _queued_run(tmp_path, settings)
+    _killed_once_the_pacs_stored(settings, spool, run_id)
     assert spool.runs("work") == [run_id]  # left where the killed worker held it
     assert len(list(pacs_out.iterdir())) == 3  # SR, SEG, CAD SR
     for stored in pacs_out.iterdir():
         stored.unlink()  # to see whether the next attempt sends them again
-    archive = _start_storescp("RESEARCH", archive_port, archive_out)
-    try:
+    with _storescp_running("RESEARCH", archive_port, archive_out):
         assert process_run(settings, spool, run_id, _Fixed()) == "done"
-    finally:
-        archive.terminate()
-        archive.wait(10)
     record = json.loads((spool.state_dir("done") / run_id / RECORD_NAME).read_text())
     assert record["attempts"] == 2
     assert not any(pacs_out.iterdir())  # not sent again
@@ -707,12 +723,8 @@ def test_a_run_superseded_while_its_pacs_is_down_stops_retrying_and_sends_nothin
     assert record is not None and record.sends == ()
     assert record.not_sent == (f"superseded by run {later} while sending: what a destination "
                                "had not stored by then was not sent to it")
-    pacs = _start_storescp("ARCHIVE", port, out)
-    try:
+    with _storescp_running("ARCHIVE", port, out):
         assert process_run(settings, spool, later, _Fixed()) == "done"
-    finally:
-        pacs.terminate()
-        pacs.wait(10)
     successor = read_record(spool.state_dir("done") / later)
     assert successor is not None
     stored = _stored(out)
@@ -727,35 +739,17 @@ def test_a_run_killed_mid_send_then_superseded_is_named_by_its_successor_and_not
     down). R-CC arrives: the later run supersedes the killed one, which has no record yet. Its
     reports name the killed run's as their predecessors (its send journal says the PACS has
     them); the killed run's next attempt sends nothing and records what its first one stored."""
-    pacs_port, pacs_out = storescp
-    archive_port, archive_out = free_port(), tmp_path / "archive"
-    archive_out.mkdir()
-    settings = _two_destinations(tmp_path, ("pacs", "ARCHIVE", pacs_port),
-                                 ("research", "RESEARCH", archive_port), timeout_s=5)
-    settings = settings.model_copy(update={"send": settings.send.model_copy(
-        update={"attempts": 50, "backoff_s": 0.5, "backoff_max_s": 0.5})})  # retrying, long
+    settings, pacs_out, archive_port, archive_out = _pacs_and_a_down_archive(tmp_path, storescp)
     spool = Spool(settings.spool.dir).ensure()
     first_view, late_view = make_study(tmp_path / "study", views=["L-CC", "R-CC"], rows=64,
                                        cols=48, seed=45)
     first = _received_and_claimed(spool, [first_view])
-    worker = multiprocessing.get_context("fork").Process(
-        target=process_run, args=(settings, spool, first, _Fixed()), daemon=True)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 60
-        while sum(d == "pacs" for d, _ in read_sent(spool.state_dir("work") / first)) < 3:
-            assert worker.is_alive(), "the worker ended before the PACS had the results"
-            assert time.monotonic() < deadline, "the PACS never had the results"
-            time.sleep(0.05)
-    finally:
-        os.kill(worker.pid or 0, signal.SIGKILL)
-        worker.join(10)
+    _killed_once_the_pacs_stored(settings, spool, first)
     first_reports = {uid for uid, ds in _stored(pacs_out).items()
                      if ds.Modality == "SR"}
     assert len(first_reports) == 2  # SR and CAD SR
     later = _received_and_claimed(spool, [late_view])
-    archive = _start_storescp("RESEARCH", archive_port, archive_out)
-    try:
+    with _storescp_running("RESEARCH", archive_port, archive_out):
         assert process_run(settings, spool, later, _Fixed()) == "done"
         reports = {uid: ds for uid, ds in _stored(pacs_out).items()
                    if ds.Modality == "SR" and uid not in first_reports}
@@ -767,9 +761,6 @@ def test_a_run_killed_mid_send_then_superseded_is_named_by_its_successor_and_not
         for stored in archive_out.iterdir():
             stored.unlink()
         assert process_run(settings, spool, first, _Fixed()) == "done"
-    finally:
-        archive.terminate()
-        archive.wait(10)
     assert not any(pacs_out.iterdir()) and not any(archive_out.iterdir())
     record = read_record(spool.state_dir("done") / first)
     assert record is not None and record.not_sent == f"superseded by run {later} before sending"
