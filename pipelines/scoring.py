@@ -521,8 +521,7 @@ def _skip_superseded(spool: Spool, info: RunInfo, run_dir: Path, superseded_by: 
                        outputs=outputs, sends=_earlier_sends(run_dir, outputs),
                        not_scored=None if outputs else f"superseded by run {superseded_by} "
                                                        "before scoring",
-                       not_sent=f"superseded by run {superseded_by} before sending"
-                       if outputs else None)
+                       not_sent=_before_sending(superseded_by) if outputs else None)
     _fence(lease, "record")
     write_record(run_dir, record)
     spool.finish_run(info.run_id, "done")
@@ -703,10 +702,8 @@ def _score_write_send(
                                   journal=run_dir, stop=superseded_meanwhile)
     timings["send"] = round(time.perf_counter() - t0, 3)
     if overtaken:  # a destination was being retried (down) when a later run took over
-        progress.not_sent = (f"superseded by run {overtaken[0]} while sending: what a "
-                             "destination had not stored by then was not sent to it")
-        audit.record("results_not_sent", run_id=info.run_id, study_uid=info.study_uid,
-                     reason=progress.not_sent)
+        _not_sent(info, progress, audit, f"superseded by run {overtaken[0]} while sending: "
+                  "what a destination had not stored by then was not sent to it")
     _test_pause(TEST_PAUSE_AFTER_SEND_ENV, "test_pause_after_send", info.run_id)
     progress.sends = tuple(SendResult.model_validate(s) for s in sends)
     _audit_sends(audit, info, progress.sends)
@@ -720,12 +717,19 @@ def _hold_back(info: RunInfo, run_dir: Path, progress: _Progress, superseded_by:
     its folder, unsent; sent now, they would reach the PACS after the later report and say
     nothing of it. What an earlier attempt of this run already stored is kept in the record
     (`earlier`), so the later run's reports can name it as their predecessor."""
-    progress.not_sent = f"superseded by run {superseded_by} before sending"
     progress.sends = _earlier_sends(run_dir, progress.outputs or ())
-    log.info("results_not_sent", run_id=info.run_id, study_uid=info.study_uid,
-             superseded_by=superseded_by, stored_earlier=len(progress.sends))
-    audit.record("results_not_sent", run_id=info.run_id, study_uid=info.study_uid,
-                 reason=progress.not_sent)
+    _not_sent(info, progress, audit, _before_sending(superseded_by))
+
+
+def _before_sending(superseded_by: str) -> str:
+    return f"superseded by run {superseded_by} before sending"
+
+
+def _not_sent(info: RunInfo, progress: _Progress, audit: AuditLog, why: str) -> None:
+    """A run whose results (or some of them) are held back: why, in its record, log and audit."""
+    progress.not_sent = why
+    log.info("results_not_sent", run_id=info.run_id, study_uid=info.study_uid, reason=why)
+    audit.record("results_not_sent", run_id=info.run_id, study_uid=info.study_uid, reason=why)
 
 
 def _test_pause(env: str, event: str, run_id: str) -> None:
@@ -737,6 +741,11 @@ def _test_pause(env: str, event: str, run_id: str) -> None:
         time.sleep(pause_s)
 
 
+# The kinds of result object that are reports, and their SOP classes.
+_REPORT_CLASSES: dict[Literal["sr", "cad_sr"], str] = {
+    "sr": COMPREHENSIVE_3D_SR, "cad_sr": MAMMOGRAPHY_CAD_SR}
+
+
 def earlier_reports(spool: Spool, info: RunInfo) -> dict[str, list[Dataset]]:
     """Kind ("sr", "cad_sr") -> headers of the reports of the runs this one supersedes that
     reached a destination: this run's reports replace them, and say so. From a finished run's
@@ -744,15 +753,13 @@ def earlier_reports(spool: Spool, info: RunInfo) -> dict[str, list[Dataset]]:
     published outputs. A run superseded before it sent sends nothing (`_hold_back`); one
     already purged has no folder, and a report a run still sending stores after this one
     was written is not listed."""
-    classes = {"sr": COMPREHENSIVE_3D_SR, "cad_sr": MAMMOGRAPHY_CAD_SR}
-    found: dict[str, list[Dataset]] = {kind: [] for kind in classes}
+    found: dict[str, list[Dataset]] = {kind: [] for kind in _REPORT_CLASSES}
     for run_id in info.supersedes:
         located = spool.locate(run_id)
         if located is None:
             continue
         for kind, header in _reports_stored(located[1], info.study_uid):
-            if kind in classes:
-                found[kind].append(header)
+            found[kind].append(header)
     return found
 
 
@@ -765,12 +772,11 @@ def _reports_stored(run_dir: Path, study_uid: str) -> list[tuple[str, Dataset]]:
     else:  # still sending: what its journal says a destination has stored so far
         stored = {uid for _, uid in read_sent(run_dir)}
         outputs = _published_outputs(run_dir) if stored else ()
-    classes = {"sr": COMPREHENSIVE_3D_SR, "cad_sr": MAMMOGRAPHY_CAD_SR}
     found: list[tuple[str, Dataset]] = []
     for output in outputs:
-        if output.kind in classes and output.sop_uid in stored:
+        if output.kind in _REPORT_CLASSES and output.sop_uid in stored:
             header = Dataset()
-            header.SOPClassUID = classes[output.kind]
+            header.SOPClassUID = _REPORT_CLASSES[output.kind]
             header.SOPInstanceUID = output.sop_uid
             header.StudyInstanceUID = study_uid
             header.SeriesInstanceUID = output.series_uid
@@ -782,7 +788,7 @@ def _published_outputs(run_dir: Path) -> tuple[OutputFile, ...]:
     """The results an attempt of the run published (`outputs/`), described from their files:
     for a run whose record is not written yet (still sending, or its worker killed)."""
     kinds: dict[str, Literal["sr", "cad_sr", "seg"]] = {
-        COMPREHENSIVE_3D_SR: "sr", MAMMOGRAPHY_CAD_SR: "cad_sr", SEGMENTATION: "seg"}
+        **{sop_class: kind for kind, sop_class in _REPORT_CLASSES.items()}, SEGMENTATION: "seg"}
     found = []
     for path in sorted((run_dir / OUTPUTS_DIR).glob("*.dcm")):
         try:
