@@ -268,3 +268,37 @@ def test_hard_negatives_teach_the_head_that_dense_tissue_is_not_a_lesion() -> No
     plain_hits, _, _ = peak_hits(plain.logits(test_maps), test_mask, test_info, 16)
     hard_hits, _, _ = peak_hits(hard.logits(test_maps), test_mask, test_info, 16)
     assert hard_hits >= plain_hits
+
+
+def test_centred_maps_are_each_films_features_about_its_own_breast_mean() -> None:
+    from tools.model.cells import centre_maps
+
+    rng = np.random.default_rng(4)
+    maps = rng.normal(2.0, 1.0, (3, 4, 8, 6)).astype(np.float32)
+    mask = np.ones((3, 8, 6), bool)
+    mask[:, :, 5] = False
+    mask[2] = False  # a film without breast cells stays as it is
+    centred = centre_maps(maps, mask)
+    for i in (0, 1):
+        np.testing.assert_allclose(centred[i][:, mask[i]].mean(1), 0.0, atol=1e-5)
+        # every cell moves by the same amount per channel: differences between cells are kept
+        np.testing.assert_allclose(centred[i] - centred[i][:, :1, :1], maps[i] - maps[i][:, :1, :1],
+                                   atol=1e-5)
+    np.testing.assert_array_equal(centred[2], maps[2])
+    # a shift of a whole film's features (how its detector renders every cell) is gone
+    shifted = maps + rng.normal(0, 3, (3, 4, 1, 1)).astype(np.float32)
+    np.testing.assert_allclose(centre_maps(shifted, mask)[:2], centred[:2], atol=1e-4)
+
+
+
+def test_final_makes_no_bundle_from_a_centred_nested_run(tmp_path) -> None:
+    import json
+
+    from tools.model.cells import main
+
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"features": ["nowhere"], "centre": True}))
+    with pytest.raises(SystemExit, match="--centre, a diagnostic"):
+        main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
+              "--mias", str(tmp_path)])
+    assert not (tmp_path / "bundle").exists()

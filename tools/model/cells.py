@@ -289,6 +289,20 @@ def cell_features(f16: torch.Tensor, f32: torch.Tensor, level: str) -> torch.Ten
     return maps
 
 
+def centre_maps(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Each film's cell features minus their mean over its own breast cells, channel by channel
+    (a film without breast cells unchanged). A linear head on them scores a cell by how far it
+    stands out from the rest of the same breast: w . (x - mean x) + b = logit(x) - mean logit
+    + b, so a shift of every cell of an image (how a detector renders it) leaves the score
+    as it is. `nested --centre` (D1, a diagnostic); `final` refuses such a run."""
+    out = np.empty_like(maps)
+    for i in range(len(maps)):
+        cells = mask[i]
+        mean = maps[i][:, cells].mean(1) if cells.any() else np.zeros(maps.shape[1], maps.dtype)
+        out[i] = maps[i] - mean[:, None, None]
+    return out
+
+
 def level_maps(feats: Features, level: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (N, C, h, w) float32, mask, labels) of a feature level (`cell_features`)."""
     f16 = torch.from_numpy(feats.level["16"]).float()
@@ -586,10 +600,20 @@ class Level:
     pairs: np.ndarray  # film -> its rows (film, mirror) in this set
     arch: str
     stride: int
+    # what the score heads (logistic, "bce") are fitted on and read from: `maps`, or with
+    # `centre` each film's maps minus their mean over its breast cells (`centre_maps`); the
+    # localisation heads are shift-invariant per film and always read `maps`
+    score_maps: np.ndarray | None = None
+
+    @property
+    def scored(self) -> np.ndarray:
+        return self.maps if self.score_maps is None else self.score_maps
 
 
-def load_levels(folders: list[str]) -> tuple[dict[str, Level], list[Record], dict[str, Any]]:
-    """Every level of every feature folder (all on the same films), keyed `folder-name:level`."""
+def load_levels(folders: list[str], centre: bool = False
+                ) -> tuple[dict[str, Level], list[Record], dict[str, Any]]:
+    """Every level of every feature folder (all on the same films), keyed `folder-name:level`;
+    with `centre`, each level's score heads read per-film centred features (`centre_maps`)."""
     levels: dict[str, Level] = {}
     records: list[Record] = []
     metas: dict[str, Any] = {}
@@ -605,12 +629,14 @@ def load_levels(folders: list[str]) -> tuple[dict[str, Level], list[Record], dic
         metas[f"{path.name}-nomirror"] = {**metas[path.name], "vflip": False}
         for level in GRID_LEVELS:
             maps, mask, label = level_maps(feats, level)
+            scored = centre_maps(maps, mask) if centre else None
             levels[f"{path.name}:{level}"] = Level(maps, mask, label, feats.info, pairs,
-                                                   meta["arch"], level_stride(level))
+                                                   meta["arch"], level_stride(level), scored)
             if meta.get("vflip"):  # the same set without its mirrors: mirrors become a choice
                 alone = np.stack([pairs[:, 0], pairs[:, 0]], 1)
                 levels[f"{path.name}-nomirror:{level}"] = Level(
-                    maps, mask, label, feats.info, alone, meta["arch"], level_stride(level))
+                    maps, mask, label, feats.info, alone, meta["arch"], level_stride(level),
+                    scored)
     return levels, records, metas
 
 
@@ -627,8 +653,8 @@ def evaluate_recipes(levels: dict[str, Level], train_films: np.ndarray, test_fil
         test_rows = np.unique(lv.pairs[test_films].ravel())
         sub_info = [lv.info[i] for i in test_rows]
         for l2 in l2s:
-            model = fit_cells(lv.maps, lv.mask, lv.label, rows, lv.info, l2, seed, hard=hard)
-            logits = model.logits(lv.maps[test_rows])
+            model = fit_cells(lv.scored, lv.mask, lv.label, rows, lv.info, l2, seed, hard=hard)
+            logits = model.logits(lv.scored[test_rows])
             if hits is not None:
                 heat_hits(hits, (key, l2), "bce", logits, lv, test_rows, sub_info)
             for pooling, contra in itertools.product(GRID_POOL, GRID_CONTRA):
@@ -684,7 +710,7 @@ def nested(args: argparse.Namespace) -> int:
     ships; "contralateral" = the other breast's score may be used), so the two estimates come
     from the same folds and fits."""
     torch.set_num_threads(args.threads)
-    levels, records, metas = load_levels(args.features.split(","))
+    levels, records, metas = load_levels(args.features.split(","), args.centre)
     labels = np.array([r.label for r in records])
     malignant = np.array([r.malignant or 0 for r in records])
     groups = np.array([r.group for r in records])
@@ -784,6 +810,7 @@ def nested(args: argparse.Namespace) -> int:
         "features": args.features.split(","), "feature_sets": metas, "spaces": results,
         "inner": all_inner,
         "folds": args.folds, "inner_folds": args.inner, "hard_negatives": args.hard_negatives,
+        "centre": bool(args.centre),
         "grid": {"level": sorted(levels), "l2": GRID_L2, "pooling": GRID_POOL,
                  "contra": GRID_CONTRA, "peak": PEAKS, "heat_l2": HEAT_L2},
         "ids": [r.id for r in records],
@@ -911,6 +938,9 @@ def final(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     nested_result = json.loads(Path(args.nested).read_text())
+    if nested_result.get("centre"):
+        raise SystemExit("nested.json was run with --centre, a diagnostic (D1 in the bundle's "
+                         "experiments): the bundle's network reads the plain cell features")
     levels, records, metas = load_levels(feature_folders(nested_result))
     if nested_result["ids"] != [r.id for r in records]:
         raise SystemExit("nested.json was run on other films")
@@ -1451,6 +1481,10 @@ def main(argv: list[str] | None = None) -> int:
     nst.add_argument("--folds", type=int, default=5)
     nst.add_argument("--inner", type=int, default=4)
     nst.add_argument("--threads", type=int, default=2)
+    nst.add_argument("--centre", action="store_true",
+                     help="a diagnostic (D1): fit and read the score heads on each film's cell "
+                          "features minus their mean over its breast cells (`centre_maps`); "
+                          "final refuses such a run")
     nst.add_argument("--hard-negatives", type=int, default=0, metavar="K",
                      help="fit every score head a second time with each training film's K "
                           "highest-scoring background cells added as negatives (default 0: "
