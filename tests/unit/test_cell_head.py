@@ -10,6 +10,7 @@ import torch
 from tools.model.cells import (
     PEAKS,
     CellHeadModel,
+    FeatureBounds,
     HeadSpec,
     LiteTrunk,
     cell_features,
@@ -103,6 +104,33 @@ def test_heatmap_peaks_at_the_image_score_and_stays_on_the_breast(trunk, score, 
         assert float(heatmap[i].max()) >= 0.5 * float(probability[i])
         assert float(heatmap[i, 0, 232:, :].max()) == 0.0  # below the breast's last cells
         assert float(heatmap[i, 0, :, 152:].max()) == 0.0
+
+
+def test_feature_bounds_clip_each_levels_cells_before_its_head(trunk) -> None:
+    """`tools.model.ceiling` (R1): a level's bounds clip its cell features channel by channel
+    before the head reads them; bounds the features never reach change nothing."""
+    model = CellHeadModel(trunk, _head("16c", 0), "top3", "raw", _head("16", 1))
+    x = _breast(1)
+    with torch.inference_mode():
+        maps = cell_features(*model.trunk(x), "16c")
+        plain = model(x)
+        wide = maps.amin((0, 2, 3)) - 1.0, maps.amax((0, 2, 3)) + 1.0
+        model.bounds = {"16c": FeatureBounds(*wide)}
+        assert all(torch.equal(a, b) for a, b in zip(model(x), plain, strict=True))
+        low, high = maps.quantile(0.2, dim=3).amin((0, 2)), maps.quantile(0.8, dim=3).amax((0, 2))
+        model.bounds = {"16c": FeatureBounds(low, high)}
+        clipped = model.features(*model.trunk(x), "16c")
+        probability, _ = model(x)
+        assert torch.equal(model.features(*model.trunk(x), "16"),
+                           cell_features(*model.trunk(x), "16"))  # the other level: no bounds
+    assert torch.equal(clipped, torch.maximum(torch.minimum(maps, high.view(1, -1, 1, 1)),
+                                              low.view(1, -1, 1, 1)))
+    assert bool((clipped != maps).any())
+    inside = torch.nn.functional.avg_pool2d((x > 0).float(), 16) >= 0.5
+    expected = torch.sigmoid(model.head(clipped).masked_fill(~inside, -1.0e4).flatten(1)
+                             .topk(3).values.mean(1))
+    assert torch.allclose(probability, expected, atol=1e-6)
+    assert not torch.allclose(probability, plain[0], atol=1e-6)
 
 
 def test_negated_pixels_are_image_but_not_breast_cells(trunk) -> None:

@@ -846,6 +846,21 @@ def head_spec(model: CellModel, level: str) -> HeadSpec:
                     model.b - float((model.mean / model.std) @ model.w))
 
 
+class FeatureBounds(nn.Module):
+    """A per-channel floor and ceiling on a level's cell features (B, C, H, W): the range the
+    training films' breast cells span (`tools.model.ceiling` measures it), so a cell far outside
+    it, as on images unlike the films, cannot push a linear head's logit further than the films'
+    own features could (activation clipping, as ReAct, Sun et al. 2021, does for OOD inputs)."""
+
+    def __init__(self, lower: torch.Tensor, upper: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("lower", lower.reshape(1, -1, 1, 1).float())
+        self.register_buffer("upper", upper.reshape(1, -1, 1, 1).float())
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(maps, self.upper), self.lower)
+
+
 class CellHeadModel(nn.Module):
     """The bundle's network: frozen trunk, per-cell linear heads, pooled image score.
 
@@ -872,6 +887,8 @@ class CellHeadModel(nn.Module):
         self.heat_stride = level_stride(self.heat_level)
         self.heat_head = None if heat is None else _conv1x1(heat.weight, heat.bias)
         self.heat_scale = float(heat_scale)
+        # per-level FeatureBounds (none in a shipped bundle; `tools.model.ceiling` sets them)
+        self.bounds: dict[str, nn.Module] = {}
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         self.eval()
@@ -880,7 +897,7 @@ class CellHeadModel(nn.Module):
         # |x| is the image; the breast cells are where x > 0 (a bundle with
         # `input.cell_mask_detector` gets the breast its cells leave out negated)
         f16, f32 = self.trunk(x.abs())
-        logits = self.head(cell_features(f16, f32, self.level))
+        logits = self.head(self.features(f16, f32, self.level))
         inside = F.avg_pool2d((x > 0).float(), self.stride) >= 0.5
         pooled = logits
         if self.pooling == "smooth3max":
@@ -893,7 +910,7 @@ class CellHeadModel(nn.Module):
         probability = torch.sigmoid(score)
         heat_logits, heat_inside = logits, inside
         if self.heat_head is not None:
-            heat_logits = self.heat_head(cell_features(f16, f32, self.heat_level))
+            heat_logits = self.heat_head(self.features(f16, f32, self.heat_level))
             heat_inside = F.avg_pool2d((x > 0).float(), self.heat_stride) >= 0.5
         values, allowed = heatmap_logits(heat_logits, heat_inside, self.peak)
         values = values * self.heat_scale
@@ -902,6 +919,11 @@ class CellHeadModel(nn.Module):
         cells = torch.sigmoid(values) * allowed.float()
         heatmap = F.interpolate(cells, size=x.shape[2:], mode="bilinear", align_corners=False)
         return probability, heatmap
+
+    def features(self, f16: torch.Tensor, f32: torch.Tensor, level: str) -> torch.Tensor:
+        maps = cell_features(f16, f32, level)
+        bounds = self.bounds.get(level)
+        return maps if bounds is None else bounds(maps)
 
 
 def select_recipe(levels: dict[str, Level], records: list[Record], folds: int, seed: int,
