@@ -319,14 +319,49 @@ def test_centred_maps_are_each_films_features_about_its_own_breast_mean() -> Non
 
 
 
-def test_final_makes_no_bundle_from_a_centred_nested_run(tmp_path) -> None:
+def test_contra_cell_maps_keep_the_features_and_add_what_the_other_breast_lacks() -> None:
+    """C1: each film's features, then their difference from the other breast's local breast
+    mean at the same cells; tissue both breasts share cancels, a finding in one stands out."""
+    from tools.model.cells import contra_cell_maps, other_breast_row
+
+    rng = np.random.default_rng(7)
+    shared = rng.normal(1.0, 0.5, (3, 12, 8)).astype(np.float32)
+    maps = np.stack([shared, shared, shared])  # films 0 and 1: one woman; film 2: no pair
+    maps[0, :, 5, 3] += 4.0  # a finding in the left breast only
+    mask = np.ones((3, 12, 8), bool)
+    mask[:, :, 6:] = False
+    info = [{"group": "a", "laterality": "L", "flip": 0}, {"group": "a", "laterality": "R",
+                                                           "flip": 0},
+            {"group": "b", "laterality": "L", "flip": 0}]
+    assert other_breast_row(info) == [1, 0, None]
+    out = contra_cell_maps(maps, mask, info, 16)  # a 5 x 5-cell window at stride 16
+    assert out.shape == (3, 6, 12, 8)
+    np.testing.assert_array_equal(out[:, :3], maps)
+    np.testing.assert_array_equal(out[2, 3:], 0.0)  # no pair, no difference
+    difference = out[0, 3:]
+    # the finding stands out in its breast's difference, by all of it less its share of the
+    # window it sits in on the other side (nothing: the other breast lacks it)
+    local = shared[:, 3:8, 1:6][:, mask[1][3:8, 1:6]].mean(1)
+    np.testing.assert_allclose(difference[:, 5, 3], shared[:, 5, 3] + 4.0 - local, atol=1e-5)
+    # the other breast reads the finding as missing at that place: a negative difference there
+    left = maps[0][:, 3:8, 1:6].mean((1, 2))
+    np.testing.assert_allclose(out[1, 3:, 5, 3], shared[:, 5, 3] - left, atol=1e-5)
+    assert (out[1, 3:, 5, 3] < difference[:, 5, 3]).all()
+    # uniform tissue in both breasts: the difference is the cell's own texture only
+    flat = np.ones_like(maps)
+    np.testing.assert_allclose(contra_cell_maps(flat, mask, info, 32)[:2, 3:], 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("flag", "option"), [("centre", "--centre"),
+                                              ("contra_cells", "--contra-cells")])
+def test_final_makes_no_bundle_from_a_diagnostic_nested_run(tmp_path, flag, option) -> None:
     import json
 
     from tools.model.cells import main
 
     nested = tmp_path / "nested.json"
-    nested.write_text(json.dumps({"features": ["nowhere"], "centre": True}))
-    with pytest.raises(SystemExit, match="--centre, a diagnostic"):
+    nested.write_text(json.dumps({"features": ["nowhere"], flag: True}))
+    with pytest.raises(SystemExit, match=f"{option}, a diagnostic"):
         main(["final", "--nested", str(nested), "--out", str(tmp_path / "bundle"),
               "--mias", str(tmp_path)])
     assert not (tmp_path / "bundle").exists()

@@ -303,6 +303,47 @@ def centre_maps(maps: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+CONTRA_WINDOW_MM = 32.0  # the other breast's features are averaged over about this square
+
+
+def other_breast_row(info: list[dict[str, Any]]) -> list[int | None]:
+    """Per row, the row of the same view of the other breast (same woman, same flip), or None."""
+    index = {(d["group"], d["laterality"], d["flip"]): i for i, d in enumerate(info)}
+    return [index.get((d["group"], "L" if d["laterality"] == "R" else "R", d["flip"]))
+            for d in info]
+
+
+def contra_cell_maps(maps: np.ndarray, mask: np.ndarray, info: list[dict[str, Any]],
+                     stride: int) -> np.ndarray:
+    """Each film's cell features followed by their difference from the other breast's at the same
+    place: both breasts lie on the canvas chest wall left, each from the top-left corner of its
+    own breast box, so a canvas cell is about the same place in both. The other breast's
+    features there are its breast cells' mean over a window of about `CONTRA_WINDOW_MM` (how far
+    two breasts' anatomy may lie apart on the canvas), or its whole breast's mean where no
+    breast cell of it is in the window; a film without its pair gets a difference of 0. A
+    finding in one breast only stands out in the difference, tissue both breasts share does not.
+    `nested --contra-cells` (C1, a diagnostic); `final` refuses such a run."""
+    import torch.nn.functional as F
+
+    k = max(1, int(round(CONTRA_WINDOW_MM / (stride * SPACING_MM)))) // 2 * 2 + 1
+    out = np.empty((maps.shape[0], 2 * maps.shape[1], *maps.shape[2:]), dtype=maps.dtype)
+    out[:, : maps.shape[1]] = maps
+    for i, j in enumerate(other_breast_row(info)):
+        if j is None:
+            out[i, maps.shape[1]:] = 0.0
+            continue
+        cells = torch.from_numpy(mask[j].astype(np.float32))[None, None]
+        values = torch.from_numpy(np.ascontiguousarray(maps[j]))[None] * cells
+        total = F.avg_pool2d(values, k, 1, k // 2, count_include_pad=True)
+        count = F.avg_pool2d(cells, k, 1, k // 2, count_include_pad=True)
+        mean = (maps[j][:, mask[j]].mean(1) if mask[j].any()
+                else np.zeros(maps.shape[1], maps.dtype))
+        local = torch.where(count > 0, total / count.clamp_min(1e-6),
+                            torch.from_numpy(mean)[None, :, None, None])
+        out[i, maps.shape[1]:] = maps[i] - local[0].numpy()
+    return out
+
+
 def level_maps(feats: Features, level: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (N, C, h, w) float32, mask, labels) of a feature level (`cell_features`)."""
     f16 = torch.from_numpy(feats.level["16"]).float()
@@ -483,10 +524,8 @@ def contralateral(scores: np.ndarray, info: list[dict[str, Any]], mode: str) -> 
     view, same flip), so a finding present in one breast only stands out."""
     if mode == "none":
         return scores
-    index = {(d["group"], d["laterality"], d["flip"]): i for i, d in enumerate(info)}
     out = scores.copy()
-    for i, d in enumerate(info):
-        other = index.get((d["group"], "L" if d["laterality"] == "R" else "R", d["flip"]))
+    for i, other in enumerate(other_breast_row(info)):
         if other is not None:
             out[i] = scores[i] - CONTRA_WEIGHT * scores[other]
     return out
@@ -610,10 +649,12 @@ class Level:
         return self.maps if self.score_maps is None else self.score_maps
 
 
-def load_levels(folders: list[str], centre: bool = False
+def load_levels(folders: list[str], centre: bool = False, contra_cells: bool = False
                 ) -> tuple[dict[str, Level], list[Record], dict[str, Any]]:
     """Every level of every feature folder (all on the same films), keyed `folder-name:level`;
-    with `centre`, each level's score heads read per-film centred features (`centre_maps`)."""
+    with `centre`, each level's score heads read per-film centred features (`centre_maps`),
+    with `contra_cells` the features and their difference from the other breast's
+    (`contra_cell_maps`)."""
     levels: dict[str, Level] = {}
     records: list[Record] = []
     metas: dict[str, Any] = {}
@@ -630,6 +671,8 @@ def load_levels(folders: list[str], centre: bool = False
         for level in GRID_LEVELS:
             maps, mask, label = level_maps(feats, level)
             scored = centre_maps(maps, mask) if centre else None
+            if contra_cells:
+                scored = contra_cell_maps(maps, mask, feats.info, level_stride(level))
             levels[f"{path.name}:{level}"] = Level(maps, mask, label, feats.info, pairs,
                                                    meta["arch"], level_stride(level), scored)
             if meta.get("vflip"):  # the same set without its mirrors: mirrors become a choice
@@ -710,7 +753,8 @@ def nested(args: argparse.Namespace) -> int:
     ships; "contralateral" = the other breast's score may be used), so the two estimates come
     from the same folds and fits."""
     torch.set_num_threads(args.threads)
-    levels, records, metas = load_levels(args.features.split(","), args.centre)
+    levels, records, metas = load_levels(args.features.split(","), args.centre,
+                                         args.contra_cells)
     labels = np.array([r.label for r in records])
     malignant = np.array([r.malignant or 0 for r in records])
     groups = np.array([r.group for r in records])
@@ -810,7 +854,7 @@ def nested(args: argparse.Namespace) -> int:
         "features": args.features.split(","), "feature_sets": metas, "spaces": results,
         "inner": all_inner,
         "folds": args.folds, "inner_folds": args.inner, "hard_negatives": args.hard_negatives,
-        "centre": bool(args.centre),
+        "centre": bool(args.centre), "contra_cells": bool(args.contra_cells),
         "grid": {"level": sorted(levels), "l2": GRID_L2, "pooling": GRID_POOL,
                  "contra": GRID_CONTRA, "peak": PEAKS, "heat_l2": HEAT_L2},
         "ids": [r.id for r in records],
@@ -960,9 +1004,11 @@ def final(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     nested_result = json.loads(Path(args.nested).read_text())
-    if nested_result.get("centre"):
-        raise SystemExit("nested.json was run with --centre, a diagnostic (D1 in the bundle's "
-                         "experiments): the bundle's network reads the plain cell features")
+    for flag, name in (("centre", "--centre, a diagnostic (D1"),
+                       ("contra_cells", "--contra-cells, a diagnostic (C1")):
+        if nested_result.get(flag):
+            raise SystemExit(f"nested.json was run with {name} in the bundle's experiments): "
+                             "the bundle's network reads the plain cell features")
     levels, records, metas = load_levels(feature_folders(nested_result))
     if nested_result["ids"] != [r.id for r in records]:
         raise SystemExit("nested.json was run on other films")
@@ -1503,6 +1549,10 @@ def main(argv: list[str] | None = None) -> int:
     nst.add_argument("--folds", type=int, default=5)
     nst.add_argument("--inner", type=int, default=4)
     nst.add_argument("--threads", type=int, default=2)
+    nst.add_argument("--contra-cells", action="store_true",
+                     help="C1, a diagnostic: the score heads read each film's cell features and "
+                          "their difference from the other breast's at the same place "
+                          "(`contra_cell_maps`); `final` refuses such a run")
     nst.add_argument("--centre", action="store_true",
                      help="a diagnostic (D1): fit and read the score heads on each film's cell "
                           "features minus their mean over its breast cells (`centre_maps`); "
