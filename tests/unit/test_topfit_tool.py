@@ -216,6 +216,36 @@ def test_the_whole_trunk_trains_end_to_end_and_its_maps_are_recomputed(cache: Pa
     assert logits.shape == feats.label["16"].shape and np.isfinite(logits).all()
 
 
+def test_a_trunk_from_scratch_is_seeded_starts_its_head_on_its_own_maps_and_trains_its_norms(
+        cache: Path) -> None:
+    """`--init scratch`: random weights (the same for the same seed, not ImageNet's), a head
+    fitted on the random trunk's maps, the batch norms on each film's statistics while training
+    and on their running statistics when the maps are recomputed."""
+    feats = Features.load(cache)
+    boxes = topfit.content_boxes(feats.level["32"])
+    crops = _crops_for(feats, boxes)
+    films = np.arange(len(feats.info))
+    one = topfit.scratch_trunk("efficientnet-lite0", 3, crops, feats, films)
+    two = topfit.scratch_trunk("efficientnet-lite0", 3, crops, feats, films)
+    imagenet = LiteTrunk("efficientnet-lite0")
+    stem = one.trunk.stem[0].weight.detach().clone()
+    assert torch.equal(stem, two.trunk.stem[0].weight)
+    assert not torch.equal(stem, imagenet.stem[0].weight)
+    assert torch.equal(one.head.weight, two.head.weight) and one.head.weight.abs().sum() > 0
+    norms = [m for m in one.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    running = norms[0].running_mean.clone()
+    losses = topfit.train_all(one, crops, feats, films, seed=0, epochs=1,
+                              trunk_lr=topfit.SCRATCH_LR, learn_norms=True)
+    assert np.isfinite(losses).all() and all(m.training for m in norms)
+    assert not torch.equal(running, norms[0].running_mean)  # running statistics updated
+    assert not torch.equal(stem, one.trunk.stem[0].weight)
+    _, logits = topfit.recomputed_all(one, crops, feats)
+    assert not any(m.training for m in norms) and np.isfinite(logits).all()
+    schedule = topfit.schedule_of("all", 6, "scratch")
+    assert schedule["init"] == "scratch" and schedule["trunk_lr"] == topfit.SCRATCH_LR
+    assert "init" not in topfit.schedule_of("all", 6)
+
+
 def test_end_to_end_needs_the_films() -> None:
     with pytest.raises(SystemExit, match="--mias"):
         topfit.main(["--features", "unused", "--out", "unused", "--train", "all"])

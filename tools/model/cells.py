@@ -94,11 +94,12 @@ class LiteTrunk(nn.Module):
     models' ImageNet preprocessing). `weights`: a fine-tuned trunk's state dict (`topfit
     --final` writes one) in place of the ImageNet weights."""
 
-    def __init__(self, arch: str, weights: Path | None = None) -> None:
+    def __init__(self, arch: str, weights: Path | None = None, pretrained: bool = True
+                 ) -> None:
         super().__init__()
         from tools.model.nets import lite_network
 
-        net = lite_network(arch, True, 512)
+        net = lite_network(arch, pretrained, 512)  # pretrained=False: random weights
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)  # type: ignore[arg-type]
         blocks = list(net._blocks)  # type: ignore[arg-type]
         split = BLOCK16[arch] + 1

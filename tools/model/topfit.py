@@ -81,6 +81,11 @@ HEAD_L2 = 1e-2  # its starting point: the logistic head fitted on the frozen map
 # `--train all` (E1), fixed before its run: the whole trunk at half the stage's step (its early
 # blocks hold the most general features), no decay on batch-norm scales and shifts or biases
 ALL_LR = 5e-5
+# `--init scratch` (the issue's comparison with training from scratch, in the same folds): the
+# trunk starts from random weights, so it gets the head's step, not a fine-tuning one, and its
+# batch norms normalise each film with its own statistics while training (there are no
+# ImageNet statistics to keep); everything else is E1's. Fixed before its run.
+SCRATCH_LR = 1e-3
 IMAGE_LOSS_WEIGHT = 1.0  # the image loss beside the (per-film normalised) cell loss
 GAMMA_LOG_RANGE = 0.3  # intensity gamma exp(U(-0.3, 0.3)) on the breast's [0, 1] pixels
 MIRROR_P = 0.5  # a vertical mirror of the content box (an MLO's mirror is another MLO)
@@ -211,8 +216,45 @@ def augment(crop: torch.Tensor, mask: np.ndarray, label: np.ndarray, rng: np.ran
     return crop.clamp(0.0, 1.0) ** gamma, mask, label
 
 
+def batch_norms_learn(trunk: nn.Module) -> None:
+    """Every batch norm of `trunk` in training mode (batch statistics, running ones updated),
+    the rest (drop connect) left in evaluation mode."""
+    for module in trunk.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.train()
+
+
+def scratch_trunk(arch: str, seed: int, crops: list[torch.Tensor], feats: Features,
+                  train: np.ndarray) -> WholeTrunk:
+    """`--init scratch`: a randomly initialised trunk (seeded) with its per-cell head started
+    as E1's is, from the logistic head on the training films' maps, here the random trunk's
+    (batch norms on each film's own statistics, as it will train)."""
+    torch.manual_seed(seed)
+    trunk = LiteTrunk(arch, pretrained=False)
+    probe = WholeTrunk(trunk, _placeholder_head(feats))
+    batch_norms_learn(probe.trunk)
+    f16 = np.zeros_like(feats.level["16"], dtype=np.float32)
+    f32 = np.zeros_like(feats.level["32"], dtype=np.float32)
+    with torch.no_grad():
+        for i, crop in enumerate(crops):
+            h, w = crop.shape[1] // 16, crop.shape[2] // 16
+            g16, g32 = probe.maps(crop)
+            f16[i, :, :h, :w] = g16[0].numpy()
+            f32[i, :, :h // 2, :w // 2] = g32[0].numpy()
+    random = Features({"16": f16, "32": f32}, feats.mask, feats.label, feats.info)
+    maps, mask, label = level_maps(random, HEAD_LEVEL)
+    return WholeTrunk(trunk, fit_cells(maps, mask, label, train, feats.info, HEAD_L2, seed))
+
+
+def _placeholder_head(feats: Features) -> CellModel:
+    channels = feats.level["16"].shape[1] + feats.level["32"].shape[1]
+    return CellModel(np.zeros(channels, np.float32), np.ones(channels, np.float32),
+                     np.zeros(channels, np.float32), 0.0)
+
+
 def train_all(model: WholeTrunk, crops: list[torch.Tensor], feats: Features,
-              films: np.ndarray, seed: int, epochs: int = EPOCHS) -> list[float]:
+              films: np.ndarray, seed: int, epochs: int = EPOCHS, trunk_lr: float = ALL_LR,
+              learn_norms: bool = False) -> list[float]:
     """E1: the whole trunk and the head, one augmented film per step: the class-balanced cell
     loss of `train_stage` (films with an abnormality but no circle give none) plus
     `IMAGE_LOSS_WEIGHT` x a class-balanced logistic loss of the image logit (mean of the 3
@@ -228,11 +270,13 @@ def train_all(model: WholeTrunk, crops: list[torch.Tensor], feats: Features,
         parameter.requires_grad_(True)
         (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     optimiser = torch.optim.AdamW([
-        {"params": decay, "lr": ALL_LR, "weight_decay": WEIGHT_DECAY},
-        {"params": no_decay, "lr": ALL_LR, "weight_decay": 0.0},
+        {"params": decay, "lr": trunk_lr, "weight_decay": WEIGHT_DECAY},
+        {"params": no_decay, "lr": trunk_lr, "weight_decay": 0.0},
         {"params": model.head.parameters(), "lr": HEAD_LR, "weight_decay": WEIGHT_DECAY}])
     rng = np.random.default_rng(seed)
     losses = []
+    if learn_norms:
+        batch_norms_learn(model.trunk)
     for epoch in range(epochs):
         total, started = 0.0, time.time()
         for i in rng.permutation(films):
@@ -429,10 +473,14 @@ def evaluate_fold(feats: Features, train: np.ndarray, test: np.ndarray, recipe: 
     return out
 
 
-def schedule_of(train: str, epochs: int) -> dict[str, Any]:
+def schedule_of(train: str, epochs: int, init: str = "imagenet") -> dict[str, Any]:
     """The training schedule a run used (constants of this module, fixed before any run)."""
+    scratch = init == "scratch"
     return {"train": train, "epochs": epochs,
-            "trunk_lr": {"stage": TRUNK_LR, "norms": NORMS_LR, "all": ALL_LR}[train],
+            **({"init": "scratch", "batch_norms": "each film's statistics while training"}
+               if scratch else {}),
+            "trunk_lr": SCRATCH_LR if scratch else {
+                "stage": TRUNK_LR, "norms": NORMS_LR, "all": ALL_LR}[train],
             "head_lr": HEAD_LR, "weight_decay": WEIGHT_DECAY, "head_level": HEAD_LEVEL,
             "head_start_l2": HEAD_L2,
             **({"image_loss_weight": IMAGE_LOSS_WEIGHT, "mirror_p": MIRROR_P,
@@ -479,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the whole stride-32 stage (T1), its batch norms only (T2), or "
                              "the whole trunk end to end from the films (E1, needs --mias)")
     parser.add_argument("--mias", type=Path, help="mini-MIAS folder (for --train all)")
+    parser.add_argument("--init", default="imagenet", choices=("imagenet", "scratch"),
+                        help="--train all's trunk: the ImageNet weights (E1) or random ones "
+                             "(`SCRATCH_LR`, batch norms on each film's statistics); the "
+                             "frozen arms keep the ImageNet trunk")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recipes", default="shipped", choices=("shipped", "inner"),
                         help="the heads each outer fold fits on the trunk's maps: the bundle's "
@@ -526,7 +578,12 @@ def main(argv: list[str] | None = None) -> int:
         start_head = fit_cells(maps, mask, label, train, feats.info, HEAD_L2, seed)
         frozen_model = TopStage(LiteTrunk(meta["arch"]), start_head)
         _, frozen_logits = recomputed(frozen_model, feats, boxes)
-        if args.train == "all":
+        if args.train == "all" and args.init == "scratch":
+            whole = scratch_trunk(meta["arch"], seed + fold, crops, feats, train)
+            losses = train_all(whole, crops, feats, train, seed + fold, args.epochs,
+                               SCRATCH_LR, learn_norms=True)
+            tuned, tuned_logits = recomputed_all(whole, crops, feats)
+        elif args.train == "all":
             whole = WholeTrunk(LiteTrunk(meta["arch"]), start_head)
             losses = train_all(whole, crops, feats, train, seed + fold, args.epochs)
             tuned, tuned_logits = recomputed_all(whole, crops, feats)
@@ -568,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "topfit.json").write_text(json.dumps({
         "features": args.features, "repeat": args.repeat, "seed": seed, "folds": args.folds,
-        "schedule": schedule_of(args.train, args.epochs),
+        "schedule": schedule_of(args.train, args.epochs, args.init),
         "recipe": recipe, "recipes": args.recipes, "summary": summary, "per_fold": folds_out,
         # each arm's outer-fold image score of every film (the pooled cell logits, before any
         # calibration), in `ids` order: what a bundle built this way would be calibrated on
