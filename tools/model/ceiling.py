@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.model import load_bundle
     from pipelines.results import SCREENING_VIEWS
     from tools.model.domain import load_exam, peaks, score_exam, variants
-    from tools.model.harmonise import read_films
+    from tools.model.harmonise import print_readings, read_films
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True, type=Path)
@@ -210,12 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         for k, v in films.items()},
               "films_change": change}
     (args.out / "ceiling.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| variant | reading | {' | '.join(SCREENING_VIEWS)} | above the point ({point:.3f}) |")
-    print("|---|---|" + "---|" * len(SCREENING_VIEWS) + "---|")
-    for row in exam:
-        print(f"| {row['variant']} | {row['reading']} | "
-              + " | ".join(f"{row[k]:.3f}" for k in SCREENING_VIEWS)
-              + f" | {', '.join(row['above_balanced']) or 'none'} |")
+    print_readings(exam, point)
     print(json.dumps({k: result[k] for k in ("peaks", "outside_range", "films", "films_change",
                                              "rebuilt_max_score_difference")}, indent=1))
     return 0

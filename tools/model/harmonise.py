@@ -81,9 +81,20 @@ def read_films(runner: Any, mias: str) -> dict[str, Any]:
                                          for s, y in zip(scores, labels, strict=True))}
 
 
+def print_readings(exam: list[dict[str, Any]], point: float) -> None:
+    """The exam's rows (variant, reading, each view's score) as a Markdown table."""
+    from pipelines.results import SCREENING_VIEWS
+
+    print(f"| variant | reading | {' | '.join(SCREENING_VIEWS)} | above the point ({point:.3f}) |")
+    print("|---|---|" + "---|" * len(SCREENING_VIEWS) + "---|")
+    for row in exam:
+        print(f"| {row['variant']} | {row['reading']} | "
+              + " | ".join(f"{row[k]:.3f}" for k in SCREENING_VIEWS)
+              + f" | {', '.join(row['above_balanced']) or 'none'} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipelines.model import load_bundle
-    from pipelines.results import SCREENING_VIEWS
     from tools.model.domain import load_exam, peaks, score_exam, variants
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -127,12 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                         for k, v in films.items()},
               "films_change": summary}
     (args.out / "harmonise.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| variant | reading | {' | '.join(SCREENING_VIEWS)} | above the point ({point:.3f}) |")
-    print("|---|---|" + "---|" * len(SCREENING_VIEWS) + "---|")
-    for row in exam:
-        print(f"| {row['variant']} | {row['reading']} | "
-              + " | ".join(f"{row[k]:.3f}" for k in SCREENING_VIEWS)
-              + f" | {', '.join(row['above_balanced']) or 'none'} |")
+    print_readings(exam, point)
     print(json.dumps({"peaks": located, "films": result["films"], "films_change": summary},
                      indent=1))
     return 0

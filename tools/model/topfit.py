@@ -233,14 +233,8 @@ def scratch_trunk(arch: str, seed: int, crops: list[torch.Tensor], feats: Featur
     trunk = LiteTrunk(arch, pretrained=False)
     probe = WholeTrunk(trunk, _placeholder_head(feats))
     batch_norms_learn(probe.trunk)
-    f16 = np.zeros_like(feats.level["16"], dtype=np.float32)
-    f32 = np.zeros_like(feats.level["32"], dtype=np.float32)
     with torch.no_grad():
-        for i, crop in enumerate(crops):
-            h, w = crop.shape[1] // 16, crop.shape[2] // 16
-            g16, g32 = probe.maps(crop)
-            f16[i, :, :h, :w] = g16[0].numpy()
-            f32[i, :, :h // 2, :w // 2] = g32[0].numpy()
+        f16, f32 = trunk_maps(probe, crops, feats, np.float32)
     random = Features({"16": f16, "32": f32}, feats.mask, feats.label, feats.info)
     maps, mask, label = level_maps(random, HEAD_LEVEL)
     return WholeTrunk(trunk, fit_cells(maps, mask, label, train, feats.info, HEAD_L2, seed))
@@ -306,18 +300,32 @@ def train_all(model: WholeTrunk, crops: list[torch.Tensor], feats: Features,
 def recomputed_all(model: WholeTrunk, crops: list[torch.Tensor], feats: Features
                    ) -> tuple[Features, np.ndarray]:
     """`recomputed` for E1: both levels' maps from the trained trunk, and the own head's cells."""
-    f16 = np.zeros_like(feats.level["16"], dtype=np.float16)
-    f32 = np.zeros_like(feats.level["32"], dtype=np.float16)
     logits = np.zeros((len(feats.info), *feats.level["16"].shape[2:]), np.float32)
+
+    def own_cells(i: int, g16: torch.Tensor, g32: torch.Tensor) -> None:
+        h, w = g16.shape[2:]
+        logits[i, :h, :w] = model.cell_logits(g16, g32)[0].numpy()
+
     model.eval()
     with torch.inference_mode():
-        for i, crop in enumerate(crops):
-            h, w = crop.shape[1] // 16, crop.shape[2] // 16
-            g16, g32 = model.maps(crop)
-            f16[i, :, :h, :w] = g16[0].numpy()
-            f32[i, :, :h // 2, :w // 2] = g32[0].numpy()
-            logits[i, :h, :w] = model.cell_logits(g16, g32)[0].numpy()
+        f16, f32 = trunk_maps(model, crops, feats, np.float16, own_cells)
     return Features({"16": f16, "32": f32}, feats.mask, feats.label, feats.info), logits
+
+
+def trunk_maps(model: WholeTrunk, crops: list[torch.Tensor], feats: Features, dtype: Any,
+               each: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Both levels' maps of every film's crop through `model`'s trunk, on the cache's grid
+    (zeros off the content box); `each(i, g16, g32)` sees every film's maps as they come."""
+    f16 = np.zeros_like(feats.level["16"], dtype=dtype)
+    f32 = np.zeros_like(feats.level["32"], dtype=dtype)
+    for i, crop in enumerate(crops):
+        h, w = crop.shape[1] // 16, crop.shape[2] // 16
+        g16, g32 = model.maps(crop)
+        f16[i, :, :h, :w] = g16[0].numpy()
+        f32[i, :, :h // 2, :w // 2] = g32[0].numpy()
+        if each is not None:
+            each(i, g16, g32)
+    return f16, f32
 
 
 def _box(feats: Features, i: int, box: tuple[int, int]) -> torch.Tensor:
