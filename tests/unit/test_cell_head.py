@@ -319,6 +319,14 @@ def test_centred_maps_are_each_films_features_about_its_own_breast_mean() -> Non
 
 
 
+def test_nested_takes_one_diagnostic_reading_at_a_time(capsys) -> None:
+    from tools.model.cells import main
+
+    with pytest.raises(SystemExit):
+        main(["nested", "--features", "unused", "--out", "unused", "--centre", "--contra-cells"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_contra_cell_maps_keep_the_features_and_add_what_the_other_breast_lacks() -> None:
     """C1: each film's features, then their difference from the other breast's local breast
     mean at the same cells; tissue both breasts share cancels, a finding in one stands out."""

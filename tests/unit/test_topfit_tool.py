@@ -256,6 +256,13 @@ def test_final_needs_the_whole_trunk() -> None:
         topfit.main(["--features", "unused", "--out", "unused", "--final"])
 
 
+@pytest.mark.parametrize("extra", [["--train", "stage"], ["--train", "all", "--final"]])
+def test_a_trunk_from_scratch_is_only_an_outer_fold_comparison(extra: list[str]) -> None:
+    with pytest.raises(SystemExit, match="--init scratch is a comparison"):
+        topfit.main(["--features", "unused", "--out", "unused", "--mias", "unused",
+                     "--init", "scratch", *extra])
+
+
 # the recipes the nested run behind mias-baseline 0.5.0 chose in repeat 0's outer folds
 NESTED_REPEAT0 = [
     ["lite0:16c", 0.01, "max", "diff", ["lite0:16", 0.1, "raw", "loc"]],

@@ -324,8 +324,6 @@ def contra_cell_maps(maps: np.ndarray, mask: np.ndarray, info: list[dict[str, An
     breast cell of it is in the window; a film without its pair gets a difference of 0. A
     finding in one breast only stands out in the difference, tissue both breasts share does not.
     `nested --contra-cells` (C1, a diagnostic); `final` refuses such a run."""
-    import torch.nn.functional as F
-
     k = max(1, int(round(CONTRA_WINDOW_MM / (stride * SPACING_MM)))) // 2 * 2 + 1
     out = np.empty((maps.shape[0], 2 * maps.shape[1], *maps.shape[2:]), dtype=maps.dtype)
     out[:, : maps.shape[1]] = maps
@@ -1550,11 +1548,12 @@ def main(argv: list[str] | None = None) -> int:
     nst.add_argument("--folds", type=int, default=5)
     nst.add_argument("--inner", type=int, default=4)
     nst.add_argument("--threads", type=int, default=2)
-    nst.add_argument("--contra-cells", action="store_true",
+    diagnostic = nst.add_mutually_exclusive_group()  # each replaces what the score heads read
+    diagnostic.add_argument("--contra-cells", action="store_true",
                      help="C1, a diagnostic: the score heads read each film's cell features and "
                           "their difference from the other breast's at the same place "
                           "(`contra_cell_maps`); `final` refuses such a run")
-    nst.add_argument("--centre", action="store_true",
+    diagnostic.add_argument("--centre", action="store_true",
                      help="a diagnostic (D1): fit and read the score heads on each film's cell "
                           "features minus their mean over its breast cells (`centre_maps`); "
                           "final refuses such a run")

@@ -550,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.train == "all" and args.mias is None:
         raise SystemExit("--train all needs --mias (the films the cache was extracted from)")
+    if args.init == "scratch" and (args.train != "all" or args.final):
+        raise SystemExit("--init scratch is a comparison on the outer folds of --train all, "
+                         "not a trunk for a bundle (no --final)")
     if args.final and args.train != "all":
         raise SystemExit("--final trains the whole trunk: it needs --train all")
     torch.set_num_threads(args.threads)
@@ -586,14 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         start_head = fit_cells(maps, mask, label, train, feats.info, HEAD_L2, seed)
         frozen_model = TopStage(LiteTrunk(meta["arch"]), start_head)
         _, frozen_logits = recomputed(frozen_model, feats, boxes)
-        if args.train == "all" and args.init == "scratch":
-            whole = scratch_trunk(meta["arch"], seed + fold, crops, feats, train)
+        if args.train == "all":
+            scratch = args.init == "scratch"
+            whole = (scratch_trunk(meta["arch"], seed + fold, crops, feats, train) if scratch
+                     else WholeTrunk(LiteTrunk(meta["arch"]), start_head))
             losses = train_all(whole, crops, feats, train, seed + fold, args.epochs,
-                               SCRATCH_LR, learn_norms=True)
-            tuned, tuned_logits = recomputed_all(whole, crops, feats)
-        elif args.train == "all":
-            whole = WholeTrunk(LiteTrunk(meta["arch"]), start_head)
-            losses = train_all(whole, crops, feats, train, seed + fold, args.epochs)
+                               SCRATCH_LR if scratch else ALL_LR, learn_norms=scratch)
             tuned, tuned_logits = recomputed_all(whole, crops, feats)
         else:
             model = TopStage(LiteTrunk(meta["arch"]), start_head)
